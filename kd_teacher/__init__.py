@@ -1,0 +1,25 @@
+"""kd-teacher: teacher serving for knowledge distillation on Megatron-Core.
+
+Public API: the payload (`TopKPayload`), its extraction (`vocab_parallel_topk`) and the teacher engine
+(`TeacherEngine`); the loss, offline reader and hooks are added by their modules.
+"""
+
+from kd_teacher.engine.topk import vocab_parallel_topk
+from kd_teacher.payload import PayloadError, PayloadHeader, TokenMismatchError, TopKPayload, token_hash
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # TeacherEngine pulls in Megatron-Core: import it lazily so that payload-only users stay light.
+    if name in ("TeacherEngine", "EngineConfig"):
+        from kd_teacher.engine import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'kd_teacher' has no attribute {name!r}")
+
+
+__all__ = [
+    "TopKPayload", "PayloadHeader", "PayloadError", "TokenMismatchError", "token_hash",
+    "vocab_parallel_topk", "TeacherEngine", "EngineConfig",
+]

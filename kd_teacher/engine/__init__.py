@@ -1,0 +1,1 @@
+"""Teacher mode: model building/loading, forward, vocab-parallel top-k, batching."""

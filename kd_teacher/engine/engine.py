@@ -1,0 +1,312 @@
+"""`TeacherEngine`: a Megatron-Core model in teacher mode, scoring token batches into `TopKPayload`s.
+
+The data path, top to bottom (`score_many`):
+  schedule  - pack requests into micro-batches up to a token budget (only when the recipe allows repacking)
+  execute   - the model's own forward through Megatron-Core's pipeline schedule, forward-only, in teacher
+              mode (eval, no grad; the FP8 context is the one `TransformerBlock` applies from the config)
+  top-k     - on the last pipeline stage, vocab-parallel top-k + LSE over the TP group
+  payload   - split back per request, header with token hashes and fingerprints; broadcast over the
+              pipeline group so every stage can hand it to its caller
+
+The training-path forward (`training_logits`) runs the very same schedule call in train mode with grad
+enabled and dropout off: the consistency contract compares the two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from kd_teacher.engine.model import ModelConfig, build_gpt_model
+from kd_teacher.engine.scheduler import PlannedBatch, ScoreRequest, TokenBudgetScheduler
+from kd_teacher.engine.topk import vocab_parallel_topk
+from kd_teacher.payload import INDEX_DTYPE, DTYPE_NAMES, PayloadError, PayloadHeader, TopKPayload, token_hashes
+from kd_teacher.precision import PrecisionRecipe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """How the engine serves: the payload it produces and how it batches."""
+
+    k: int = 64
+    temperature: float = 1.0
+    max_tokens_per_batch: int = 16384
+    # Repack requests of different lengths into shared forwards. None: decided by the precision recipe
+    # (allowed unless the recipe is batch-dependent, see PrecisionRecipe.batch_invariant).
+    allow_repacking: Optional[bool] = None
+
+
+def _mpu():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+@contextlib.contextmanager
+def teacher_mode(model: torch.nn.Module):
+    """eval() and no_grad for the duration; restores the module's train flags afterwards.
+
+    no_grad rather than inference_mode: Megatron modules cache tensors (rotary tables, TE weight casts)
+    that a later training forward of the same model must be able to use in autograd.
+    """
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, f in flags.items():
+            m.train(f)
+
+
+@contextlib.contextmanager
+def training_path(model: torch.nn.Module):
+    """train() with dropout off and grad enabled: the forward a training step would run."""
+    flags = {m: m.training for m in model.modules()}
+    saved = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    config = getattr(model, "config", None)
+    saved_cfg = (config.hidden_dropout, config.attention_dropout) if config is not None else None
+    model.train()
+    for m, _ in saved:
+        m.p = 0.0
+    if config is not None:
+        config.hidden_dropout, config.attention_dropout = 0.0, 0.0
+    try:
+        with torch.enable_grad():
+            yield
+    finally:
+        for m, p in saved:
+            m.p = p
+        if config is not None:
+            config.hidden_dropout, config.attention_dropout = saved_cfg
+        for m, f in flags.items():
+            m.train(f)
+
+
+def teacher_fingerprint(model: torch.nn.Module, model_config: Optional[dict] = None) -> str:
+    """Stable hash of the weights (every TP/PP shard) and the model config: one teacher, one fingerprint."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.state_dict().items()):
+        if not isinstance(t, torch.Tensor) or "_extra_state" in name:
+            continue
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    local = h.hexdigest()
+    mpu = _mpu()
+    if dist.is_initialized() and mpu.model_parallel_is_initialized():
+        group = mpu.get_model_parallel_group()
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, local, group=group)
+    else:
+        parts = [local]
+    blob = json.dumps({"shards": parts, "config": model_config or {}}, sort_keys=True).encode()
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+class TeacherEngine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        vocab_size: int,
+        config: Optional[EngineConfig] = None,
+        *,
+        model_config: Optional[ModelConfig] = None,
+        fingerprint: Optional[str] = None,
+    ):
+        self.model = model
+        self.tconfig = model.config
+        self.vocab_size = int(vocab_size)
+        config = config or EngineConfig()
+        self.config = config
+        self.model_config = model_config
+        self.recipe = PrecisionRecipe.from_transformer_config(self.tconfig)
+        allow = config.allow_repacking
+        if allow is None:
+            allow = self.recipe.batch_invariant
+        elif allow and not self.recipe.batch_invariant:
+            raise ValueError(
+                f"allow_repacking=true with precision recipe {self.recipe.name}: its outputs depend on the whole "
+                "micro-batch, so requests must run exactly as given"
+            )
+        self.scheduler = TokenBudgetScheduler(config.max_tokens_per_batch, allow_repacking=allow)
+        self._check_vocab()
+        if config.k > self.vocab_size:
+            raise ValueError(f"k={config.k} is larger than the true vocabulary size {self.vocab_size}")
+        self.fingerprint = fingerprint or teacher_fingerprint(
+            model, asdict(model_config) if model_config is not None else None
+        )
+        self.recipe_fingerprint = self.recipe.fingerprint()
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model, vocab_size: int, config: Optional[EngineConfig] = None, **kw) -> "TeacherEngine":
+        return cls(model, vocab_size, config, **kw)
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint_dir: str | Path, model_config: ModelConfig, config: Optional[EngineConfig] = None
+    ) -> "TeacherEngine":
+        """Build the model for this rank's layout and load a `megatron.core.dist_checkpointing` checkpoint."""
+        model, _ = build_gpt_model(model_config)
+        from kd_teacher.engine.loading import load_checkpoint
+
+        load_checkpoint(model, checkpoint_dir)
+        return cls(model, model_config.vocab_size, config, model_config=model_config)
+
+    def _check_vocab(self) -> None:
+        mpu = _mpu()
+        padded = getattr(self.model, "vocab_size", None)
+        if padded is not None and self.vocab_size > padded:
+            raise ValueError(
+                f"true vocab size {self.vocab_size} is larger than the model's padded vocabulary {padded}"
+            )
+
+    # ---- the data path ------------------------------------------------------------------------------------
+    def score(
+        self,
+        tokens: torch.Tensor,
+        *,
+        sample_ids: Optional[Sequence[int]] = None,
+        request_id: Optional[str] = None,
+    ) -> TopKPayload:
+        """Payload for one micro-batch of token ids [b, s], computed exactly as that micro-batch."""
+        return self.score_many([ScoreRequest(tokens, list(sample_ids) if sample_ids is not None else None,
+                                             request_id)])[0]
+
+    def score_many(self, requests: list[ScoreRequest]) -> list[TopKPayload]:
+        """Payloads for many requests, batched by the scheduler; one payload per request, in order."""
+        for req in requests:
+            req.tokens = self._check_tokens(req.tokens)
+        out: list[list] = [[None] * req.tokens.shape[0] for req in requests]
+        for batch in self.scheduler.plan(requests):
+            tokens = TokenBudgetScheduler.gather_tokens(requests, batch)
+            with teacher_mode(self.model):
+                values, indices, lse = self._forward_topk(tokens)
+            for j, (i, r, length) in enumerate(batch.rows):
+                out[i][r] = (values[j, :length], indices[j, :length], lse[j, :length])
+        return [self._payload(req, rows) for req, rows in zip(requests, out)]
+
+    def _forward_topk(self, tokens: torch.Tensor):
+        """Forward through the pipeline schedule; top-k on the last stage; result on every PP stage."""
+        cfg = self.config
+        group = _mpu().get_tensor_model_parallel_group()
+
+        def extract(logits):
+            return vocab_parallel_topk(
+                logits, cfg.k, temperature=cfg.temperature, vocab_size=self.vocab_size, group=group
+            )
+
+        results = self._run_schedule(tokens, extract)
+        return self._broadcast_from_last_stage(results, tokens.shape)
+
+    def _payload(self, req: ScoreRequest, rows: list) -> TopKPayload:
+        values = torch.stack([r[0] for r in rows])
+        indices = torch.stack([r[1] for r in rows]).to(INDEX_DTYPE)
+        lse = torch.stack([r[2] for r in rows])
+        b, s = req.tokens.shape
+        header = PayloadHeader(
+            k=self.config.k,
+            temperature=float(self.config.temperature),
+            vocab_size=self.vocab_size,
+            batch=b,
+            seq_len=s,
+            values_dtype=DTYPE_NAMES[values.dtype],
+            token_hashes=token_hashes(req.tokens),
+            sample_ids=req.sample_ids,
+            request_id=req.request_id,
+            teacher_fingerprint=self.fingerprint,
+            recipe_fingerprint=self.recipe_fingerprint,
+        )
+        return TopKPayload(values, indices, lse, header)
+
+    # ---- forward machinery ------------------------------------------------------------------------------
+    def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            raise PayloadError(f"tokens must be a [batch, seq] tensor, got {getattr(tokens, 'shape', type(tokens))}")
+        if tokens.numel() == 0:
+            raise PayloadError(f"empty batch: tokens shape {tuple(tokens.shape)}")
+        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+            raise PayloadError(f"token ids must be integers, got {tokens.dtype}")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.vocab_size:
+            raise PayloadError(f"token ids out of range: [{lo}, {hi}] for vocabulary size {self.vocab_size}")
+        device = next(self.model.parameters()).device
+        return tokens.to(device=device, dtype=torch.long)
+
+    def _run_schedule(self, tokens: torch.Tensor, on_logits):
+        """One micro-batch through `get_forward_backward_func()` forward-only; on the last stage, returns
+        `on_logits(logits [b, s, V/TP])`, elsewhere None."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        b, s = tokens.shape
+        position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+        out = {}
+
+        def forward_step(data_iterator, model):
+            batch = next(data_iterator)
+            output = model(batch["tokens"], batch["position_ids"], None)
+
+            def collect(output_tensor, non_loss_data=True):
+                out["result"] = on_logits(output_tensor)
+                return torch.zeros(())
+
+            return output, collect
+
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter([{"tokens": tokens, "position_ids": position_ids}]),
+            model=[self.model],
+            num_microbatches=1,
+            seq_length=s,
+            micro_batch_size=b,
+            forward_only=True,
+            collect_non_loss_data=True,
+        )
+        return out.get("result")
+
+    def _broadcast_from_last_stage(self, results, shape):
+        mpu = _mpu()
+        if mpu.get_pipeline_model_parallel_world_size() == 1:
+            return results
+        b, s = shape
+        k = self.config.k
+        device = next(self.model.parameters()).device
+        if results is None:
+            results = (
+                torch.empty(b, s, k, dtype=self._logits_dtype(), device=device),
+                torch.empty(b, s, k, dtype=torch.int64, device=device),
+                torch.empty(b, s, dtype=torch.float32, device=device),
+            )
+        src = mpu.get_pipeline_model_parallel_last_rank()
+        group = mpu.get_pipeline_model_parallel_group()
+        for t in results:
+            dist.broadcast(t, src=src, group=group)
+        return results
+
+    def _logits_dtype(self) -> torch.dtype:
+        return self.tconfig.params_dtype
+
+    # ---- the training-path forward, for the consistency contract ------------------------------------------
+    def training_logits(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """Logits shard [b, s, V/TP] of the training-path forward (train mode, grad on, dropout off);
+        None off the last pipeline stage."""
+        tokens = self._check_tokens(tokens)
+        with training_path(self.model):
+            logits = self._run_schedule(tokens, lambda x: x.detach().clone())
+        return logits
+
+    def teacher_logits(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        """Logits shard of the teacher-mode forward; None off the last pipeline stage."""
+        tokens = self._check_tokens(tokens)
+        with teacher_mode(self.model):
+            return self._run_schedule(tokens, lambda x: x.clone())

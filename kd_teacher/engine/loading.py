@@ -1,0 +1,71 @@
+"""Loading a teacher: the teacher config YAML, Megatron-Core distributed checkpoints, engine construction.
+
+A teacher config has three parts: `model:` (a `ModelConfig`), `engine:` (an `EngineConfig`: k, temperature,
+batching) and `checkpoint:` (a `megatron.core.dist_checkpointing` directory; absent means random weights
+from `model.seed`, which is what tests and benchmarks use).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from kd_teacher.config import from_dict, load_yaml
+from kd_teacher.engine.engine import EngineConfig, TeacherEngine
+from kd_teacher.engine.model import ModelConfig, build_gpt_model
+
+
+class CheckpointMismatchError(ValueError):
+    """A teacher checkpoint does not fit the model config it is loaded with."""
+
+
+@dataclass
+class TeacherConfig:
+    model: ModelConfig
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: Optional[str] = None
+
+
+def load_teacher_config(path: str | Path, overrides: list[str] | None = None, section: str | None = None) -> TeacherConfig:
+    data = load_yaml(path, overrides)
+    if section is not None:
+        data = data.get(section) or {}
+    return from_dict(TeacherConfig, data, section or "")
+
+
+def build_engine(cfg: TeacherConfig) -> TeacherEngine:
+    """Build this rank's teacher (parallel_state initialised with the config's TP/PP) and its engine."""
+    if cfg.checkpoint:
+        return TeacherEngine.from_checkpoint(cfg.checkpoint, cfg.model, cfg.engine)
+    torch.manual_seed(cfg.model.seed)
+    model, _ = build_gpt_model(cfg.model)
+    return TeacherEngine(model, cfg.model.vocab_size, cfg.engine, model_config=cfg.model)
+
+
+def save_checkpoint(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
+    """Save with `megatron.core.dist_checkpointing` (torch_dist), loadable under another TP/PP layout."""
+    from megatron.core import dist_checkpointing
+
+    Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(), str(checkpoint_dir))
+
+
+def load_checkpoint(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
+    from megatron.core import dist_checkpointing
+
+    path = Path(checkpoint_dir)
+    if not path.is_dir() or not (path / "metadata.json").exists():
+        raise FileNotFoundError(f"{path} is not a Megatron-Core distributed checkpoint (no metadata.json)")
+    try:
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(path))
+    except Exception as e:  # dist_checkpointing raises several types for a layout/shape mismatch
+        raise CheckpointMismatchError(
+            f"checkpoint {path} does not match the model config: {type(e).__name__}: {e}"
+        ) from e
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if "_extra_state" not in m]
+    if missing:
+        raise CheckpointMismatchError(f"checkpoint {path} lacks parameters {missing[:5]}")

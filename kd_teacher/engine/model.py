@@ -1,0 +1,185 @@
+"""Build a Megatron-Core `GPTModel` from a typed `ModelConfig` (the teacher's model config YAML).
+
+The teacher is a Megatron-Core model like any other: this module only translates a small YAML-friendly
+dataclass into `TransformerConfig` + layer spec + `GPTModel`, for the current rank's pipeline stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PrecisionConfig:
+    """How the model computes: parameter dtype and (optionally) Transformer Engine FP8.
+
+    Field names follow Megatron-Core's `TransformerConfig` (`fp8`, `fp8_recipe`, ...), so that a training
+    config's values copy over unchanged.
+    """
+
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] = "delayed"
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1
+    fp8_amax_compute_algo: Literal["most_recent", "max"] = "most_recent"
+    fp8_param: bool = False
+    first_last_layers_bf16: bool = False
+    num_layers_at_start_in_bf16: int = 0
+    num_layers_at_end_in_bf16: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """A GPT model as Megatron-Core builds it. `vocab_size` is the true (tokenizer) vocabulary."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    vocab_size: int
+    max_sequence_length: int
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    normalization: Literal["LayerNorm", "RMSNorm"] = "RMSNorm"
+    activation: Literal["gelu", "swiglu"] = "swiglu"
+    position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
+    rotary_base: int = 10000
+    share_embeddings_and_output_weights: bool = False
+    make_vocab_size_divisible_by: int = 128
+    layer_spec: Literal["local", "transformer_engine"] = "local"
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_method_std: float = 0.02
+    seed: int = 1234
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+
+    def __post_init__(self):
+        if self.vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, self.tensor_model_parallel_size)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's padding rule: round up to a multiple of `make_vocab_size_divisible_by * TP`."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def transformer_config(cfg: ModelConfig):
+    """The Megatron-Core `TransformerConfig` for `cfg` in the current parallel layout."""
+    from megatron.core.transformer import TransformerConfig
+
+    p = cfg.precision
+    dtype = _DTYPES[p.params_dtype]
+    swiglu = cfg.activation == "swiglu"
+    kwargs = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        normalization=cfg.normalization,
+        gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else F.gelu,
+        add_bias_linear=False,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        sequence_parallel=cfg.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # CPU initialisation builds the full master weight from the default generator and splits it, so
+        # a model is the same whatever the TP size; it is also the only path that works without CUDA.
+        use_cpu_initialization=True,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+    if p.fp8 is not None:
+        kwargs.update(
+            fp8=p.fp8,
+            fp8_recipe=p.fp8_recipe,
+            fp8_margin=p.fp8_margin,
+            fp8_amax_history_len=p.fp8_amax_history_len,
+            fp8_amax_compute_algo=p.fp8_amax_compute_algo,
+            fp8_param=p.fp8_param,
+            first_last_layers_bf16=p.first_last_layers_bf16,
+            num_layers_at_start_in_bf16=p.num_layers_at_start_in_bf16,
+            num_layers_at_end_in_bf16=p.num_layers_at_end_in_bf16,
+        )
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(cfg: ModelConfig):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if cfg.layer_spec == "transformer_engine":
+        try:
+            import transformer_engine  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(
+                "layer_spec: transformer_engine needs Transformer Engine, which is not installed "
+                "(pip install 'kd-teacher[te]' on a CUDA machine)"
+            ) from e
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization=cfg.normalization)
+
+
+def build_gpt_model(cfg: ModelConfig, config=None):
+    """Build this rank's pipeline stage of the GPT model described by `cfg` (parallel_state initialised).
+
+    Returns `(model, transformer_config)`. The model stays on the CPU where CUDA is absent and moves to the
+    current CUDA device otherwise.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if (tp, pp) != (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size):
+        raise ValueError(
+            f"model config asks for TP={cfg.tensor_model_parallel_size}, PP={cfg.pipeline_model_parallel_size} "
+            f"but parallel_state is initialised with TP={tp}, PP={pp}"
+        )
+    if config is None:
+        config = transformer_config(cfg)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(cfg),
+        vocab_size=cfg.padded_vocab_size,
+        max_sequence_length=cfg.max_sequence_length,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+        position_embedding_type=cfg.position_embedding_type,
+        rotary_base=cfg.rotary_base,
+        parallel_output=True,
+    )
+    if torch.cuda.is_available():
+        model = model.cuda(torch.cuda.current_device())
+    return model, config

@@ -1,0 +1,360 @@
+"""`TopKPayload`: the teacher's top-k logits for a micro-batch, with a header the receiver checks.
+
+Per token: `k` raw teacher logits (`values`, before temperature), their global vocabulary ids (`indices`) and
+the float32 log-sum-exp of logits / T over the true vocabulary (`lse`). The teacher's log-prob at temperature
+T of a served id is `values / T - lse`, and the mass outside the top-k is exact: 1 - sum(exp(logp)).
+
+Wire form (`to_bytes`): magic, a JSON header, the three raw tensor buffers, and a 16-byte BLAKE2b digest of
+everything before it. No pickle: a reader parses JSON and copies raw bytes, and checks sizes against the
+header before it allocates anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Optional, Sequence
+
+import torch
+
+SCHEMA_VERSION = 1
+MAGIC = b"KDTP"
+_DIGEST_BYTES = 16
+_MAX_HEADER_BYTES = 64 << 20
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+INDEX_DTYPE = torch.int32
+
+
+class PayloadError(ValueError):
+    """A payload is malformed, corrupt, or does not fit what the receiver expects."""
+
+
+class TokenMismatchError(PayloadError):
+    """The payload was computed for other tokens than the ones it is being used with."""
+
+
+def token_hash(tokens: torch.Tensor) -> str:
+    """128-bit BLAKE2b of one sequence's token ids (as little-endian int64), hex."""
+    t = tokens.detach().reshape(-1).to(device="cpu", dtype=torch.int64).contiguous()
+    return hashlib.blake2b(t.numpy().tobytes(), digest_size=16).hexdigest()
+
+
+def token_hashes(tokens: torch.Tensor) -> list[str]:
+    """One hash per sequence of a [b, s] batch."""
+    if tokens.dim() != 2:
+        raise PayloadError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+    return [token_hash(row) for row in tokens]
+
+
+@dataclass
+class PayloadHeader:
+    """What a receiver needs to check before it uses a payload (and to size buffers before allocating)."""
+
+    k: int
+    temperature: float
+    vocab_size: int
+    batch: int
+    seq_len: int
+    values_dtype: str = "float32"
+    token_hashes: list = field(default_factory=list)
+    sample_ids: Optional[list] = None
+    request_id: Optional[str] = None
+    teacher_fingerprint: str = ""
+    recipe_fingerprint: str = ""
+    extraction: str = "topk"
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "PayloadHeader":
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PayloadError(f"payload header is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise PayloadError("payload header is not a JSON object")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise PayloadError(f"payload schema version {version!r} is not understood (this reader: {SCHEMA_VERSION})")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        missing = {"k", "temperature", "vocab_size", "batch", "seq_len"} - set(data)
+        if unknown or missing:
+            raise PayloadError(f"payload header has unknown fields {sorted(unknown)} / lacks {sorted(missing)}")
+        header = cls(**data)
+        header.check()
+        return header
+
+    def check(self) -> None:
+        """Bounds and types of the header alone (before any buffer is sized from it)."""
+        for name in ("k", "vocab_size", "batch", "seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise PayloadError(f"payload header field {name}={v!r} is not a non-negative integer")
+        if self.k < 1:
+            raise PayloadError(f"payload k={self.k} must be >= 1")
+        if self.k > self.vocab_size:
+            raise PayloadError(f"payload k={self.k} is larger than its vocab size {self.vocab_size}")
+        if self.vocab_size >= 2**31:
+            raise PayloadError(f"payload vocab size {self.vocab_size} does not fit int32 ids")
+        if not isinstance(self.temperature, (int, float)) or not (0 < self.temperature < math.inf):
+            raise PayloadError(f"payload temperature {self.temperature!r} is not a positive finite number")
+        if self.values_dtype not in DTYPES:
+            raise PayloadError(f"payload values dtype {self.values_dtype!r} is not one of {sorted(DTYPES)}")
+        if len(self.token_hashes) not in (0, self.batch):
+            raise PayloadError(f"payload has {len(self.token_hashes)} token hashes for {self.batch} sequences")
+        if self.sample_ids is not None and len(self.sample_ids) != self.batch:
+            raise PayloadError(f"payload has {len(self.sample_ids)} sample ids for {self.batch} sequences")
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq_len
+
+    def buffer_sizes(self) -> tuple[int, int, int]:
+        """Bytes of values, indices and lse implied by the header."""
+        n = self.batch * self.seq_len
+        item = torch.empty((), dtype=DTYPES[self.values_dtype]).element_size()
+        return n * self.k * item, n * self.k * 4, n * 4
+
+
+@dataclass
+class TopKPayload:
+    """values [b, s, k] (raw logits), indices [b, s, k] int32 global ids, lse [b, s] fp32 of logits / T."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+    lse: torch.Tensor
+    header: PayloadHeader
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_logits(
+        cls,
+        logits: torch.Tensor,
+        k: int,
+        *,
+        temperature: float = 1.0,
+        vocab_size: Optional[int] = None,
+        tokens: Optional[torch.Tensor] = None,
+        group=None,
+        sample_ids: Optional[Sequence[int]] = None,
+        request_id: Optional[str] = None,
+        teacher_fingerprint: str = "",
+        recipe_fingerprint: str = "",
+    ) -> "TopKPayload":
+        """Payload from logits [b, s, V] (or this rank's vocabulary shard [b, s, V/TP] with the TP `group`)."""
+        from kd_teacher.engine.topk import vocab_parallel_topk
+
+        if logits.dim() != 3:
+            raise PayloadError(f"logits must be [batch, seq, vocab], got shape {tuple(logits.shape)}")
+        if logits.shape[0] == 0 or logits.shape[1] == 0:
+            raise PayloadError(f"empty batch: logits shape {tuple(logits.shape)}")
+        values, indices, lse = vocab_parallel_topk(
+            logits, k, temperature=temperature, vocab_size=vocab_size, group=group
+        )
+        if vocab_size is None:
+            tp = torch.distributed.get_world_size(group) if group is not None else 1
+            vocab_size = logits.shape[-1] * tp
+        b, s = logits.shape[:2]
+        hashes = []
+        if tokens is not None:
+            if tuple(tokens.shape) != (b, s):
+                raise PayloadError(f"tokens shape {tuple(tokens.shape)} does not match logits [{b}, {s}]")
+            hashes = token_hashes(tokens)
+        header = PayloadHeader(
+            k=k,
+            temperature=float(temperature),
+            vocab_size=int(vocab_size),
+            batch=b,
+            seq_len=s,
+            values_dtype=DTYPE_NAMES[values.dtype],
+            token_hashes=hashes,
+            sample_ids=None if sample_ids is None else [int(i) for i in sample_ids],
+            request_id=request_id,
+            teacher_fingerprint=teacher_fingerprint,
+            recipe_fingerprint=recipe_fingerprint,
+        )
+        return cls(values=values, indices=indices.to(INDEX_DTYPE), lse=lse, header=header)
+
+    # ---- what the loss reads --------------------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        return self.header.k
+
+    @property
+    def temperature(self) -> float:
+        return self.header.temperature
+
+    def log_probs(self) -> torch.Tensor:
+        """Teacher log-probs at the recorded temperature of the k served ids, fp32 [b, s, k]."""
+        return self.values.float() / self.header.temperature - self.lse.unsqueeze(-1)
+
+    # ---- checks ----------------------------------------------------------------------------------------
+    def validate(self) -> "TopKPayload":
+        """Shapes, dtypes, index range, k and finiteness; raises PayloadError naming the problem."""
+        h = self.header
+        h.check()
+        b, s, k = h.batch, h.seq_len, h.k
+        if tuple(self.values.shape) != (b, s, k):
+            raise PayloadError(f"values shape {tuple(self.values.shape)} != header [batch, seq, k] = {[b, s, k]}")
+        if tuple(self.indices.shape) != (b, s, k):
+            raise PayloadError(f"indices shape {tuple(self.indices.shape)} != {[b, s, k]}")
+        if tuple(self.lse.shape) != (b, s):
+            raise PayloadError(f"lse shape {tuple(self.lse.shape)} != {[b, s]}")
+        if self.values.dtype != DTYPES[h.values_dtype]:
+            raise PayloadError(f"values dtype {self.values.dtype} != header {h.values_dtype}")
+        if self.indices.dtype != INDEX_DTYPE:
+            raise PayloadError(f"indices dtype {self.indices.dtype} != int32")
+        if self.lse.dtype != torch.float32:
+            raise PayloadError(f"lse dtype {self.lse.dtype} != float32")
+        if self.indices.numel():
+            lo, hi = int(self.indices.min()), int(self.indices.max())
+            if lo < 0 or hi >= h.vocab_size:
+                raise PayloadError(f"indices range [{lo}, {hi}] outside the vocabulary [0, {h.vocab_size})")
+        if not torch.isfinite(self.values).all() or not torch.isfinite(self.lse).all():
+            raise PayloadError("payload has non-finite values or lse")
+        # log-sum-exp bounds every served logit from above: catches an lse paired with other values.
+        if self.values.numel():
+            excess = (self.values.float() / h.temperature - self.lse.unsqueeze(-1)).max().item()
+            if excess > 1e-3:
+                raise PayloadError(f"lse is smaller than a served logit / T by {excess:.3g}: values and lse disagree")
+        return self
+
+    def check_tokens(self, tokens: torch.Tensor, sample_ids: Optional[Sequence[int]] = None) -> None:
+        """Raise TokenMismatchError unless this payload was computed for exactly `tokens` [b, s]."""
+        if tuple(tokens.shape) != (self.header.batch, self.header.seq_len):
+            raise TokenMismatchError(
+                f"payload is for [batch, seq] = [{self.header.batch}, {self.header.seq_len}] "
+                f"but the micro-batch is {list(tokens.shape)}"
+            )
+        if not self.header.token_hashes:
+            raise TokenMismatchError("payload carries no token hashes, so it cannot be matched to the micro-batch")
+        got = token_hashes(tokens)
+        bad = [i for i, (a, b) in enumerate(zip(got, self.header.token_hashes)) if a != b]
+        if bad:
+            raise TokenMismatchError(
+                f"payload belongs to other tokens: {len(bad)} of {len(got)} sequences differ (first: row {bad[0]})"
+            )
+        if sample_ids is not None and self.header.sample_ids is not None:
+            if [int(i) for i in sample_ids] != list(self.header.sample_ids):
+                raise TokenMismatchError(
+                    f"payload sample ids {self.header.sample_ids} != micro-batch sample ids {list(sample_ids)}"
+                )
+
+    # ---- reshaping -------------------------------------------------------------------------------------
+    def rows(self, rows: Sequence[int]) -> "TopKPayload":
+        """The payload of a subset of the sequences, in the given order."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.values.device)
+        h = self.header
+        header = replace(
+            h,
+            batch=len(rows),
+            token_hashes=[h.token_hashes[i] for i in rows] if h.token_hashes else [],
+            sample_ids=[h.sample_ids[i] for i in rows] if h.sample_ids is not None else None,
+        )
+        return TopKPayload(self.values[idx], self.indices[idx], self.lse[idx], header)
+
+    def truncate(self, seq_len: int) -> "TopKPayload":
+        """The first `seq_len` positions (used to strip right-padding added when batching)."""
+        return TopKPayload(
+            self.values[:, :seq_len], self.indices[:, :seq_len], self.lse[:, :seq_len],
+            replace(self.header, seq_len=seq_len),
+        )
+
+    @staticmethod
+    def cat(parts: Sequence["TopKPayload"]) -> "TopKPayload":
+        """Concatenate payloads of the same teacher/k/T/length along the batch dimension."""
+        if not parts:
+            raise PayloadError("cannot concatenate an empty list of payloads")
+        h0 = parts[0].header
+        for p in parts[1:]:
+            h = p.header
+            same = (h.k, h.temperature, h.vocab_size, h.seq_len, h.values_dtype, h.teacher_fingerprint,
+                    h.recipe_fingerprint)
+            if same != (h0.k, h0.temperature, h0.vocab_size, h0.seq_len, h0.values_dtype, h0.teacher_fingerprint,
+                        h0.recipe_fingerprint):
+                raise PayloadError("cannot concatenate payloads with different k/T/vocab/length/dtype/teacher")
+        ids = None
+        if all(p.header.sample_ids is not None for p in parts):
+            ids = [i for p in parts for i in p.header.sample_ids]
+        hashes = [x for p in parts for x in p.header.token_hashes]
+        header = replace(h0, batch=sum(p.header.batch for p in parts), sample_ids=ids,
+                         token_hashes=hashes if all(p.header.token_hashes for p in parts) else [],
+                         request_id=None)
+        return TopKPayload(
+            torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts]),
+            torch.cat([p.lse for p in parts]), header,
+        )
+
+    def to(self, device) -> "TopKPayload":
+        return TopKPayload(self.values.to(device), self.indices.to(device), self.lse.to(device), self.header)
+
+    # ---- serialisation ---------------------------------------------------------------------------------
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], str]:
+        """Plain tensors and the header as JSON (e.g. for safetensors, whose metadata is str -> str)."""
+        return {"values": self.values, "indices": self.indices, "lse": self.lse}, self.header.to_json()
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], header_json: str) -> "TopKPayload":
+        missing = {"values", "indices", "lse"} - set(tensors)
+        if missing:
+            raise PayloadError(f"payload tensors lack {sorted(missing)}")
+        header = PayloadHeader.from_json(header_json)
+        return cls(tensors["values"], tensors["indices"], tensors["lse"], header).validate()
+
+    def to_bytes(self) -> bytes:
+        header = self.header.to_json().encode()
+        parts = [
+            MAGIC,
+            struct.pack("<Q", len(header)),
+            header,
+            _raw_bytes(self.values),
+            _raw_bytes(self.indices),
+            _raw_bytes(self.lse),
+        ]
+        body = b"".join(parts)
+        return body + hashlib.blake2b(body, digest_size=_DIGEST_BYTES).digest()
+
+    @classmethod
+    def from_bytes(cls, buf: bytes | bytearray | memoryview) -> "TopKPayload":
+        buf = memoryview(buf).cast("B")
+        if len(buf) < 12 + _DIGEST_BYTES or bytes(buf[:4]) != MAGIC:
+            raise PayloadError("not a kd-teacher payload (bad magic or too short)")
+        (hlen,) = struct.unpack("<Q", buf[4:12])
+        if hlen > _MAX_HEADER_BYTES or 12 + hlen + _DIGEST_BYTES > len(buf):
+            raise PayloadError(f"payload header length {hlen} is absurd for a {len(buf)}-byte message")
+        header = PayloadHeader.from_json(bytes(buf[12 : 12 + hlen]))
+        nv, ni, nl = header.buffer_sizes()
+        start = 12 + hlen
+        if start + nv + ni + nl + _DIGEST_BYTES != len(buf):
+            raise PayloadError(
+                f"payload is {len(buf)} bytes but its header implies {start + nv + ni + nl + _DIGEST_BYTES}"
+            )
+        body_end = len(buf) - _DIGEST_BYTES
+        digest = hashlib.blake2b(buf[:body_end], digest_size=_DIGEST_BYTES).digest()
+        if digest != bytes(buf[body_end:]):
+            raise PayloadError("payload checksum mismatch: the header or data were altered or corrupted")
+        b, s, k = header.batch, header.seq_len, header.k
+        values = _from_raw(buf[start : start + nv], DTYPES[header.values_dtype], (b, s, k))
+        indices = _from_raw(buf[start + nv : start + nv + ni], INDEX_DTYPE, (b, s, k))
+        lse = _from_raw(buf[start + nv + ni : body_end], torch.float32, (b, s))
+        return cls(values, indices, lse, header).validate()
+
+
+def _raw_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _from_raw(buf: memoryview, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+    if len(buf) == 0:
+        return torch.empty(shape, dtype=dtype)
+    # bytearray copy: frombuffer needs a writable buffer to give a tensor we may later modify
+    return torch.frombuffer(bytearray(buf), dtype=torch.uint8).view(dtype).reshape(shape)

@@ -1,0 +1,50 @@
+"""Process start-up shared by every command: torch.distributed + Megatron-Core parallel state.
+
+Launched by `torchrun`, the world comes from its environment variables; launched as a plain process, we make
+a one-rank world, so that every command runs the same code single-process or distributed. NCCL on CUDA,
+gloo on CPU (with the CPU bridges of `kd_teacher.testing.megatron_cpu`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None) -> None:
+    """Initialise torch.distributed (if not yet) and Megatron-Core's TP/PP groups; DP is what remains."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        from kd_teacher.testing.megatron_cpu import enable_megatron_on_cpu
+
+        enable_megatron_on_cpu()
+    if not dist.is_initialized():
+        if "WORLD_SIZE" not in os.environ:
+            from kd_teacher.testing.distributed import free_port
+
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port()))
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(f"world size {world} is not a multiple of TP x PP = {tp} x {pp}")
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    log.debug("rank %d/%d: TP=%d PP=%d DP=%d", dist.get_rank(), world, tp, pp, world // (tp * pp))
+
+
+def is_main_rank() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0

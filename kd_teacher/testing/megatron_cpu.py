@@ -1,0 +1,121 @@
+"""Run real Megatron-Core models on a CPU (gloo), for tests, CI and the CPU demo.
+
+Megatron-Core assumes CUDA in a handful of places that have nothing to do with the math: it asks
+`torch.cuda.current_device()` where to put buffers, creates a few `device="cuda"` scalars in the pipeline
+schedules, calls `torch.cuda.synchronize()` around p2p and checkpoint writes, and keeps its RNG tracker's
+states in CUDA generators. `enable_megatron_on_cpu()` bridges exactly those places and nothing else, so the
+modules, kernels (torch's CPU ones) and parallel layout under test are Megatron-Core's own.
+
+It is a no-op when CUDA is available: on a GPU nothing here is ever used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+import torch
+
+_ENABLED = False
+
+# Megatron-Core modules that create tensors with a literal device="cuda".
+_MODULES_WITH_CUDA_LITERALS = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.transformer.utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+)
+
+
+def _cpu_device(device):
+    """Map any CUDA device spelling to the CPU; leave everything else as it is."""
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+def _remap_factory(fn):
+    def wrapped(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+class _TorchWithCpuCuda(types.ModuleType):
+    """Stands in for `torch` inside the few Megatron modules that hard-code device="cuda"."""
+
+    _factories = ("zeros", "ones", "empty", "tensor", "full", "arange", "zeros_like", "ones_like")
+
+    def __init__(self):
+        super().__init__("torch")
+        for name in self._factories:
+            setattr(self, name, _remap_factory(getattr(torch, name)))
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+class _CpuGenerator:
+    """The CUDA generator the RNG tracker expects, kept as a dedicated CPU generator.
+
+    A separate generator (not the default CPU one) keeps the tracker's fork() from perturbing the default
+    CPU stream, which Megatron checks and warns about.
+    """
+
+    def __init__(self):
+        self.gen = torch.Generator()
+
+    def get_state(self, *args, **kwargs):
+        return self.gen.get_state()
+
+    def set_state(self, state, *args, **kwargs):
+        self.gen.set_state(state)
+
+    def manual_seed(self, seed, *args, **kwargs):
+        self.gen.manual_seed(int(seed))
+
+
+def enable_megatron_on_cpu() -> bool:
+    """Install the bridges; returns True if they are active (no CUDA), False on a GPU machine."""
+    global _ENABLED
+    if torch.cuda.is_available():
+        return False
+    if _ENABLED:
+        return True
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.Tensor.cuda = lambda self, *a, **k: self
+
+    gen = _CpuGenerator()
+    torch.cuda.get_rng_state = gen.get_state
+    torch.cuda.set_rng_state = gen.set_state
+    torch.cuda.manual_seed = gen.manual_seed
+    torch.cuda.manual_seed_all = gen.manual_seed
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda *a, clone=False, **k: gen.get_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: gen.set_state(state)
+
+    shim = _TorchWithCpuCuda()
+    for name in _MODULES_WITH_CUDA_LITERALS:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:  # the module moved in another megatron-core version
+            continue
+        mod.torch = shim
+    _ENABLED = True
+    return True
+
+
+def is_enabled() -> bool:
+    return _ENABLED and "megatron.core" in sys.modules
