@@ -73,22 +73,20 @@ def teacher_mode(model: torch.nn.Module):
 def training_path(model: torch.nn.Module):
     """train() with dropout off and grad enabled: the forward a training step would run."""
     flags = {m: m.training for m in model.modules()}
-    saved = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
-    config = getattr(model, "config", None)
-    saved_cfg = (config.hidden_dropout, config.attention_dropout) if config is not None else None
+    # Dropout lives in nn.Dropout modules and, for Megatron's fused bias-dropout-add, in a float
+    # `hidden_dropout` attribute each TransformerLayer copies from the config at construction.
+    saved = [(m, "p", m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    saved += [(m, "hidden_dropout", m.hidden_dropout) for m in model.modules()
+              if isinstance(getattr(m, "hidden_dropout", None), float)]
     model.train()
-    for m, _ in saved:
-        m.p = 0.0
-    if config is not None:
-        config.hidden_dropout, config.attention_dropout = 0.0, 0.0
+    for m, attr, _ in saved:
+        setattr(m, attr, 0.0)
     try:
         with torch.enable_grad():
             yield
     finally:
-        for m, p in saved:
-            m.p = p
-        if config is not None:
-            config.hidden_dropout, config.attention_dropout = saved_cfg
+        for m, attr, value in saved:
+            setattr(m, attr, value)
         for m, f in flags.items():
             m.train(f)
 

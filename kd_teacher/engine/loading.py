@@ -61,7 +61,9 @@ def load_checkpoint(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
         raise FileNotFoundError(f"{path} is not a Megatron-Core distributed checkpoint (no metadata.json)")
     try:
         state = dist_checkpointing.load(model.sharded_state_dict(), str(path))
-    except Exception as e:  # dist_checkpointing raises several types for a layout/shape mismatch
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - torch DCP's CheckpointException derives from BaseException
         raise CheckpointMismatchError(
             f"checkpoint {path} does not match the model config: {type(e).__name__}: {e}"
         ) from e

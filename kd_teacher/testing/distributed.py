@@ -12,6 +12,7 @@ the next; a call that fails or times out tears the pool down so the next call st
 
 from __future__ import annotations
 
+import atexit
 import os
 import queue
 import socket
@@ -74,7 +75,9 @@ class _Pool:
         self.results = ctx.Queue()
         port = free_port()
         self.procs = [
-            ctx.Process(target=_worker, args=(r, world_size, port, self.jobs[r], self.results), daemon=True)
+            # Not daemonic: Megatron's checkpoint writer starts a multiprocessing Manager, and daemonic
+            # processes may not have children. shutdown_pools (registered atexit) stops them instead.
+            ctx.Process(target=_worker, args=(r, world_size, port, self.jobs[r], self.results), daemon=False)
             for r in range(world_size)
         ]
         for p in self.procs:
@@ -151,3 +154,6 @@ def shutdown_pools() -> None:
     for pool in _POOLS.values():
         pool.close()
     _POOLS.clear()
+
+
+atexit.register(shutdown_pools)

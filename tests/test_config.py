@@ -1,0 +1,37 @@
+"""Strict YAML -> dataclass loading: unknown keys and wrong types are errors naming the dotted key."""
+
+import pytest
+
+from kd_teacher.config import ConfigError, apply_overrides, from_dict, load_config
+from kd_teacher.engine.loading import TeacherConfig, load_teacher_config
+
+
+def test_teacher_config_loads_with_overrides():
+    cfg = load_teacher_config("configs/teacher_tiny.yaml", ["engine.k=8", "model.precision.params_dtype=bfloat16"])
+    assert cfg.engine.k == 8 and cfg.model.precision.params_dtype == "bfloat16"
+    assert cfg.model.padded_vocab_size == 1000
+
+
+def test_unknown_key_names_the_path():
+    with pytest.raises(ConfigError, match="model.hiden_size"):
+        from_dict(TeacherConfig, {"model": {"hiden_size": 3}})
+
+
+def test_wrong_type_and_literal():
+    base = {"num_layers": 1, "hidden_size": 8, "num_attention_heads": 2, "vocab_size": 10, "max_sequence_length": 4}
+    with pytest.raises(ConfigError, match="model.num_layers: expected an integer"):
+        from_dict(TeacherConfig, {"model": {**base, "num_layers": "two"}})
+    with pytest.raises(ConfigError, match="normalization"):
+        from_dict(TeacherConfig, {"model": {**base, "normalization": "BatchNorm"}})
+
+
+def test_overrides_parse_yaml_values():
+    d = apply_overrides({}, ["a.b=3", "a.c=[1, 2]", "d=true"])
+    assert d == {"a": {"b": 3, "c": [1, 2]}, "d": True}
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides({}, ["nonsense"])
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(TeacherConfig, "configs/nope.yaml")
