@@ -25,11 +25,12 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from kd_teacher.engine.fp8_state import preserved_fp8_state, reset_fp8_weight_caches
 from kd_teacher.engine.model import ModelConfig, build_gpt_model
 from kd_teacher.engine.scheduler import PlannedBatch, ScoreRequest, TokenBudgetScheduler
 from kd_teacher.engine.topk import vocab_parallel_topk
 from kd_teacher.payload import INDEX_DTYPE, DTYPE_NAMES, PayloadError, PayloadHeader, TopKPayload, token_hashes
-from kd_teacher.precision import PrecisionRecipe
+from kd_teacher.precision import PrecisionRecipe, require_fp8_support, serving_policy
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ class EngineConfig:
     # Repack requests of different lengths into shared forwards. None: decided by the precision recipe
     # (allowed unless the recipe is batch-dependent, see PrecisionRecipe.batch_invariant).
     allow_repacking: Optional[bool] = None
+    # FP8 delayed scaling: serve a checkpoint that carries no FP8 scales with the initial ones (1.0).
+    # Off by default: teacher passes never update scales, so such a teacher is not the one that trained.
+    accept_initial_fp8_scales: bool = False
 
 
 def _mpu():
@@ -62,7 +66,8 @@ def teacher_mode(model: torch.nn.Module):
     flags = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with torch.no_grad():
+        # FP8 delayed scaling: a teacher pass must leave no amax behind for a later training step.
+        with torch.no_grad(), preserved_fp8_state(model):
             yield
     finally:
         for m, f in flags.items():
@@ -82,7 +87,9 @@ def training_path(model: torch.nn.Module):
     for m, attr, _ in saved:
         setattr(m, attr, 0.0)
     try:
-        with torch.enable_grad():
+        # A grad-enabled FP8 forward updates delayed-scaling scales on exit; the comparison with teacher
+        # mode needs both to run under the same recipe state, so that update is undone.
+        with torch.enable_grad(), preserved_fp8_state(model):
             yield
     finally:
         for m, attr, value in saved:
@@ -128,15 +135,9 @@ class TeacherEngine:
         self.config = config
         self.model_config = model_config
         self.recipe = PrecisionRecipe.from_transformer_config(self.tconfig)
-        allow = config.allow_repacking
-        if allow is None:
-            allow = self.recipe.batch_invariant
-        elif allow and not self.recipe.batch_invariant:
-            raise ValueError(
-                f"allow_repacking=true with precision recipe {self.recipe.name}: its outputs depend on the whole "
-                "micro-batch, so requests must run exactly as given"
-            )
-        self.scheduler = TokenBudgetScheduler(config.max_tokens_per_batch, allow_repacking=allow)
+        require_fp8_support(self.recipe, model)
+        self.policy = serving_policy(self.recipe, config.allow_repacking)
+        self.scheduler = TokenBudgetScheduler(config.max_tokens_per_batch, allow_repacking=self.policy.allow_repacking)
         self._check_vocab()
         if config.k > self.vocab_size:
             raise ValueError(f"k={config.k} is larger than the true vocabulary size {self.vocab_size}")
@@ -155,11 +156,49 @@ class TeacherEngine:
         cls, checkpoint_dir: str | Path, model_config: ModelConfig, config: Optional[EngineConfig] = None
     ) -> "TeacherEngine":
         """Build the model for this rank's layout and load a `megatron.core.dist_checkpointing` checkpoint."""
-        model, _ = build_gpt_model(model_config)
+        model, tconfig = build_gpt_model(model_config)
         from kd_teacher.engine.loading import load_checkpoint
 
-        load_checkpoint(model, checkpoint_dir)
+        config = config or EngineConfig()
+        load_checkpoint(model, checkpoint_dir, recipe=PrecisionRecipe.from_transformer_config(tconfig),
+                        accept_initial_fp8_scales=config.accept_initial_fp8_scales)
         return cls(model, model_config.vocab_size, config, model_config=model_config)
+
+    # ---- weights changing in place ------------------------------------------------------------------------
+    def reset_fp8_caches(self) -> int:
+        """Make Transformer Engine re-cast the weights to FP8 on the next forward (after they changed in
+        place); returns the number of TE layers reset. The engine's schedule calls do this at every call too,
+        so this matters for forwards outside the engine."""
+        return reset_fp8_weight_caches(self.model)
+
+    def reload_weights(self, source) -> None:
+        """Load new teacher weights in place: a checkpoint directory or a state dict of this rank's shard.
+
+        Resets the FP8 weight-cast caches and recomputes the teacher fingerprint, so payloads made after
+        the reload are traceable to the new weights.
+        """
+        from kd_teacher.engine.loading import CheckpointMismatchError, load_checkpoint
+
+        if isinstance(source, (str, Path)):
+            load_checkpoint(self.model, source, recipe=self.recipe,
+                            accept_initial_fp8_scales=self.config.accept_initial_fp8_scales)
+        else:
+            # Checked before anything is copied: a bad state dict leaves the served weights untouched.
+            current = {k: v for k, v in self.model.state_dict().items() if "_extra_state" not in k}
+            given = {k: v for k, v in source.items() if "_extra_state" not in k}
+            missing, unexpected = sorted(set(current) - set(given)), sorted(set(given) - set(current))
+            wrong = [k for k in set(current) & set(given) if tuple(current[k].shape) != tuple(given[k].shape)]
+            if missing or unexpected or wrong:
+                raise CheckpointMismatchError(
+                    f"new teacher weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+                    f"wrong shape {sorted(wrong)[:5]}"
+                )
+            with torch.no_grad():
+                self.model.load_state_dict(source, strict=False)
+        self.reset_fp8_caches()
+        self.fingerprint = teacher_fingerprint(
+            self.model, asdict(self.model_config) if self.model_config is not None else None
+        )
 
     def _check_vocab(self) -> None:
         mpu = _mpu()
