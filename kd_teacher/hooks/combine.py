@@ -1,0 +1,82 @@
+"""The wrapped loss: the user's loss (cross-entropy) mixed with the KD term in Megatron's loss contract.
+
+Megatron-Core's schedules accept two loss-function results, and the mix keeps whichever the user's
+function returns:
+- `(loss_sum, num_tokens, report)`: sums over the micro-batch's unmasked tokens; the schedule divides by
+  the token count. KD is summed over the same `loss_mask`, so `alpha * KD_sum + (1 - alpha) * CE_sum`.
+- `(loss, report)` (legacy): a per-token mean; KD enters as its masked mean.
+
+Report entries follow the same convention as Megatron-LM's: `[sum, count]` pairs in the first case (the
+training loop divides after summing micro-batches and data-parallel ranks), plain means in the second.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from kd_teacher.hooks.config import KDConfig
+from kd_teacher.payload import TopKPayload
+
+
+def _tp_group():
+    from megatron.core import parallel_state
+
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def kd_terms_for(logits_sbv: torch.Tensor, payload: TopKPayload, mask: torch.Tensor, cfg: KDConfig,
+                 vocab_size: Optional[int]):
+    """Per-token KD loss and statistics (`kd_teacher.losses.KDTerms`) from the output layer's [s, b, V/TP]."""
+    from kd_teacher.losses import kd_terms
+
+    return kd_terms(
+        logits_sbv.transpose(0, 1),  # [b, s, V/TP] as a view: no copy of the logits
+        payload, kind=cfg.kind, temperature=cfg.temperature, tail=cfg.tail, beta=cfg.beta, loss_mask=mask,
+        group=_tp_group(), vocab_size=vocab_size,
+    )
+
+
+def combine_losses(outputs: tuple, logits_sbv: torch.Tensor, payload: TopKPayload,
+                   loss_mask: Optional[torch.Tensor], cfg: KDConfig, vocab_size: Optional[int] = None) -> tuple:
+    """Mix the user's loss-function result with KD; returns the same contract shape with KD metrics added."""
+    b, s = payload.header.batch, payload.header.seq_len
+    device = logits_sbv.device
+    mask = (torch.ones(b, s, device=device) if loss_mask is None
+            else loss_mask.to(device=device, dtype=torch.float32).reshape(b, s))
+    terms = kd_terms_for(logits_sbv, payload.to(device), mask, cfg, vocab_size)
+    kd_sum = terms.loss.sum()  # already weighted by the mask
+    count = mask.sum()
+    with torch.no_grad():
+        agree_sum = (terms.top1_agrees.float() * mask).sum()
+        tail_sum = (terms.teacher_tail.float() * mask).sum()
+        student_tail_sum = None if terms.student_tail is None else (terms.student_tail.float() * mask).sum()
+    a = cfg.alpha
+    p = cfg.report_prefix
+    if len(outputs) == 3:
+        ce_sum, num_tokens, report = outputs
+        total = a * kd_sum + (1.0 - a) * ce_sum
+        n = count.detach()
+        report = dict(report or {})
+        report[f"{p} loss"] = torch.stack([kd_sum.detach().clone(), n])
+        report[f"{p} total loss"] = torch.stack([total.detach().clone().float(), n])
+        report[f"{p} top1 agreement"] = torch.stack([agree_sum, n])
+        report[f"{p} teacher tail mass"] = torch.stack([tail_sum, n])
+        if student_tail_sum is not None:
+            report[f"{p} student tail mass"] = torch.stack([student_tail_sum, n])
+        return total, num_tokens, report
+    if len(outputs) == 2:
+        ce_mean, report = outputs
+        n = count.clamp(min=1)
+        kd_mean = kd_sum / n
+        total = a * kd_mean + (1.0 - a) * ce_mean
+        report = dict(report or {})
+        report[f"{p} loss"] = kd_mean.detach().clone()
+        report[f"{p} total loss"] = total.detach().clone()
+        report[f"{p} top1 agreement"] = agree_sum / n
+        report[f"{p} teacher tail mass"] = tail_sum / n
+        if student_tail_sum is not None:
+            report[f"{p} student tail mass"] = student_tail_sum / n
+        return total, report
+    raise ValueError(f"the wrapped loss function returned {len(outputs)} values; Megatron expects 2 or 3")

@@ -1,0 +1,376 @@
+"""`wrap_forward_step`: knowledge distillation added to a Megatron-Core `forward_step`, nothing else changed.
+
+The user's `forward_step(data_iterator, model)` keeps its body. Per micro-batch, on the last pipeline stage
+(the only one with a loss), the wrapper:
+
+1. hands the user's function a recording view of `data_iterator`, so it sees the micro-batch the user's code
+   draws (tokens and loss mask) without a second read of the data;
+2. captures the student's vocab-parallel logits `[s, b, V/TP]` with a forward hook on the model's
+   `output_layer`, because a `forward_step` that calls `model(..., labels=labels)` (as Megatron-LM's does)
+   returns per-token cross-entropy, not logits;
+3. obtains the teacher payload for those tokens from the source (prepared ahead, read ahead, or on demand)
+   and checks it against the micro-batch (token hashes) and the KD config (k, temperature, vocabulary,
+   precision recipe);
+4. returns a loss function that calls the user's one and adds the KD term: `alpha * KD + (1 - alpha) * CE`
+   in the user's own loss contract (`(loss_sum, num_tokens, report)` or legacy `(loss, report)`), with KD
+   metrics added to the report dict.
+
+Other pipeline stages run the user's `forward_step` untouched.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from kd_teacher.hooks.combine import combine_losses
+from kd_teacher.hooks.config import KDConfig, as_kd_config
+from kd_teacher.hooks.sources import TeacherSource, make_teacher_source
+from kd_teacher.payload import PayloadError, TopKPayload, token_hashes
+from kd_teacher.precision import PrecisionRecipe, check_recipe
+
+log = logging.getLogger(__name__)
+
+BatchFields = Callable[[Any], tuple]  # micro-batch item -> (tokens [b, s], loss_mask [b, s] or None)
+_MAX_READ_AHEAD_STREAMS = 4
+
+
+def _mpu():
+    from megatron.core import parallel_state
+
+    return parallel_state
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+# ---- 1. seeing the micro-batch ------------------------------------------------------------------------------
+class _RecordingIterator:
+    """What the user's forward_step iterates: items pass through unchanged and are remembered."""
+
+    def __init__(self, hook: "KDForwardStep", iterator):
+        self.hook = hook
+        self.iterator = iterator
+        self.drawn: list = []  # [(item, handle or None)]
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item, handle = self.hook._next_item(self.iterator)
+        self.drawn.append((item, handle))
+        return item
+
+
+def default_batch_fields(tokens_key: str, loss_mask_key: str) -> BatchFields:
+    """Megatron's convention: a dict with `tokens` [b, s] and (optionally) `loss_mask` [b, s]."""
+
+    def fields(item):
+        if not isinstance(item, dict) or tokens_key not in item:
+            keys = sorted(item) if isinstance(item, dict) else type(item).__name__
+            raise PayloadError(
+                f"KD hook: the micro-batch has no {tokens_key!r} entry (got {keys}); set kd.tokens_key, or pass "
+                "batch_fields= to wrap_forward_step for another batch format"
+            )
+        return item[tokens_key], item.get(loss_mask_key)
+
+    return fields
+
+
+# ---- 2. capturing the student's logits ---------------------------------------------------------------------
+class _LogitsCapture:
+    """A forward hook on `output_layer` for the duration of one forward_step call."""
+
+    def __init__(self, model):
+        from megatron.core.utils import get_attr_wrapped_model
+
+        layer = get_attr_wrapped_model(model, "output_layer", allow_none=False)
+        self.logits: Optional[torch.Tensor] = None
+        self._handle = layer.register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        logits, rest = (output[0], tuple(output[1:])) if isinstance(output, tuple) else (output, None)
+        # Multi-token-prediction heads call output_layer before the main head does: the last call wins.
+        self.logits = logits
+        if logits.dtype == torch.float32:
+            # Megatron's vocab_parallel_cross_entropy works in place on `logits.float()`, which for fp32
+            # logits is the tensor itself: give the model's own loss a copy so the KD term sees the logits.
+            copy = logits.clone()
+            return (copy, *rest) if rest is not None else copy
+        return None
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+# ---- the wrapped forward step --------------------------------------------------------------------------------
+class KDForwardStep:
+    """Callable with the signature of the user's forward_step; see the module docstring."""
+
+    def __init__(
+        self,
+        forward_step: Callable,
+        cfg: KDConfig,
+        source: TeacherSource,
+        *,
+        model=None,
+        vocab_size: Optional[int] = None,
+        batch_fields: Optional[BatchFields] = None,
+        read_ahead: Optional[bool] = None,
+    ):
+        self.forward_step = forward_step
+        self.cfg = cfg
+        self.source = source
+        self.batch_fields = batch_fields or default_batch_fields(cfg.tokens_key, cfg.loss_mask_key)
+        self.vocab_size = vocab_size or cfg.vocab_size or source.info.vocab_size
+        # Reading ahead only pays when the source works while the student computes.
+        self.read_ahead = (source.asynchronous if read_ahead is None else read_ahead) and cfg.prefetch > 0
+        self._streams: "collections.OrderedDict[int, collections.deque]" = collections.OrderedDict()
+        self._prepared: collections.deque = collections.deque()  # payloads from prefetch(), in order
+        self._expected_recipe: Optional[str] = None
+        self.missing_count = 0
+        self._check_layout()
+        self._check_source()
+        if model is not None:
+            self._set_student(model)
+        functools.update_wrapper(self, forward_step)
+
+    # ---- start-up checks -----------------------------------------------------------------------------------
+    def _check_layout(self) -> None:
+        mpu = _mpu()
+        if mpu.get_context_parallel_world_size() > 1:
+            raise NotImplementedError("the KD hook does not support context parallelism (CP > 1) yet")
+        if mpu.get_virtual_pipeline_model_parallel_world_size() is not None:
+            raise NotImplementedError("the KD hook does not support the interleaved (virtual) pipeline schedule yet")
+        if self.read_ahead and self.source.pipeline_collective:
+            raise ValueError("kd: reading ahead is not possible with a source whose scoring spans pipeline stages")
+
+    def _check_source(self) -> None:
+        info, cfg = self.source.info, self.cfg
+        problems = []
+        if info.k is not None and info.k != cfg.k:
+            problems.append(f"k={info.k} (kd.k={cfg.k})")
+        if info.temperature is not None and info.temperature != cfg.temperature:
+            problems.append(f"temperature={info.temperature} (kd.temperature={cfg.temperature})")
+        if info.vocab_size is not None and self.vocab_size is not None and info.vocab_size != self.vocab_size:
+            problems.append(f"vocab size {info.vocab_size} (student: {self.vocab_size})")
+        if problems:
+            raise PayloadError(f"the {cfg.source} teacher serves {', '.join(problems)}: it does not fit this run")
+
+    def _set_student(self, model) -> None:
+        """The student's precision recipe, and a recipe check of the source when it declares one."""
+        from megatron.core.utils import get_attr_wrapped_model
+
+        config = get_attr_wrapped_model(model[0] if isinstance(model, list) else model, "config")
+        self._expected_recipe = PrecisionRecipe.from_transformer_config(config).fingerprint()
+        if self.source.info.recipe_fingerprint is not None:
+            check_recipe(self.source.info.recipe_fingerprint, self._expected_recipe,
+                         allow_mismatch=self.cfg.allow_recipe_mismatch)
+
+    # ---- the forward step ----------------------------------------------------------------------------------
+    def __call__(self, data_iterator, model, *args, **kwargs):
+        if not _mpu().is_pipeline_last_stage():
+            return self.forward_step(data_iterator, model, *args, **kwargs)
+        if self._expected_recipe is None:
+            self._set_student(model)
+        feed = _RecordingIterator(self, data_iterator) if data_iterator is not None else None
+        capture = _LogitsCapture(model)
+        try:
+            output_tensor, loss_func = self.forward_step(feed, model, *args, **kwargs)
+        finally:
+            capture.remove()
+        if capture.logits is None:
+            raise RuntimeError("KD hook: the model's output_layer did not run in forward_step; no logits to distil")
+        tokens, loss_mask, payload = self._micro_batch(feed)
+        return output_tensor, functools.partial(self._loss, loss_func, capture.logits, tokens, loss_mask, payload)
+
+    # ---- 3. the payload of this micro-batch ---------------------------------------------------------------
+    def _micro_batch(self, feed: Optional[_RecordingIterator]):
+        drawn = feed.drawn if feed is not None else []
+        if len(drawn) > 1:
+            raise RuntimeError(f"KD hook: forward_step drew {len(drawn)} items from the data iterator; expected 1")
+        tp_src_mode = self.cfg.tokens_from == "tp_src_rank" and _mpu().get_tensor_model_parallel_world_size() > 1
+        if not tp_src_mode:
+            if not drawn:
+                raise RuntimeError(
+                    "KD hook: forward_step on the last pipeline stage did not read a micro-batch from its data "
+                    "iterator, so the teacher cannot see its tokens; if only tensor-parallel rank 0 reads the "
+                    "data (as Megatron-LM's get_batch does), set kd.tokens_from: tp_src_rank"
+                )
+            item, handle = drawn[0]
+            tokens, loss_mask = self.batch_fields(item)
+            return tokens, loss_mask, self._payload(tokens, handle)
+        return self._micro_batch_from_tp_src(drawn)
+
+    def _micro_batch_from_tp_src(self, drawn):
+        mpu = _mpu()
+        is_src = mpu.get_tensor_model_parallel_rank() == 0
+        if is_src and not drawn:
+            raise RuntimeError("KD hook: tensor-parallel rank 0 of the last stage did not read a micro-batch")
+        tokens, loss_mask, handle = None, None, None
+        if is_src:
+            (item, handle), = drawn
+            tokens, loss_mask = self.batch_fields(item)
+        tokens, loss_mask = _broadcast_batch(tokens, loss_mask)
+        if self.source.tp_collective:
+            # The in-process teacher is itself tensor-parallel: every TP rank takes part in its forward.
+            return tokens, loss_mask, self._payload(tokens, handle)
+        payload = self._payload(tokens, handle) if is_src else None
+        return tokens, loss_mask, _broadcast_payload(payload)
+
+    def _payload(self, tokens: torch.Tensor, handle) -> TopKPayload:
+        if self._prepared:
+            payload = self._prepared.popleft()
+        elif handle is not None:
+            payload = self.source.result(handle)
+        elif self.source.pipeline_collective:
+            raise RuntimeError(
+                "KD hook: the in-process teacher spans pipeline stages, so its payloads must be computed before "
+                "the pipeline schedule runs: pass data_iterator=kd_step.prefetch(data_iterator, num_microbatches) "
+                "to forward_backward_func (or use an offline or remote teacher)"
+            )
+        else:
+            payload = self.source.score(tokens)
+        return self._checked(payload, tokens)
+
+    def _checked(self, payload: TopKPayload, tokens: torch.Tensor) -> TopKPayload:
+        """Everything the loss relies on, before it is used."""
+        payload.validate()
+        payload.check_tokens(tokens)
+        h, cfg = payload.header, self.cfg
+        if h.k != cfg.k:
+            raise PayloadError(f"teacher payload has k={h.k} but kd.k={cfg.k}")
+        if h.temperature != cfg.temperature:
+            raise PayloadError(f"teacher payload is at temperature {h.temperature} but kd.temperature={cfg.temperature}")
+        if self.vocab_size is not None and h.vocab_size != self.vocab_size:
+            raise PayloadError(f"teacher payload has vocab size {h.vocab_size} but the student's is {self.vocab_size}")
+        if self._expected_recipe is not None:
+            check_recipe(h.recipe_fingerprint, self._expected_recipe, allow_mismatch=cfg.allow_recipe_mismatch)
+        return payload
+
+    # ---- reading ahead (sources that work asynchronously) ----------------------------------------------------
+    def _next_item(self, iterator):
+        if not self.read_ahead:
+            return next(iterator), None
+        stream = self._stream(iterator)
+        while len(stream) <= self.cfg.prefetch:
+            try:
+                item = next(iterator)
+            except StopIteration:
+                break
+            tokens, _ = self.batch_fields(item)
+            stream.append((item, self.source.submit(tokens)))
+        if not stream:
+            raise StopIteration
+        return stream.popleft()
+
+    def _stream(self, iterator) -> collections.deque:
+        # One read-ahead queue per data iterator (train / validation), the few most recent kept.
+        key = id(iterator)
+        if key not in self._streams:
+            self._streams[key] = collections.deque()
+            while len(self._streams) > _MAX_READ_AHEAD_STREAMS:
+                self._streams.popitem(last=False)
+        self._streams.move_to_end(key)
+        return self._streams[key]
+
+    # ---- preparing a whole step (teachers that span pipeline stages) -----------------------------------------
+    def prefetch(self, data_iterator, num_microbatches: int):
+        """Read the step's micro-batches now and get their payloads ready; returns an iterator over them.
+
+        Needed when the in-process teacher spans pipeline stages (PP > 1): its forward is a collective over
+        the stages, which cannot run inside the student's 1F1B schedule where stages are at different
+        micro-batches. Every rank calls this at the same point, before `forward_backward_func`.
+        """
+        if data_iterator is None:
+            if self.source.pipeline_collective:
+                raise RuntimeError("KD hook: prefetch() with an in-process PP teacher needs the data on every rank")
+            return None
+        items = [next(data_iterator) for _ in range(num_microbatches)]
+        tokens = [self.batch_fields(item)[0] for item in items]
+        if hasattr(self.source, "score_many"):
+            payloads = self.source.score_many(tokens)
+        else:
+            payloads = [self.source.result(self.source.submit(t)) for t in tokens]
+        if _mpu().is_pipeline_last_stage():
+            self._prepared.extend(payloads)
+        return iter(items)
+
+    # ---- 4. the loss ---------------------------------------------------------------------------------------
+    def _loss(self, user_loss_func, logits, tokens, loss_mask, payload, output_tensor, *args, **kwargs):
+        if kwargs.get("non_loss_data"):
+            return user_loss_func(output_tensor, *args, **kwargs)
+        outputs = user_loss_func(output_tensor, *args, **kwargs)
+        return combine_losses(outputs, logits, payload, loss_mask, self.cfg, self.vocab_size)
+
+    def close(self) -> None:
+        self.source.close()
+
+
+# ---- tensor-parallel broadcast of the micro-batch and its payload (tokens_from: tp_src_rank) ------------------
+def _broadcast_batch(tokens, loss_mask):
+    mpu = _mpu()
+    group, src = mpu.get_tensor_model_parallel_group(), mpu.get_tensor_model_parallel_src_rank()
+    device = _device()
+    meta = torch.zeros(3, dtype=torch.int64, device=device)
+    if tokens is not None:
+        meta[0], meta[1], meta[2] = tokens.shape[0], tokens.shape[1], int(loss_mask is not None)
+    dist.broadcast(meta, src, group=group)
+    b, s, has_mask = (int(x) for x in meta.tolist())
+    t = tokens.to(device=device, dtype=torch.int64) if tokens is not None else torch.empty(b, s, dtype=torch.int64,
+                                                                                          device=device)
+    dist.broadcast(t, src, group=group)
+    mask = None
+    if has_mask:
+        mask = loss_mask.to(device=device, dtype=torch.float32) if loss_mask is not None else torch.empty(
+            b, s, dtype=torch.float32, device=device)
+        dist.broadcast(mask, src, group=group)
+    return t, mask
+
+
+def _broadcast_payload(payload: Optional[TopKPayload]) -> TopKPayload:
+    """The wire form (JSON header + raw buffers + checksum): no pickle, checked again on arrival."""
+    mpu = _mpu()
+    group, src = mpu.get_tensor_model_parallel_group(), mpu.get_tensor_model_parallel_src_rank()
+    device = _device()
+    size = torch.zeros(1, dtype=torch.int64, device=device)
+    blob = None
+    if payload is not None:
+        blob = torch.frombuffer(bytearray(payload.to_bytes()), dtype=torch.uint8).to(device)
+        size[0] = blob.numel()
+    dist.broadcast(size, src, group=group)
+    if blob is None:
+        blob = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(blob, src, group=group)
+    return payload if payload is not None else TopKPayload.from_bytes(blob.cpu().numpy().tobytes())
+
+
+# ---- the public entry point ---------------------------------------------------------------------------------
+def wrap_forward_step(
+    forward_step: Callable,
+    kd,
+    *,
+    source: Optional[TeacherSource] = None,
+    model=None,
+    vocab_size: Optional[int] = None,
+    batch_fields: Optional[BatchFields] = None,
+    read_ahead: Optional[bool] = None,
+):
+    """Add KD to `forward_step`. `kd`: a `KDConfig`, the `kd:` mapping, or a YAML path; None returns
+    `forward_step` unchanged (KD off). Builds the teacher source unless `source` is given; pass `model` (the
+    student) to have the precision recipe checked here rather than at the first micro-batch."""
+    if kd is None:
+        return forward_step
+    cfg = as_kd_config(kd)
+    source = source if source is not None else make_teacher_source(cfg)
+    return KDForwardStep(forward_step, cfg, source, model=model, vocab_size=vocab_size, batch_fields=batch_fields,
+                         read_ahead=read_ahead)
+
+
+__all__ = ["KDForwardStep", "wrap_forward_step", "default_batch_fields", "token_hashes"]

@@ -1,0 +1,227 @@
+"""Teacher sources: where the hook gets a `TopKPayload` for a micro-batch. Switching is a config change.
+
+Every source answers `score(tokens, *, sample_ids=None, request_id=None) -> TopKPayload`, and
+`submit(...) -> handle` / `result(handle)` for payloads requested ahead of use (a source without real
+asynchrony computes on `submit`). `info` says what the source serves (k, temperature, vocabulary,
+fingerprints) so that the hook can refuse a mismatching teacher at start-up rather than at the first loss.
+
+- `InProcessSource`: a `TeacherEngine` on the student's ranks (same TP and PP, via Megatron's parallel_state).
+- `OfflineSource`: `kd_teacher.offline.OfflineTeacher` over a dump directory (content-addressed by token hash).
+- `RemoteSource`: the streaming client of `kd_teacher.transport` (teacher on other ranks or processes).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from kd_teacher.config import ConfigError
+from kd_teacher.hooks.config import KDConfig
+from kd_teacher.payload import TopKPayload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherInfo:
+    """What a source serves, as far as it knows before the first payload (None: learnt from payloads)."""
+
+    k: Optional[int] = None
+    temperature: Optional[float] = None
+    vocab_size: Optional[int] = None
+    teacher_fingerprint: Optional[str] = None
+    recipe_fingerprint: Optional[str] = None
+
+
+class TeacherSource:
+    """Base of the sources: `score` is required, `submit`/`result` default to computing on submit."""
+
+    info: TeacherInfo = TeacherInfo()
+    # True when scoring is a collective over the pipeline stages (an in-process teacher with PP > 1): then
+    # payloads cannot be computed inside a pipeline schedule, where stages run different micro-batches, and
+    # must be prepared for the whole step before it (`KDForwardStep.prefetch`).
+    pipeline_collective: bool = False
+    # True when scoring is a collective over the tensor-parallel group (every TP rank must call it).
+    tp_collective: bool = False
+    # True when `submit` returns before the payload exists, so reading ahead hides the teacher's latency.
+    asynchronous: bool = False
+
+    def score(self, tokens: torch.Tensor, *, sample_ids: Optional[Sequence[int]] = None,
+              request_id: Optional[str] = None) -> TopKPayload:
+        raise NotImplementedError
+
+    def submit(self, tokens: torch.Tensor, sample_ids: Optional[Sequence[int]] = None,
+               request_id: Optional[str] = None) -> Any:
+        return self.score(tokens, sample_ids=sample_ids, request_id=request_id)
+
+    def result(self, handle: Any) -> TopKPayload:
+        return handle
+
+    def close(self) -> None:
+        pass
+
+
+class InProcessSource(TeacherSource):
+    """A `TeacherEngine` built on this rank, in the student's TP/PP layout."""
+
+    # Its forward is tensor-parallel: every TP rank of the student takes part in scoring each micro-batch.
+    tp_collective = True
+
+    def __init__(self, engine):
+        from megatron.core import parallel_state
+
+        self.engine = engine
+        self.info = TeacherInfo(
+            k=engine.config.k, temperature=float(engine.config.temperature), vocab_size=engine.vocab_size,
+            teacher_fingerprint=engine.fingerprint, recipe_fingerprint=engine.recipe_fingerprint,
+        )
+        self.pipeline_collective = parallel_state.get_pipeline_model_parallel_world_size() > 1
+
+    def score(self, tokens, *, sample_ids=None, request_id=None) -> TopKPayload:
+        return self.engine.score(tokens, sample_ids=sample_ids, request_id=request_id)
+
+    def score_many(self, tokens_list: list[torch.Tensor]) -> list[TopKPayload]:
+        """Several micro-batches in as few teacher forwards as the engine's scheduler allows."""
+        from kd_teacher.engine.scheduler import ScoreRequest
+
+        return self.engine.score_many([ScoreRequest(t) for t in tokens_list])
+
+
+class OfflineSource(TeacherSource):
+    """Payloads looked up in a `kd-teacher dump` directory by the token hash of each sequence."""
+
+    def __init__(self, reader):
+        self.reader = reader
+        self.info = _reader_info(reader)
+
+    def score(self, tokens, *, sample_ids=None, request_id=None) -> TopKPayload:
+        return self.reader.score(tokens, sample_ids=sample_ids, request_id=request_id)
+
+    def close(self) -> None:
+        close = getattr(self.reader, "close", None)
+        if close is not None:
+            close()
+
+
+class RemoteSource(TeacherSource):
+    """The streaming transport's client; requests go out on `submit` and are awaited on `result`."""
+
+    asynchronous = True
+
+    def __init__(self, client):
+        self.client = client
+        self.info = _reader_info(client)
+
+    def score(self, tokens, *, sample_ids=None, request_id=None) -> TopKPayload:
+        return self.client.score(tokens, sample_ids=sample_ids, request_id=request_id)
+
+    def submit(self, tokens, sample_ids=None, request_id=None):
+        return self.client.submit(tokens, sample_ids)
+
+    def result(self, handle) -> TopKPayload:
+        return self.client.result(handle)
+
+    def close(self) -> None:
+        close = getattr(self.client, "close", None)
+        if close is not None:
+            close()
+
+
+def _reader_info(obj) -> TeacherInfo:
+    """Read k / temperature / vocab / fingerprints off a reader or client, whatever it calls its manifest."""
+    meta = getattr(obj, "info", None) or getattr(obj, "manifest", None) or obj
+
+    def get(*names):
+        for name in names:
+            value = meta.get(name) if isinstance(meta, dict) else getattr(meta, name, None)
+            if value is not None:
+                return value
+        return None
+
+    temperature = get("temperature")
+    return TeacherInfo(
+        k=get("k"), temperature=None if temperature is None else float(temperature),
+        vocab_size=get("vocab_size"), teacher_fingerprint=get("teacher_fingerprint"),
+        recipe_fingerprint=get("recipe_fingerprint"),
+    )
+
+
+# ---- construction from the KD config ------------------------------------------------------------------------
+def make_teacher_source(cfg: KDConfig) -> TeacherSource:
+    """Build the source the `kd:` block names; configuration errors surface here, at start-up."""
+    cfg.check()
+    builders = {"in_process": _in_process, "offline": _offline, "remote": _remote}
+    source = builders[cfg.source](cfg)
+    log.info("KD teacher source: %s (k=%s, T=%s, vocab=%s)", cfg.source, source.info.k,
+             source.info.temperature, source.info.vocab_size)
+    return source
+
+
+def _in_process(cfg: KDConfig) -> InProcessSource:
+    from megatron.core import parallel_state
+
+    from kd_teacher.engine.loading import build_engine, load_teacher_config
+
+    icfg = cfg.in_process
+    if not Path(icfg.config).is_file():
+        raise ConfigError(f"kd.in_process.config: teacher config {icfg.config} does not exist")
+    tcfg = load_teacher_config(icfg.config, icfg.overrides)
+    if icfg.checkpoint is not None:
+        tcfg.checkpoint = icfg.checkpoint
+    if tcfg.checkpoint is not None and not (Path(tcfg.checkpoint) / "metadata.json").is_file():
+        raise ConfigError(
+            f"teacher checkpoint {tcfg.checkpoint} is missing or is not a Megatron-Core distributed checkpoint "
+            "(no metadata.json)"
+        )
+    if tcfg.checkpoint is None and not icfg.allow_random_weights:
+        raise ConfigError(
+            f"kd.in_process: the teacher config {icfg.config} names no checkpoint, so the teacher would have "
+            "random weights; set kd.in_process.checkpoint, or kd.in_process.allow_random_weights: true for tests"
+        )
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    m = tcfg.model
+    if m.tensor_model_parallel_size != tp:
+        raise ConfigError(
+            f"in-process teacher has TP={m.tensor_model_parallel_size} but the student runs TP={tp}: an "
+            "in-process teacher shares the student's ranks and tensor-parallel groups, so its TP must equal "
+            "the student's (use an offline or remote teacher for another layout)"
+        )
+    if m.pipeline_model_parallel_size != pp:
+        raise ConfigError(
+            f"in-process teacher has PP={m.pipeline_model_parallel_size} but the student runs PP={pp}: it "
+            "must use the student's pipeline layout"
+        )
+    # The KD block is authoritative for what the loss consumes: serve exactly its k and temperature.
+    tcfg.engine.k, tcfg.engine.temperature = cfg.k, cfg.temperature
+    return InProcessSource(build_engine(tcfg))
+
+
+def _offline(cfg: KDConfig) -> OfflineSource:
+    try:
+        from kd_teacher.offline.reader import OfflineTeacher
+    except ImportError as e:
+        raise ConfigError(f"kd.source: offline needs kd_teacher.offline.reader, which failed to import: {e}") from e
+    ocfg = cfg.offline
+    if not Path(ocfg.dir).is_dir():
+        raise ConfigError(f"kd.offline.dir: {ocfg.dir} is not a directory (no teacher dump there)")
+    expect = {"k": cfg.k, "temperature": cfg.temperature}
+    if cfg.vocab_size is not None:
+        expect["vocab_size"] = cfg.vocab_size
+    return OfflineSource(OfflineTeacher(ocfg.dir, expect=expect, missing=ocfg.missing))
+
+
+def _remote(cfg: KDConfig) -> RemoteSource:
+    try:
+        from kd_teacher import transport
+    except ImportError as e:
+        raise ConfigError(f"kd.source: remote needs kd_teacher.transport, which failed to import: {e}") from e
+    factory = getattr(transport, "make_client", None) or getattr(transport, "connect", None)
+    if factory is None:
+        raise ConfigError("kd_teacher.transport offers no make_client/connect to build a remote teacher client")
+    return RemoteSource(factory(cfg.remote, k=cfg.k, temperature=cfg.temperature, vocab_size=cfg.vocab_size,
+                                timeout_s=cfg.timeout_s))
