@@ -24,6 +24,13 @@ _MODULES_WITH_CUDA_LITERALS = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.transformer.utils",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    # Megatron's optimizer, gradient clipping and grad buffers (training loops: the hook's example and tests)
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.utils",
 )
 
 
@@ -94,6 +101,17 @@ def enable_megatron_on_cpu() -> bool:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
     torch.Tensor.cuda = lambda self, *a, **k: self
+    # Megatron's optimizer asserts `param.type() == 'torch.cuda.FloatTensor'`: report CPU tensors by their
+    # CUDA type name (only the no-argument form, which is a query; conversions are untouched).
+    _tensor_type = torch.Tensor.type
+
+    def _type_as_cuda(self, *args, **kwargs):
+        if args or kwargs:
+            return _tensor_type(self, *args, **kwargs)
+        name = _tensor_type(self)
+        return name.replace("torch.", "torch.cuda.", 1) if not self.is_cuda else name
+
+    torch.Tensor.type = _type_as_cuda
 
     gen = _CpuGenerator()
     torch.cuda.get_rng_state = gen.get_state
