@@ -122,8 +122,8 @@ class PrecisionRecipe:
         else:
             kind = {
                 "delayed": "FP8 delayed scaling",
-                "tensorwise": "FP8 per-tensor current scaling (tensorwise)",
-                "blockwise": "FP8 block scaling (blockwise)",
+                "tensorwise": "FP8 tensorwise (per-tensor current) scaling",
+                "blockwise": "FP8 blockwise scaling",
                 "mxfp8": "MXFP8 block scaling",
             }.get(self.fp8_recipe, f"FP8 recipe {self.fp8_recipe}")
             details = [f"format {self.fp8}"]

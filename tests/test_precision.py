@@ -97,10 +97,10 @@ def test_recipe_mismatch_is_refused_with_both_recipes_in_words(caplog):
         check_recipe(teacher.fingerprint(), student)
     msg = str(e.value)
     assert "computed under FP8 delayed scaling (format hybrid, margin 0, amax history 16 (most_recent))" in msg
-    assert "this run trains under FP8 block scaling (blockwise) (format hybrid)" in msg
+    assert "this run trains under FP8 blockwise scaling (format hybrid), parameters bfloat16" in msg
     assert "fp8_recipe (delayed vs blockwise)" in msg and "fp8_amax_history_len (16 vs 1)" in msg
     assert "kd.allow_recipe_mismatch: true" in msg
-    with pytest.raises(RecipeMismatchError, match=r"computed under bfloat16 \(no FP8\).*trains under FP8 block"):
+    with pytest.raises(RecipeMismatchError, match=r"computed under bfloat16 \(no FP8\).*trains under FP8 blockwise"):
         check_recipe(_recipe(None).fingerprint(), student.fingerprint())
     with pytest.raises(RecipeMismatchError, match="unreadable precision recipe"):
         check_recipe("fp8-delayed:0123abcd", student)
@@ -157,7 +157,7 @@ def test_fp8_without_transformer_engine_is_refused_here():
     with pytest.raises(FP8UnavailableError, match="Transformer Engine is not installed"):
         require_fp8_support(_recipe("blockwise"))
     (msg, local_problem), = run_distributed(_engine_with_fp8_local_model, 1)
-    assert "cannot run the teacher under FP8 per-tensor current scaling" in msg
+    assert "cannot run the teacher under FP8 tensorwise (per-tensor current) scaling" in msg
     assert "Transformer Engine is not installed" in msg
     assert "no Transformer Engine layers (layer_spec: local)" in local_problem
 
