@@ -16,10 +16,14 @@ def __getattr__(name):
         from kd_teacher.engine import engine
 
         return getattr(engine, name)
+    if name == "OfflineTeacher":  # reads dumps with safetensors/numpy only, but keep the import lazy too
+        from kd_teacher.offline.reader import OfflineTeacher
+
+        return OfflineTeacher
     raise AttributeError(f"module 'kd_teacher' has no attribute {name!r}")
 
 
 __all__ = [
     "TopKPayload", "PayloadHeader", "PayloadError", "TokenMismatchError", "token_hash",
-    "vocab_parallel_topk", "TeacherEngine", "EngineConfig",
+    "vocab_parallel_topk", "TeacherEngine", "EngineConfig", "OfflineTeacher",
 ]

@@ -1,0 +1,234 @@
+"""`OfflineTeacher`: a dump directory served like a live teacher, looked up by the content of each sequence.
+
+    teacher = OfflineTeacher("/dumps/qwen7b-k64", expect={"k": 64, "temperature": 1.0}, missing="error")
+    payload = teacher.score(tokens)            # tokens [b, s] -> TopKPayload, as TeacherEngine.score gives
+
+Every row of `tokens` is found by its token hash (BLAKE2b-128 of its ids, the same `token_hash` the payload
+header carries), so the student may use any DP/TP/CP layout, micro-batch size, rank count or data order: it
+only has to train on sequences the dump saw. Shards are memory-mapped; a served sample is read and its
+checksum verified on each request, and a shard's tables are checked when the teacher opens it, so a
+corrupt shard is an error naming the shard file, never wrong numbers.
+
+Sequences that are not in the dump (`missing=`):
+- "error" (default): `score`/`lookup` raise `MissingSamplesError` saying how many rows of the micro-batch
+  are missing.
+- "skip" (alias "ce_only", the training hook's name for it): the call succeeds; the caller learns which rows are real from
+  * `lookup(tokens) -> OfflineLookup(payload, present)`, `present` a bool tensor [b], or
+  * `score(tokens)`, whose payload then carries the same mask as the attribute `payload.present`.
+  Missing rows hold a placeholder (a uniform distribution over ids 0..k-1, lse = log k) that is a valid
+  payload but not the teacher's: the training hook must drop those rows from the KD term (cross-entropy
+  only). `teacher.missing_sequences` / `served_sequences` count them over the teacher's lifetime.
+
+`expect=` (a dict or `Expectation`) names what the training run needs: k, temperature, vocab_size,
+teacher_fingerprint, recipe_fingerprint, values_dtype. A dump that differs is a `DumpMismatchError` listing
+each difference, unless `allow_mismatch=True` (then a warning): the override for a deliberate choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import numpy as np
+import torch
+
+from kd_teacher.config import from_dict
+from kd_teacher.offline import format as fmt
+from kd_teacher.payload import DTYPES, INDEX_DTYPE, PayloadHeader, TopKPayload, token_hashes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Expectation:
+    """What a training run requires of the teacher's payloads; None: no requirement."""
+
+    k: Optional[int] = None
+    temperature: Optional[float] = None
+    vocab_size: Optional[int] = None
+    teacher_fingerprint: Optional[str] = None
+    recipe_fingerprint: Optional[str] = None
+    values_dtype: Optional[str] = None
+
+
+@dataclass
+class OfflineLookup:
+    payload: TopKPayload
+    present: torch.Tensor  # bool [b]: True where the row is the teacher's, False for a placeholder
+
+    @property
+    def missing(self) -> int:
+        return int((~self.present).sum())
+
+
+class _HashIndex:
+    """Sorted 128-bit keys -> (shard, row), searched with numpy: 24 bytes a sample, not a Python dict."""
+
+    def __init__(self, hashes: np.ndarray, shard: np.ndarray, row: np.ndarray):
+        be = hashes.reshape(-1, 2, 8).view(">u8").reshape(-1, 2).astype(np.uint64)
+        order = np.lexsort((row, shard, be[:, 1], be[:, 0]))  # duplicates: the first sample wins
+        self.hi, self.lo = be[order, 0], be[order, 1]
+        self.shard, self.row = shard[order], row[order]
+
+    def find(self, digest: bytes) -> Optional[tuple[int, int]]:
+        hi, lo = np.frombuffer(digest, dtype=">u8").astype(np.uint64)
+        i = int(np.searchsorted(self.hi, hi, side="left"))
+        while i < len(self.hi) and self.hi[i] == hi:
+            if self.lo[i] == lo:
+                return int(self.shard[i]), int(self.row[i])
+            i += 1
+        return None
+
+
+class OfflineTeacher:
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        expect: Expectation | dict | None = None,
+        missing: Literal["error", "skip", "ce_only"] = "error",
+        allow_mismatch: bool = False,
+        allow_incomplete: bool = False,
+    ):
+        if missing not in ("error", "skip", "ce_only"):
+            raise ValueError(f"missing must be 'error' or 'skip' (alias 'ce_only'), got {missing!r}")
+        self.dir = Path(directory)
+        self.missing_mode = "skip" if missing == "ce_only" else missing
+        self.manifest = fmt.load_manifest(self.dir)
+        if not self.manifest.complete and not allow_incomplete:
+            raise fmt.DumpError(
+                f"{self.dir} is an unfinished dump ({len(self.manifest.shards)} of {self.manifest.num_shards} shards "
+                "in its manifest): finish it by rerunning `kd-teacher dump`, or pass allow_incomplete=True"
+            )
+        self._check_expectation(expect, allow_mismatch)
+        self.shards = {e["index"]: fmt.ShardFile(self.dir, e, self.manifest) for e in self.manifest.shards}
+        self.index = self._build_index()
+        self.missing_sequences = 0
+        self.served_sequences = 0
+
+    # ---- what the loss and the hook read -------------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        return self.manifest.k
+
+    @property
+    def temperature(self) -> float:
+        return self.manifest.temperature
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest.vocab_size
+
+    @property
+    def teacher_fingerprint(self) -> str:
+        return self.manifest.teacher_fingerprint
+
+    @property
+    def recipe_fingerprint(self) -> str:
+        return self.manifest.recipe_fingerprint
+
+    @property
+    def values_dtype(self) -> torch.dtype:
+        return DTYPES[self.manifest.values_dtype]
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.shards.values())
+
+    def close(self) -> None:
+        """Drop the shard memory maps (they are also dropped when the teacher is garbage-collected)."""
+        self.shards = {}
+        self.index = _HashIndex(np.zeros((0, 16), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+    # ---- opening ---------------------------------------------------------------------------------------------
+    def _check_expectation(self, expect, allow_mismatch: bool) -> None:
+        if expect is None:
+            return
+        if isinstance(expect, dict):
+            expect = from_dict(Expectation, expect, "expect")
+        m = self.manifest
+        diffs = [
+            f"{name}: dump has {getattr(m, name)!r}, training asks for {want!r}"
+            for name, want in asdict(expect).items()
+            if want is not None and not _same(getattr(m, name), want)
+        ]
+        if not diffs:
+            return
+        text = f"offline dump {self.dir} does not match this training run: " + "; ".join(diffs)
+        if allow_mismatch:
+            log.warning("%s (accepted: allow_mismatch)", text)
+            return
+        raise fmt.DumpMismatchError(text + "; pass allow_mismatch=True to use it deliberately")
+
+    def _build_index(self) -> _HashIndex:
+        hashes, shard, row = [], [], []
+        for i, s in self.shards.items():
+            n = len(s)
+            hashes.append(s.tables["token_hashes"].numpy())
+            shard.append(np.full(n, i, dtype=np.int64))
+            row.append(np.arange(n, dtype=np.int64))
+        if not hashes:
+            return _HashIndex(np.zeros((0, 16), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return _HashIndex(np.concatenate(hashes), np.concatenate(shard), np.concatenate(row))
+
+    # ---- serving ----------------------------------------------------------------------------------------------
+    def lookup(
+        self, tokens: torch.Tensor, *, sample_ids: Optional[Sequence[int]] = None, request_id: Optional[str] = None
+    ) -> OfflineLookup:
+        """Payload rows for every sequence of `tokens` [b, s] found in the dump, and which were found."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.numel() == 0:
+            raise fmt.DumpError(f"tokens must be a non-empty [batch, seq] tensor, got {getattr(tokens, 'shape', tokens)}")
+        b, s = tokens.shape
+        k = self.k
+        hashes = token_hashes(tokens)
+        values = torch.zeros(b, s, k, dtype=self.values_dtype)
+        indices = torch.arange(k, dtype=INDEX_DTYPE).expand(b, s, k).clone()
+        lse = torch.full((b, s), math.log(k), dtype=torch.float32)
+        present = torch.zeros(b, dtype=torch.bool)
+        for r, h in enumerate(hashes):
+            where = self.index.find(bytes.fromhex(h))
+            if where is None:
+                continue
+            v, ids, l_ = self.shards[where[0]].read(where[1])
+            if v.shape[0] != s:
+                raise fmt.ShardCorruptError(
+                    f"shard {self.shards[where[0]].path}: row {where[1]} has {v.shape[0]} positions for a "
+                    f"{s}-token sequence with its hash"
+                )
+            values[r], indices[r], lse[r] = v, ids, l_
+            present[r] = True
+        n_missing = b - int(present.sum())
+        self.missing_sequences += n_missing
+        self.served_sequences += b - n_missing
+        if n_missing and self.missing_mode == "error":
+            raise fmt.MissingSamplesError(
+                f"{n_missing} of {b} sequences of this micro-batch are not in the offline dump {self.dir} "
+                f"({len(self)} samples): was it dumped from this dataset (seq length, split, seed, blend)? "
+                "Use missing='skip' to train those on cross-entropy only"
+            )
+        header = PayloadHeader(
+            k=k, temperature=self.temperature, vocab_size=self.vocab_size, batch=b, seq_len=s,
+            values_dtype=self.manifest.values_dtype, token_hashes=hashes,
+            sample_ids=None if sample_ids is None else [int(i) for i in sample_ids], request_id=request_id,
+            teacher_fingerprint=self.teacher_fingerprint, recipe_fingerprint=self.recipe_fingerprint,
+            extraction=self.manifest.extraction,
+        )
+        payload = TopKPayload(values, indices, lse, header).to(tokens.device)
+        return OfflineLookup(payload, present.to(tokens.device))
+
+    def score(
+        self, tokens: torch.Tensor, *, sample_ids: Optional[Sequence[int]] = None, request_id: Optional[str] = None
+    ) -> TopKPayload:
+        """Same contract as `TeacherEngine.score`; with missing='skip' the payload carries `.present`."""
+        found = self.lookup(tokens, sample_ids=sample_ids, request_id=request_id)
+        if self.missing_mode == "skip":
+            found.payload.present = found.present
+        return found.payload
+
+
+def _same(have, want) -> bool:
+    if isinstance(have, float) or isinstance(want, float):
+        return float(have) == float(want)
+    return have == want

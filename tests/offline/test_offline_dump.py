@@ -1,0 +1,300 @@
+"""Offline dumps end to end: real Megatron-Core indexed datasets and GPTDataset, a real GPTModel teacher on
+gloo ranks, real processes killed with SIGKILL, real file-size limits for "disk full"."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kd_teacher.offline import format as fmt
+from kd_teacher.offline.reader import OfflineTeacher
+from kd_teacher.offline.verify import inspect, verify
+from kd_teacher.testing.distributed import run_distributed
+from offline_fixtures import (
+    dump_on_ranks,
+    file_bytes,
+    gpt_dump_config,
+    student_reads_match_engine,
+    verify_with_rescore,
+    write_indexed_dataset,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def data_prefix(tmp_path_factory) -> str:
+    return write_indexed_dataset(tmp_path_factory.mktemp("data") / "corpus", vocab=1000)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_prefix):
+    """The dump written by 2 teacher data-parallel ranks: the bytes every other run must reproduce."""
+    out = tmp_path_factory.mktemp("ref") / "dump"
+    cfg = gpt_dump_config(out, data_prefix)
+    results = run_distributed(dump_on_ranks, 2, cfg)
+    assert results[0] == results[1] and results[0]["complete"]
+    return cfg, out, file_bytes(out)
+
+
+def _cfg_to(cfg, out: Path):
+    return replace(cfg, output=replace(cfg.output, dir=str(out)))
+
+
+# ---- reading with other layouts ------------------------------------------------------------------------------------
+def test_any_student_layout_reads_what_the_engine_scores(reference):
+    cfg, out, _ = reference
+    per_rank = run_distributed(student_reads_match_engine, 3, str(out), cfg, 11)
+    total = {key: sum(r.get(key, 0) for r in per_rank) for key in per_rank[0]}
+    n = fmt.load_manifest(out).num_samples
+    assert n >= 30
+    assert total == {f"{dp}x{mbs}": n for dp in (1, 2, 3) for mbs in (2, 3)}
+
+
+def test_other_dp_count_writes_identical_files_and_verify_rescores(reference, tmp_path):
+    cfg, _, ref_bytes = reference
+    out = tmp_path / "dp3"
+    run_distributed(dump_on_ranks, 3, _cfg_to(cfg, out))
+    assert file_bytes(out) == ref_bytes
+    report = run_distributed(verify_with_rescore, 1, str(out), _cfg_to(cfg, out), 4)[0]
+    assert report["ok"], report["problems"]
+    assert report["rescored"] == report["rescored_equal"] == 4
+
+
+# ---- crash safety ------------------------------------------------------------------------------------------------
+def _dump_in_child(cfg, fsize_limit=None):
+    """Child process target (fork): one-rank dump; exit code 0 ok, 3 DiskFullError, 4 other error."""
+    import torch.distributed as dist
+
+    from kd_teacher.offline.writer import run_dump
+    from kd_teacher.runtime import init_distributed
+
+    if fsize_limit is not None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, resource.RLIM_INFINITY))
+    code = 0
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.pop("WORLD_SIZE", None)
+        init_distributed()
+        run_dump(cfg)
+    except fmt.DiskFullError as e:
+        print(f"DiskFullError: {e}", file=sys.stderr)
+        code = 3
+    except BaseException as e:  # noqa: BLE001
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        code = 4
+    os._exit(code)
+
+
+def _fork_dump(cfg, **kw):
+    p = multiprocessing.get_context("fork").Process(target=_dump_in_child, args=(cfg,), kwargs=kw)
+    p.start()
+    return p
+
+
+def _count(out: Path) -> int:
+    shards = out / fmt.SHARDS_DIR
+    return len(list(shards.iterdir())) if shards.is_dir() else 0
+
+
+def _kill_when(proc_pid: int, out: Path, new_files: int, extra_delay: float, timeout: float = 60) -> None:
+    """SIGKILL once `new_files` more files (shards, entries, temp files) appeared, plus a random delay."""
+    target = _count(out) + new_files
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _count(out) < target:
+        time.sleep(0.0005)
+    time.sleep(extra_delay)
+    os.kill(proc_pid, signal.SIGKILL)
+
+
+def test_sigkill_at_random_points_then_resume_is_byte_identical(reference, tmp_path):
+    cfg, _, ref_bytes = reference
+    out = tmp_path / "killed"
+    run_cfg = _cfg_to(cfg, out)
+    rng = random.Random(1234)
+    kills = 0
+    for _ in range(4):
+        p = _fork_dump(run_cfg)
+        _kill_when(p.pid, out, new_files=rng.randrange(1, 4), extra_delay=rng.uniform(0, 0.01))
+        p.join(30)
+        kills += p.exitcode == -signal.SIGKILL
+    assert kills == 4
+    assert not fmt.load_manifest(out).complete
+    p = _fork_dump(run_cfg)
+    p.join(120)
+    assert p.exitcode == 0
+    assert file_bytes(out) == ref_bytes
+    assert not list(out.rglob("*.tmp.*"))
+
+
+def test_cli_dump_killed_and_rerun_gives_the_same_dump(reference, tmp_path):
+    cfg, _, ref_bytes = reference
+    out = tmp_path / "cli"
+    data = asdict(_cfg_to(cfg, out))
+    data.pop("teacher_config")
+    config = tmp_path / "dump.yaml"
+    config.write_text(yaml.safe_dump(data))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "kd_teacher.cli", "dump", str(config), "output.progress=false"]
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _kill_when(p.pid, out, new_files=3, extra_delay=0.0, timeout=90)
+    p.wait(30)
+    assert p.returncode == -signal.SIGKILL
+    assert fmt.load_manifest(out).complete is False
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["samples"] == fmt.load_manifest(out).num_samples
+    assert file_bytes(out) == ref_bytes
+    runs = inspect(out)["runs"]
+    assert len(runs) == 1 and runs[0]["shards_written"] < fmt.load_manifest(out).num_shards
+
+
+def test_disk_full_stops_with_an_error_and_a_later_run_resumes(reference, tmp_path):
+    cfg, _, ref_bytes = reference
+    out = tmp_path / "full"
+    run_cfg = _cfg_to(cfg, out)
+    shard_size = len(ref_bytes["shards/shard-00000.safetensors"])
+    manifest_size = len(ref_bytes["manifest.json"])
+    assert manifest_size < shard_size
+    p = _fork_dump(run_cfg, fsize_limit=shard_size - 1)  # the manifest fits, no shard does
+    p.join(120)
+    assert p.exitcode == 3
+    assert not list(out.rglob("*.tmp.*")) and not list((out / fmt.SHARDS_DIR).iterdir())
+    p = _fork_dump(run_cfg)
+    p.join(120)
+    assert p.exitcode == 0
+    assert file_bytes(out) == ref_bytes
+
+
+def test_second_dump_in_a_locked_directory_is_refused(reference, tmp_path):
+    import fcntl
+
+    cfg, _, _ = reference
+    out = tmp_path / "locked"
+    (out / fmt.SHARDS_DIR).mkdir(parents=True)
+    with open(out / fmt.LOCK_FILE, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        p = _fork_dump(_cfg_to(cfg, out))
+        p.join(60)
+    assert p.exitcode == 4
+    assert not (out / fmt.MANIFEST).exists()
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+def _copy(reference, tmp_path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(reference[1], out)
+    return out
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_byte_in_payload_data_is_named_by_verify_and_reader(reference, tmp_path):
+    out = _copy(reference, tmp_path)
+    shard = out / fmt.shard_file(2)
+    _flip(shard, shard.stat().st_size // 3)  # inside the values block
+    report = verify(out)
+    assert not report.ok and any("shard-00002" in p for p in report.problems)
+    teacher = OfflineTeacher(out)
+    cfg = reference[0]
+    from offline_fixtures import build_dataset  # noqa: PLC0415 - needs only megatron.core.datasets
+
+    source = build_dataset(cfg)
+    m = teacher.manifest
+    rows = list(m.shard_range(2))
+    with pytest.raises(fmt.ShardCorruptError, match="shard-00002"):
+        for i in rows:
+            teacher.score(source.tokens(i)[None])
+    # the other shards still serve
+    teacher.score(source.tokens(0)[None])
+
+
+def test_flipped_byte_in_tables_or_truncation_fails_at_open(reference, tmp_path):
+    out = _copy(reference, tmp_path)
+    shard = out / fmt.shard_file(1)
+    _flip(shard, shard.stat().st_size - 5)  # the last tensor is a sample table
+    with pytest.raises(fmt.ShardCorruptError, match="shard-00001"):
+        OfflineTeacher(out)
+    shard = out / fmt.shard_file(3)
+    shard.write_bytes(shard.read_bytes()[:100])
+    report = verify(out)
+    assert any("shard-00001" in p for p in report.problems) and any("shard-00003" in p for p in report.problems)
+
+
+def test_mismatch_with_the_training_config_is_a_clear_error(reference):
+    out = reference[1]
+    with pytest.raises(fmt.DumpMismatchError, match=r"k: dump has 8, training asks for 16"):
+        OfflineTeacher(out, expect={"k": 16})
+    with pytest.raises(fmt.DumpMismatchError, match="temperature.*teacher_fingerprint"):
+        OfflineTeacher(out, expect={"temperature": 2.0, "teacher_fingerprint": "other"})
+    with pytest.raises(fmt.DumpMismatchError, match="recipe_fingerprint"):
+        OfflineTeacher(out, expect={"recipe_fingerprint": "bfloat16:abc"})
+    assert OfflineTeacher(out, expect={"k": 16}, allow_mismatch=True).k == 8
+
+
+def test_resuming_with_another_config_is_refused(reference, tmp_path):
+    cfg, _, _ = reference
+    out = _copy(reference, tmp_path)
+    before = file_bytes(out)
+    other = _cfg_to(cfg, out)
+    other = replace(other, teacher=replace(other.teacher, engine=replace(other.teacher.engine, k=4)))
+    p = _fork_dump(other)
+    p.join(60)
+    assert p.exitcode == 4
+    assert file_bytes(out) == before
+
+
+def test_not_a_dump_directory(tmp_path):
+    with pytest.raises(fmt.NotADumpError, match="no manifest.json"):
+        OfflineTeacher(tmp_path)
+    with pytest.raises(fmt.NotADumpError, match="not a directory"):
+        OfflineTeacher(tmp_path / "nope")
+    (tmp_path / fmt.MANIFEST).write_text('{"format": "something-else"}')
+    with pytest.raises(fmt.NotADumpError, match="format"):
+        verify(tmp_path)
+
+
+def test_missing_sequences_error_or_skip_with_a_mask(reference):
+    cfg, out, _ = reference
+    from offline_fixtures import build_dataset
+
+    source = build_dataset(cfg)
+    known = torch.stack([source.tokens(0), source.tokens(5)])
+    unknown = torch.randint(0, 999, (2, known.shape[1]), generator=torch.Generator().manual_seed(0))
+    batch = torch.cat([known[:1], unknown[:1], known[1:], unknown[1:]])
+    with pytest.raises(fmt.MissingSamplesError, match="2 of 4 sequences"):
+        OfflineTeacher(out).score(batch)
+    teacher = OfflineTeacher(out, missing="skip")
+    payload = teacher.score(batch)
+    assert payload.present.tolist() == [True, False, True, False]
+    assert torch.equal(payload.rows([0, 2]).values, OfflineTeacher(out).score(known).values)
+    found = teacher.lookup(batch)
+    assert found.missing == 2 and teacher.missing_sequences == 4 and teacher.served_sequences == 4
+
+
+def test_inspect_reports_size_and_coverage(reference):
+    info = inspect(reference[1])
+    m = fmt.load_manifest(reference[1])
+    assert info["complete"] and info["coverage"] == 1.0 and info["k"] == 8 and info["index_bits"] == 10
+    assert info["bytes"] == sum(len(b) for n, b in reference[2].items() if n.endswith(".safetensors"))
+    assert info["tokens"] == m.num_samples * 32
