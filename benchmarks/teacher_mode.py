@@ -1,0 +1,154 @@
+"""Teacher-mode throughput against the bare eval forward of the same model, same run.
+
+    python benchmarks/teacher_mode.py --preset cpu            # tiny model, local layer spec, fp32
+    python benchmarks/teacher_mode.py --preset gpu --out r.json  # ~1.5B GPT, TE layer spec, bf16, 2 x 4096 tokens
+
+Teacher mode = `TeacherEngine.score`: token checks, forward through Megatron-Core's pipeline schedule,
+vocab-parallel top-k + LSE, payload with token hashes. Baseline = `model(tokens, position_ids, None)` under
+eval + no_grad. The ratio (teacher tokens/s over forward tokens/s) is what the issue targets (>= 0.95 on
+the GPU). `--extraction reference` forces the plain PyTorch top-k path even on CUDA, to compare with the
+fused kernel when one is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kd_teacher.engine.engine import EngineConfig, TeacherEngine  # noqa: E402
+from kd_teacher.engine.model import ModelConfig, PrecisionConfig, build_gpt_model  # noqa: E402
+from kd_teacher.runtime import init_distributed  # noqa: E402
+
+PRESETS = {
+    "cpu": dict(
+        model=dict(num_layers=2, hidden_size=128, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=352,
+                   vocab_size=8000, max_sequence_length=256, layer_spec="local"),
+        dtype="float32", batch=2, seq=256, k=64, iters=8, warmup=2,
+    ),
+    "gpu": dict(
+        model=dict(num_layers=16, hidden_size=2048, num_attention_heads=16, num_query_groups=8, ffn_hidden_size=5632,
+                   vocab_size=128256, max_sequence_length=4096, layer_spec="transformer_engine"),
+        dtype="bfloat16", batch=2, seq=4096, k=64, iters=10, warmup=3,
+    ),
+}
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time_interleaved(fns: dict, iters: int, warmup: int) -> dict:
+    """Median seconds per call of each fn, calls interleaved so that drifting machine load hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    _sync()
+    samples = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def run(preset: str, extraction: str, layer_spec: str | None) -> dict:
+    p = PRESETS[preset]
+    mcfg = dict(p["model"])
+    if layer_spec:
+        mcfg["layer_spec"] = layer_spec
+    cfg = ModelConfig(**mcfg, precision=PrecisionConfig(params_dtype=p["dtype"]))
+    init_distributed(1, 1, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model, _ = build_gpt_model(cfg)
+    engine = TeacherEngine(model, cfg.vocab_size, EngineConfig(k=p["k"], max_tokens_per_batch=p["batch"] * p["seq"]),
+                           model_config=cfg, fingerprint="benchmark")
+    if extraction == "reference":
+        import kd_teacher.engine.topk as topk
+
+        topk._local_stats = topk.local_topk_stats  # skip the fused-kernel dispatch
+    device = next(model.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (p["batch"], p["seq"]), generator=g).to(device)
+    position_ids = torch.arange(p["seq"], device=device).unsqueeze(0).expand_as(tokens)
+
+    def bare_forward():
+        model.eval()
+        with torch.no_grad():
+            model(tokens, position_ids, None)
+
+    def teacher():
+        engine.score(tokens)
+
+    with torch.no_grad():
+        model.eval()
+        logits = model(tokens, position_ids, None)
+    from kd_teacher.engine.topk import vocab_parallel_topk
+
+    times = _time_interleaved(
+        {
+            "forward": bare_forward,
+            "teacher": teacher,
+            "extract": lambda: vocab_parallel_topk(logits, p["k"], vocab_size=cfg.vocab_size),
+        },
+        p["iters"], p["warmup"],
+    )
+    t_forward, t_teacher, t_extract = times["forward"], times["teacher"], times["extract"]
+    n_tokens = tokens.numel()
+    result = dict(
+        benchmark="teacher_mode",
+        preset=preset,
+        extraction=extraction,
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        torch=torch.__version__,
+        params=_params(model),
+        tokens_per_batch=n_tokens,
+        k=p["k"],
+        logits_shape=list(logits.shape),
+        logits_dtype=str(logits.dtype),
+        bare_forward_ms=t_forward * 1e3,
+        teacher_mode_ms=t_teacher * 1e3,
+        extraction_ms=t_extract * 1e3,
+        bare_forward_tokens_per_s=n_tokens / t_forward,
+        teacher_mode_tokens_per_s=n_tokens / t_teacher,
+        ratio=t_forward / t_teacher,
+        date=time.strftime("%Y-%m-%d"),
+    )
+    return result
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--extraction", choices=["auto", "reference"], default="auto")
+    ap.add_argument("--layer-spec", choices=["local", "transformer_engine"], default=None)
+    ap.add_argument("--out", help="write the result JSON here")
+    args = ap.parse_args()
+    result = run(args.preset, args.extraction, args.layer_spec)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    print(f"\nteacher mode / bare forward throughput ratio: {result['ratio']:.3f} "
+          f"({result['teacher_mode_tokens_per_s']:.0f} vs {result['bare_forward_tokens_per_s']:.0f} tokens/s, "
+          f"extraction alone {result['extraction_ms']:.2f} ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
