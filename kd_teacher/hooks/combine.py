@@ -45,6 +45,11 @@ def combine_losses(outputs: tuple, logits_sbv: torch.Tensor, payload: TopKPayloa
     device = logits_sbv.device
     mask = (torch.ones(b, s, device=device) if loss_mask is None
             else loss_mask.to(device=device, dtype=torch.float32).reshape(b, s))
+    present = getattr(payload, "present", None)
+    if present is not None:
+        # Sequences an offline dump lacks (kd.offline.missing: ce_only) carry a placeholder payload: they get
+        # no KD term, only the (1 - alpha)-weighted cross-entropy of the user's loss.
+        mask = mask * present.to(device=device, dtype=mask.dtype).reshape(b, 1)
     terms = kd_terms_for(logits_sbv, payload.to(device), mask, cfg, vocab_size)
     kd_sum = terms.loss.sum()  # already weighted by the mask
     count = mask.sum()
@@ -60,11 +65,15 @@ def combine_losses(outputs: tuple, logits_sbv: torch.Tensor, payload: TopKPayloa
         n = count.detach()
         report = dict(report or {})
         report[f"{p} loss"] = torch.stack([kd_sum.detach().clone(), n])
-        report[f"{p} total loss"] = torch.stack([total.detach().clone().float(), n])
+        report[f"{p} total loss"] = torch.stack([total.detach().clone().float(),
+                                                 torch.as_tensor(num_tokens, device=device).float().reshape(())])
         report[f"{p} top1 agreement"] = torch.stack([agree_sum, n])
         report[f"{p} teacher tail mass"] = torch.stack([tail_sum, n])
         if student_tail_sum is not None:
             report[f"{p} student tail mass"] = torch.stack([student_tail_sum, n])
+        if present is not None:
+            report[f"{p} sequences without teacher"] = torch.stack(
+                [(~present).sum().float().to(device), torch.tensor(float(b), device=device)])
         return total, num_tokens, report
     if len(outputs) == 2:
         ce_mean, report = outputs
