@@ -1,0 +1,270 @@
+"""Correctness of the fused top-k + LSE kernel against the PyTorch reference, case by case.
+
+For every case: the fused kernel (`kd_teacher.kernels.topk_lse.launch`) and the reference
+(`kd_teacher.engine.topk.local_topk_stats`) run on the same logits, on the same device, and must agree:
+values bitwise, ids identical (ties by lower id, -1 for padding), max bitwise (NaN where the reference has
+NaN; +0.0 and -0.0 count as equal), and LSE = max + log(sum) within 2 ulp of fp32 at max(|LSE|, 1), with
+the same non-finite pattern. Cases cover random shapes, k, T, dtypes, padded vocabularies, ties, columns
+sorted by value, -inf / +inf / NaN / +-0 / huge values, strided rows, and the teacher shape
+[8192, 128256] bf16.
+
+GPU:  PYTHONPATH=$PWD python3 benchmarks/check_topk_kernel.py --out $OUT/check.json
+CPU (Triton's interpreter, small shapes):
+      TRITON_INTERPRET=1 python benchmarks/check_topk_kernel.py --small --device cpu
+Exit status 1 if any case fails. Full results go to --out as JSON, a table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kd_teacher.engine.topk import local_topk_stats  # noqa: E402
+from kd_teacher.kernels.topk_lse import TopKKernelConfig, launch, plan_for  # noqa: E402
+
+log = logging.getLogger("check_topk_kernel")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    n: int
+    v: int
+    k: int
+    dtype: str = "bf16"
+    temperature: float = 1.0
+    vocab_start: int = 0
+    valid: int | None = None  # None: no padding
+    kind: str = "randn"  # randn | ties | sorted | specials | nonfinite | strided
+    seed: int = 0
+
+
+def make_logits(case: Case, device: torch.device) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(case.seed)
+    n, v = case.n, case.v
+    if case.kind == "ties":
+        x = torch.randint(-3, 4, (n, v), generator=g).float()
+    elif case.kind == "sorted":
+        # Columns sorted by value (ascending, and descending on odd rows): every chunk's candidates exceed
+        # the scratch and take the exact path.
+        x = torch.sort(torch.randn(n, v, generator=g) * 3, dim=1).values
+        x[1::2] = x[1::2].flip(1)
+    elif case.kind == "specials":
+        x = torch.randn(n, v, generator=g) * 3
+        r = torch.rand(n, v, generator=g)
+        x[r < 0.2] = float("-inf")
+        x[(r >= 0.2) & (r < 0.3)] = 0.0
+        x[(r >= 0.3) & (r < 0.4)] = -0.0
+        x[0::4, 5::97] = 1e30  # huge but finite (also in bf16), many ties at the top
+        x[1::4, 7::89] = -1e30
+        x[2::4, 3] = float("inf")
+    elif case.kind == "nonfinite":
+        x = torch.randn(n, v, generator=g)
+        x[0] = float("-inf")  # all -inf: max -inf, sum NaN (as the reference)
+        x[1, v // 2] = float("nan")
+        x[2, v // 3] = -float("nan")  # a NaN with the sign bit: ranks below -inf
+        x[3, :: max(1, v // 5)] = float("inf")
+    else:
+        x = torch.randn(n, v, generator=g) * 4 + torch.randn(n, 1, generator=g) * 10
+    x = x.to(DTYPES[case.dtype])
+    if case.kind == "strided":
+        wide = torch.randn(n, v + 40, generator=g).to(DTYPES[case.dtype])
+        wide[:, :v] = x
+        return wide.to(device)[:, :v]
+    return x.to(device)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _ulp(x: torch.Tensor) -> torch.Tensor:
+    a = x.abs()
+    return torch.nextafter(a, torch.full_like(a, float("inf"))) - a
+
+
+def compare(case: Case, fused, ref) -> dict:
+    v, i, m, s, flags = fused
+    rv, ri, rm, rs = ref
+    out = {
+        "values_bitwise": bool(v.shape == rv.shape and torch.equal(_bits(v), _bits(rv))),
+        "ids_equal": bool(i.shape == ri.shape and torch.equal(i, ri)),
+    }
+    same_max = (_bits(m) == _bits(rm)) | (torch.isnan(m) & torch.isnan(rm)) | ((m == 0) & (rm == 0))
+    out["max_bitwise"] = bool(same_max.all())
+    lse, rlse = m + torch.log(s), rm + torch.log(rs)
+    fin, rfin = torch.isfinite(lse), torch.isfinite(rlse)
+    same_nonfinite = torch.equal(fin, rfin) and torch.equal(torch.isnan(lse), torch.isnan(rlse))
+    both = fin & rfin
+    if both.any():
+        diff = (lse[both] - rlse[both]).abs()
+        ulp_at_lse = diff / _ulp(rlse[both]).clamp_min(torch.finfo(torch.float32).tiny)
+        ulp_scaled = diff / _ulp(rlse[both].abs().clamp_min(1.0))
+        out["lse_max_abs_diff"] = float(diff.max())
+        out["lse_max_ulp_at_lse"] = float(ulp_at_lse.max())
+        out["lse_max_ulp"] = float(ulp_scaled.max())
+    else:
+        out["lse_max_abs_diff"] = out["lse_max_ulp_at_lse"] = out["lse_max_ulp"] = 0.0
+    out["lse_nonfinite_match"] = bool(same_nonfinite)
+    out["lse_ok"] = bool(same_nonfinite and out["lse_max_ulp"] <= 2.0)
+    out["exact_path_chunks"] = int(flags.sum())
+    out["chunks"] = int(flags.numel())
+    if not out["ids_equal"] and i.shape == ri.shape:
+        row = int((i != ri).any(1).nonzero()[0])
+        out["first_bad_row"] = {"row": row, "fused": i[row, :8].tolist(), "ref": ri[row, :8].tolist()}
+    out["ok"] = out["values_bitwise"] and out["ids_equal"] and out["max_bitwise"] and out["lse_ok"]
+    return out
+
+
+def gpu_cases() -> list[Case]:
+    cases = [
+        Case("teacher bf16 k64", 8192, 128256, 64),
+        Case("fp32 k64 T0.7", 2048, 128256, 64, "fp32", 0.7, seed=1),
+        Case("TP8 shard, padded, k128 T2", 4096, 16032, 128, "bf16", 2.0, 16032 * 7, 16032 - 100, seed=2),
+        Case("Qwen TP4 shard k256 T1.5", 1024, 37984, 256, "bf16", 1.5, 37984, seed=3),
+        Case("k1", 3000, 50000, 1, "bf16", seed=4),
+        Case("k100 fp32 T0.5", 1500, 32000, 100, "fp32", 0.5, seed=5),
+        Case("k > V", 300, 50, 64, "bf16", seed=6),
+        Case("valid < k", 200, 1000, 64, "fp32", 1.0, 3000, 10, seed=7),
+        Case("padding only", 64, 2048, 16, "bf16", 1.0, 0, 0, seed=8),
+        Case("ties", 512, 20000, 64, "bf16", seed=9, kind="ties"),
+        Case("ties fp32 T3", 256, 9000, 200, "fp32", 3.0, seed=10, kind="ties"),
+        Case("sorted columns", 256, 40000, 64, "bf16", seed=11, kind="sorted"),
+        Case("specials bf16", 512, 30000, 64, "bf16", seed=12, kind="specials"),
+        Case("specials fp32 T0.9", 512, 30000, 32, "fp32", 0.9, seed=13, kind="specials"),
+        Case("nonfinite", 8, 9000, 64, "bf16", 1.0, 0, 8900, seed=14, kind="nonfinite"),
+        Case("strided rows", 700, 25000, 64, "bf16", seed=15, kind="strided"),
+        Case("fp16", 500, 32000, 64, "fp16", 1.0, seed=16),
+    ]
+    rnd = random.Random(1234)
+    for j in range(8):
+        v = rnd.choice([rnd.randint(1, 300), rnd.randint(300, 20000), rnd.randint(20000, 140000)])
+        valid = v if rnd.random() < 0.6 else rnd.randint(0, v)
+        cases.append(Case(
+            f"random {j}", rnd.randint(1, 2500), v, rnd.choice([1, 7, 32, 64, 64, 128, 255]),
+            rnd.choice(["bf16", "bf16", "fp32"]), rnd.choice([1.0, 1.0, 2.0, 0.8, 1.3]),
+            rnd.randint(0, 4) * v, valid, seed=100 + j,
+        ))
+    return cases
+
+
+def small_cases() -> list[Case]:
+    """Shapes for Triton's CPU interpreter (numpy, slow): several chunks of 512 columns each."""
+    return [
+        Case("randn multi-chunk", 3, 1500, 64, "bf16", 2.0, 1500, seed=1),
+        Case("padded fp32", 3, 1100, 32, "fp32", 1.0, 0, 1030, seed=2),
+        Case("ties", 3, 1200, 64, "bf16", seed=3, kind="ties"),
+        Case("sorted", 2, 1100, 40, "fp32", seed=4, kind="sorted"),
+        Case("specials", 4, 1000, 64, "bf16", seed=5, kind="specials"),
+        Case("nonfinite", 4, 700, 16, "fp32", 1.0, 0, 690, seed=6, kind="nonfinite"),
+        Case("k > V, k 256", 2, 200, 256, "bf16", seed=7),
+        Case("padding only", 2, 600, 8, "bf16", 1.0, 0, 0, seed=8),
+    ]
+
+
+def run_case(case: Case, device: torch.device, config: TopKKernelConfig) -> dict:
+    x = make_logits(case, device)
+    valid = case.v if case.valid is None else case.valid
+    t0 = time.perf_counter()
+    fused = launch(x, case.k, case.temperature, case.vocab_start, valid, config)
+    if fused is None:
+        raise RuntimeError(f"{case.name}: the fused kernel declined the case")
+    ref = local_topk_stats(x, case.k, case.temperature, case.vocab_start, valid)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    result = {"case": dataclasses.asdict(case), "plan": dataclasses.asdict(plan_for(case.v, case.k, config))}
+    result.update(compare(case, fused, ref))
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--small", action="store_true", help="interpreter-sized cases (CPU)")
+    p.add_argument("--chunk", type=int, default=None, help="kernel chunk (default: config default; 512 with --small)")
+    p.add_argument("--only", default=None, help="run cases whose name contains this")
+    p.add_argument("--shard", default=None, help="I/N: run every N-th case from the I-th (parallel compiles)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, help="combine shard JSON files into --out")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.merge:
+        return merge_shards(args.merge, args.out)
+    device = torch.device(args.device)
+    chunk = args.chunk or (512 if args.small else TopKKernelConfig().chunk)
+    config = TopKKernelConfig(chunk=chunk)
+    cases = small_cases() if args.small else gpu_cases()
+    if args.only:
+        cases = [c for c in cases if args.only in c.name]
+    if args.shard:
+        i, n = (int(t) for t in args.shard.split("/"))
+        cases = cases[i::n]
+    results = []
+    for case in cases:
+        r = run_case(case, device, config)
+        results.append(r)
+        log.info(
+            "%-32s %s  vals=%s ids=%s max=%s lse_ulp=%.2f exact_chunks=%d/%d  %.1fs",
+            case.name, "PASS" if r["ok"] else "FAIL", r["values_bitwise"], r["ids_equal"], r["max_bitwise"],
+            r["lse_max_ulp"], r["exact_path_chunks"], r["chunks"], r["seconds"],
+        )
+    n_fail = sum(not r["ok"] for r in results)
+    summary = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)",
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "config": dataclasses.asdict(config),
+        "cases": len(results),
+        "failed": n_fail,
+        "max_lse_ulp": max((r["lse_max_ulp"] for r in results), default=0.0),
+        "date": time.strftime("%Y-%m-%d"),
+        "results": results,
+    }
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=1))
+    print(f"{len(results) - n_fail}/{len(results)} cases pass; max LSE error {summary['max_lse_ulp']:.2f} ulp")
+    return 1 if n_fail else 0
+
+
+def merge_shards(paths: list[Path], out: Path | None) -> int:
+    shards = [json.loads(p.read_text()) for p in paths]
+    summary = dict(shards[0])
+    summary["results"] = [r for s in shards for r in s["results"]]
+    summary["cases"] = len(summary["results"])
+    summary["failed"] = sum(not r["ok"] for r in summary["results"])
+    summary["max_lse_ulp"] = max((r["lse_max_ulp"] for r in summary["results"]), default=0.0)
+    if out:
+        out.write_text(json.dumps(summary, indent=1))
+    for r in summary["results"]:
+        print(f"{r['case']['name']:32s} {'PASS' if r['ok'] else 'FAIL'}  lse_ulp={r['lse_max_ulp']:.2f} "
+              f"exact_chunks={r['exact_path_chunks']}/{r['chunks']}")
+    print(f"{summary['cases'] - summary['failed']}/{summary['cases']} cases pass; "
+          f"max LSE error {summary['max_lse_ulp']:.2f} ulp")
+    return 1 if summary["failed"] else 0
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "none"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

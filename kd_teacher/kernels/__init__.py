@@ -1,0 +1,14 @@
+"""GPU kernels. `fused_local_topk_stats` is the fused per-shard top-k + log-sum-exp pass that
+`kd_teacher.engine.topk` dispatches CUDA tensors to; it returns None where it does not apply (no Triton,
+CPU tensors, unsupported dtype or k), and the caller then runs the PyTorch reference."""
+
+from kd_teacher.kernels.topk_lse import (
+    MAX_K,
+    KernelPlan,
+    TopKKernelConfig,
+    fused_local_topk_stats,
+    kernel_available,
+    plan_for,
+)
+
+__all__ = ["fused_local_topk_stats", "kernel_available", "plan_for", "KernelPlan", "TopKKernelConfig", "MAX_K"]
