@@ -282,3 +282,16 @@ def test_fp8_distill_config_loads_with_one_fp8_recipe():
     recipe = PrecisionRecipe.from_transformer_config(transformer_config(cfg.model))
     assert recipe.fp8_recipe in FP8_RECIPES
     assert serving_policy(recipe, cfg.engine.allow_repacking).allow_repacking == recipe.batch_invariant
+
+
+def test_recipe_command_prints_the_recipe_and_refuses_another(capsys, caplog):
+    from kd_teacher.cli import main
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "fp8_distill.yaml")
+    assert main(["recipe", config]) == 0
+    printed = capsys.readouterr().out
+    assert "recipe:      FP8 blockwise scaling" in printed and "repacking allowed" in printed
+    fingerprint = next(line.split(": ", 1)[1] for line in printed.splitlines() if line.startswith("fingerprint:"))
+    assert main(["recipe", config, "--against", fingerprint]) == 0
+    assert main(["recipe", config, "model.precision.fp8_recipe=tensorwise", "--against", fingerprint]) == 2
+    assert "fp8_recipe (blockwise vs tensorwise)" in caplog.text
