@@ -20,10 +20,15 @@ def __getattr__(name):
         from kd_teacher.offline.reader import OfflineTeacher
 
         return OfflineTeacher
+    if name in ("wrap_forward_step", "KDConfig"):  # the training-loop hook (kd_teacher.hooks)
+        from kd_teacher import hooks
+
+        return getattr(hooks, name)
     raise AttributeError(f"module 'kd_teacher' has no attribute {name!r}")
 
 
 __all__ = [
     "TopKPayload", "PayloadHeader", "PayloadError", "TokenMismatchError", "token_hash",
     "vocab_parallel_topk", "TeacherEngine", "EngineConfig", "OfflineTeacher",
+    "wrap_forward_step", "KDConfig",
 ]

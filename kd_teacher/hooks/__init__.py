@@ -5,7 +5,7 @@
 """
 
 from kd_teacher.hooks.config import KDConfig, load_kd_config
-from kd_teacher.hooks.forward_step import KDForwardStep, wrap_forward_step
+from kd_teacher.hooks.forward_step import KDForwardStep, add_kd_args, wrap_forward_step
 from kd_teacher.hooks.sources import (
     InProcessSource,
     OfflineSource,
@@ -16,6 +16,6 @@ from kd_teacher.hooks.sources import (
 )
 
 __all__ = [
-    "KDConfig", "load_kd_config", "KDForwardStep", "wrap_forward_step", "TeacherSource", "TeacherInfo",
+    "KDConfig", "load_kd_config", "KDForwardStep", "wrap_forward_step", "add_kd_args", "TeacherSource", "TeacherInfo",
     "InProcessSource", "OfflineSource", "RemoteSource", "make_teacher_source",
 ]

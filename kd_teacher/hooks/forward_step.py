@@ -31,7 +31,7 @@ import torch.distributed as dist
 from kd_teacher.hooks.combine import combine_losses
 from kd_teacher.hooks.config import KDConfig, as_kd_config
 from kd_teacher.hooks.sources import TeacherSource, make_teacher_source
-from kd_teacher.payload import PayloadError, TopKPayload, token_hashes
+from kd_teacher.payload import PayloadError, TopKPayload
 from kd_teacher.precision import PrecisionRecipe, check_recipe
 
 log = logging.getLogger(__name__)
@@ -351,6 +351,46 @@ def _broadcast_payload(payload: Optional[TopKPayload]) -> TopKPayload:
     return payload if payload is not None else TopKPayload.from_bytes(blob.cpu().numpy().tobytes())
 
 
+# ---- Megatron-LM: the KD block comes from the command line, read once its arguments are parsed -----------------
+def add_kd_args(parser):
+    """`extra_args_provider` for Megatron-LM's `pretrain()`: adds `--kd-config` and `--kd-override`."""
+    group = parser.add_argument_group(title="kd-teacher")
+    group.add_argument("--kd-config", default=None, help="YAML file with a `kd:` block (knowledge distillation)")
+    group.add_argument("--kd-override", nargs="*", default=[], help="dotted overrides, e.g. kd.alpha=0.5")
+    return parser
+
+
+class _FromMegatronArgs:
+    """Megatron-LM parses its arguments inside `pretrain()`, after forward_step is handed over: build the hook
+    on the first call, before the first micro-batch's forward (no weight has changed yet)."""
+
+    def __init__(self, forward_step: Callable, kwargs: dict):
+        self.forward_step = forward_step
+        self.kwargs = kwargs
+        self.inner: Optional[Callable] = None
+        functools.update_wrapper(self, forward_step)
+
+    def __call__(self, data_iterator, model, *args, **kwargs):
+        if self.inner is None:
+            self.inner = self._build(model)
+        return self.inner(data_iterator, model, *args, **kwargs)
+
+    def _build(self, model):
+        from megatron.training import get_args, get_tokenizer
+
+        from kd_teacher.hooks.config import load_kd_config
+
+        args = get_args()
+        if not getattr(args, "kd_config", None):
+            return self.forward_step
+        cfg = load_kd_config(args.kd_config, list(args.kd_override or []))
+        if _mpu().get_tensor_model_parallel_world_size() > 1:
+            # Megatron-LM builds data iterators on tensor-parallel rank 0 only (get_batch_on_this_tp_rank).
+            cfg.tokens_from = "tp_src_rank"
+        vocab = self.kwargs.pop("vocab_size", None) or cfg.vocab_size or get_tokenizer().vocab_size
+        return wrap_forward_step(self.forward_step, cfg, model=model, vocab_size=vocab, **self.kwargs)
+
+
 # ---- the public entry point ---------------------------------------------------------------------------------
 def wrap_forward_step(
     forward_step: Callable,
@@ -363,14 +403,18 @@ def wrap_forward_step(
     read_ahead: Optional[bool] = None,
 ):
     """Add KD to `forward_step`. `kd`: a `KDConfig`, the `kd:` mapping, or a YAML path; None returns
-    `forward_step` unchanged (KD off). Builds the teacher source unless `source` is given; pass `model` (the
-    student) to have the precision recipe checked here rather than at the first micro-batch."""
+    `forward_step` unchanged (KD off); "megatron_args" reads `--kd-config` (see `add_kd_args`) from
+    Megatron-LM's parsed arguments on the first call. Builds the teacher source unless `source` is given; pass
+    `model` (the student) to have the precision recipe checked here rather than at the first micro-batch."""
     if kd is None:
         return forward_step
+    if isinstance(kd, str) and kd == "megatron_args":
+        return _FromMegatronArgs(forward_step, dict(source=source, vocab_size=vocab_size, batch_fields=batch_fields,
+                                                    read_ahead=read_ahead))
     cfg = as_kd_config(kd)
     source = source if source is not None else make_teacher_source(cfg)
     return KDForwardStep(forward_step, cfg, source, model=model, vocab_size=vocab_size, batch_fields=batch_fields,
                          read_ahead=read_ahead)
 
 
-__all__ = ["KDForwardStep", "wrap_forward_step", "default_batch_fields", "token_hashes"]
+__all__ = ["KDForwardStep", "wrap_forward_step", "add_kd_args", "default_batch_fields"]
