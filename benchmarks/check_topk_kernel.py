@@ -3,8 +3,9 @@
 For every case: the fused kernel (`kd_teacher.kernels.topk_lse.launch`) and the reference
 (`kd_teacher.engine.topk.local_topk_stats`) run on the same logits, on the same device, and must agree:
 values bitwise, ids identical (ties by lower id, -1 for padding), max bitwise (NaN where the reference has
-NaN; +0.0 and -0.0 count as equal), and LSE = max + log(sum) within 2 ulp of fp32 at max(|LSE|, 1), with
-the same non-finite pattern. Cases cover random shapes, k, T, dtypes, padded vocabularies, ties, columns
+NaN; +0.0 and -0.0 count as equal), and LSE = max + log(sum) with the same non-finite pattern and, row by
+row, within 2 ulp of fp32 (at max(|LSE|, 1)) of the reference or at least as close to the float64 LSE as
+the reference is (the reference's fp32 sum over the vocabulary has its own rounding error). Cases cover random shapes, k, T, dtypes, padded vocabularies, ties, columns
 sorted by value, -inf / +inf / NaN / +-0 / huge values, strided rows, and the teacher shape
 [8192, 128256] bf16.
 
@@ -95,7 +96,16 @@ def _ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.nextafter(a, torch.full_like(a, float("inf"))) - a
 
 
-def compare(case: Case, fused, ref) -> dict:
+def exact_lse(x: torch.Tensor, temperature: float, valid: int) -> torch.Tensor:
+    """float64 LSE of logits / T over the valid columns (rows of only padding: -inf), in row blocks."""
+    out = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
+    for lo in range(0, x.shape[0], 512):
+        xd = x[lo : lo + 512, :valid].double() / temperature
+        out[lo : lo + 512] = torch.logsumexp(xd, dim=-1) if valid > 0 else float("-inf")
+    return out
+
+
+def compare(case: Case, fused, ref, lse64: torch.Tensor) -> dict:
     v, i, m, s, flags = fused
     rv, ri, rm, rs = ref
     out = {
@@ -109,16 +119,29 @@ def compare(case: Case, fused, ref) -> dict:
     same_nonfinite = torch.equal(fin, rfin) and torch.equal(torch.isnan(lse), torch.isnan(rlse))
     both = fin & rfin
     if both.any():
-        diff = (lse[both] - rlse[both]).abs()
-        ulp_at_lse = diff / _ulp(rlse[both]).clamp_min(torch.finfo(torch.float32).tiny)
-        ulp_scaled = diff / _ulp(rlse[both].abs().clamp_min(1.0))
-        out["lse_max_abs_diff"] = float(diff.max())
-        out["lse_max_ulp_at_lse"] = float(ulp_at_lse.max())
-        out["lse_max_ulp"] = float(ulp_scaled.max())
+        # ulp of fp32 at max(|LSE|, 1): below 1 the LSE is a difference of larger terms (max and log sum).
+        unit = _ulp(rlse[both].abs().clamp_min(1.0)).double()
+        diff = (lse[both] - rlse[both]).abs().double() / unit
+        exact = lse64[both]
+        err_fused = (lse[both].double() - exact).abs() / unit
+        err_ref = (rlse[both].double() - exact).abs() / unit
+        # A row passes when the fused LSE is within 2 ulp of the reference, or at least as close to the
+        # float64 value as the reference is (the reference's own fp32 summation is not exact either).
+        row_ok = (diff <= 2.0) | (err_fused <= torch.maximum(err_ref, torch.full_like(err_ref, 2.0)))
+        out["lse_max_ulp"] = float(diff.max())
+        out["lse_fused_vs_fp64_max_ulp"] = float(err_fused.max())
+        out["lse_reference_vs_fp64_max_ulp"] = float(err_ref.max())
+        out["lse_rows_over_2ulp_vs_reference"] = int((diff > 2.0).sum())
+        out["lse_rows_failing"] = int((~row_ok).sum())
     else:
-        out["lse_max_abs_diff"] = out["lse_max_ulp_at_lse"] = out["lse_max_ulp"] = 0.0
+        out["lse_max_ulp"] = out["lse_fused_vs_fp64_max_ulp"] = out["lse_reference_vs_fp64_max_ulp"] = 0.0
+        out["lse_rows_over_2ulp_vs_reference"] = out["lse_rows_failing"] = 0
     out["lse_nonfinite_match"] = bool(same_nonfinite)
-    out["lse_ok"] = bool(same_nonfinite and out["lse_max_ulp"] <= 2.0)
+    if not same_nonfinite:
+        row = int((fin != rfin).nonzero()[0]) if not torch.equal(fin, rfin) else int((torch.isnan(lse) != torch.isnan(rlse)).nonzero()[0])
+        out["first_nonfinite_mismatch"] = {"row": row, "fused_max": float(m[row]), "fused_sum": float(s[row]),
+                                           "ref_max": float(rm[row]), "ref_sum": float(rs[row])}
+    out["lse_ok"] = bool(same_nonfinite and out["lse_rows_failing"] == 0)
     out["exact_path_chunks"] = int(flags.sum())
     out["chunks"] = int(flags.numel())
     if not out["ids_equal"] and i.shape == ri.shape:
@@ -185,7 +208,7 @@ def run_case(case: Case, device: torch.device, config: TopKKernelConfig) -> dict
     if device.type == "cuda":
         torch.cuda.synchronize()
     result = {"case": dataclasses.asdict(case), "plan": dataclasses.asdict(plan_for(case.v, case.k, config))}
-    result.update(compare(case, fused, ref))
+    result.update(compare(case, fused, ref, exact_lse(x, case.temperature, valid)))
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result
 
@@ -217,9 +240,11 @@ def main(argv=None) -> int:
         r = run_case(case, device, config)
         results.append(r)
         log.info(
-            "%-32s %s  vals=%s ids=%s max=%s lse_ulp=%.2f exact_chunks=%d/%d  %.1fs",
+            "%-32s %s  vals=%s ids=%s max=%s lse ulp: vs ref %.2f, fused vs fp64 %.2f, ref vs fp64 %.2f;"
+            " exact_chunks=%d/%d  %.1fs",
             case.name, "PASS" if r["ok"] else "FAIL", r["values_bitwise"], r["ids_equal"], r["max_bitwise"],
-            r["lse_max_ulp"], r["exact_path_chunks"], r["chunks"], r["seconds"],
+            r["lse_max_ulp"], r["lse_fused_vs_fp64_max_ulp"], r["lse_reference_vs_fp64_max_ulp"],
+            r["exact_path_chunks"], r["chunks"], r["seconds"],
         )
     n_fail = sum(not r["ok"] for r in results)
     summary = {
@@ -247,11 +272,16 @@ def merge_shards(paths: list[Path], out: Path | None) -> int:
     summary["cases"] = len(summary["results"])
     summary["failed"] = sum(not r["ok"] for r in summary["results"])
     summary["max_lse_ulp"] = max((r["lse_max_ulp"] for r in summary["results"]), default=0.0)
+    summary["max_lse_fused_vs_fp64_ulp"] = max((r["lse_fused_vs_fp64_max_ulp"] for r in summary["results"]), default=0.0)
+    summary["max_lse_reference_vs_fp64_ulp"] = max(
+        (r["lse_reference_vs_fp64_max_ulp"] for r in summary["results"]), default=0.0)
     if out:
         out.write_text(json.dumps(summary, indent=1))
     for r in summary["results"]:
-        print(f"{r['case']['name']:32s} {'PASS' if r['ok'] else 'FAIL'}  lse_ulp={r['lse_max_ulp']:.2f} "
-              f"exact_chunks={r['exact_path_chunks']}/{r['chunks']}")
+        print(f"{r['case']['name']:32s} {'PASS' if r['ok'] else 'FAIL'}  lse ulp vs ref {r['lse_max_ulp']:.2f}, "
+              f"fused/ref vs fp64 {r['lse_fused_vs_fp64_max_ulp']:.2f}/{r['lse_reference_vs_fp64_max_ulp']:.2f}  "
+              f"exact_chunks={r['exact_path_chunks']}/{r['chunks']}"
+              + ("" if r["ok"] else f"  {dict((k, r[k]) for k in ('values_bitwise', 'ids_equal', 'max_bitwise', 'lse_nonfinite_match', 'lse_rows_failing'))}"))
     print(f"{summary['cases'] - summary['failed']}/{summary['cases']} cases pass; "
           f"max LSE error {summary['max_lse_ulp']:.2f} ulp")
     return 1 if summary["failed"] else 0

@@ -31,12 +31,27 @@ from kd_teacher.kernels.topk_lse import TopKKernelConfig, launch  # noqa: E402
 log = logging.getLogger("topk_kernel_bench")
 
 SWEEP = [
-    TopKKernelConfig(chunk=8192, num_warps=8),
+    TopKKernelConfig(),
     TopKKernelConfig(chunk=8192, num_warps=16),
-    TopKKernelConfig(chunk=4096, num_warps=4),
-    TopKKernelConfig(chunk=4096, num_warps=8),
     TopKKernelConfig(chunk=16384, num_warps=16),
+    TopKKernelConfig(chunk=4096, num_warps=4),
+    TopKKernelConfig(chunk=8192, num_warps=8, precise_exp=False),
 ]
+
+
+def kernel_times_us(fn) -> dict:
+    """GPU time per kernel name for one call of fn, from the profiler."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            out[e.key[:60]] = round(float(t), 1)
+    return out
 
 
 def time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
@@ -84,6 +99,8 @@ def bench_shape(n: int, v: int, k: int, dtype: torch.dtype, temperature: float, 
         log.info("  fused %s: %.3f ms (%d/%d chunks redone exactly)", cfg, ms, configs[-1]["exact_path_chunks"],
                  configs[-1]["chunks"])
     best = min(configs, key=lambda c: c["ms"])
+    out["fused_kernel_times_us"] = kernel_times_us(lambda: launch(x, k, temperature, 0, v, sweep[0]))
+    log.info("  per kernel (us): %s", out["fused_kernel_times_us"])
     out["fused_configs"] = configs
     out["fused_default_ms"] = configs[0]["ms"]
     out["fused_best_ms"] = best["ms"]

@@ -7,7 +7,9 @@ unsupported dtype, k > 256), in which case `vocab_parallel_topk` runs the refere
 module imports without it, and the kernels (`topk_lse_triton.py`) are imported on first use.
 
 The kernels read each logit once. Temperature follows what the reference computes on CUDA: torch evaluates
-`x / T` for a Python-scalar T as `x * fp32(1 / T)`, and the reference skips the division at T == 1.
+`x / T` for a Python-scalar T as `x * fp32(1 / T)`, and the reference skips the division at T == 1. FMA
+contraction is off: fma(x, 1/T, -max) differs from the reference's rounded product minus max, by enough
+to turn exp() of a huge logit's residual into inf.
 """
 
 from __future__ import annotations
@@ -170,7 +172,7 @@ def launch(logits2d, k, temperature, vocab_start, valid, config=None):
             keys, scratch, chunk_max, chunk_sum, flags, plan.num_chunks,
             GROUPS=plan.groups, GROUP_SIZE=plan.group_size,
             KP=plan.kp, CAP=plan.cap, SCALE=scale, PRECISE_EXP=config.precise_exp and not _interpreting(),
-            num_warps=config.num_warps,
+            num_warps=config.num_warps, enable_fp_fusion=False,
         )
         redo_programs = min(_num_programs_for_redo(dev), chunks)
         per_program = -(-chunks // redo_programs)
@@ -184,6 +186,7 @@ def launch(logits2d, k, temperature, vocab_start, valid, config=None):
             out_values, out_ids, out_max, out_sum, plan.num_chunks,
             NC_P2=plan.nc_p2, KP=plan.kp, CHUNK=plan.chunk,
             PRECISE_EXP=config.precise_exp and not _interpreting(), num_warps=config.merge_num_warps,
+            enable_fp_fusion=False,
         )
     return out_values, out_ids, out_max, out_sum, flags
 

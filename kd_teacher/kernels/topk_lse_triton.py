@@ -5,12 +5,15 @@ Three launches, in data-flow order (the launcher is `kd_teacher.kernels.topk_lse
 1. `chunk_candidates_kernel`, one program per (row, chunk of CHUNK columns). The chunk is loaded once into
    registers and gives, from the same registers:
    - the chunk's max of logits/T and sum of exp(logits/T - max) (the LSE pieces);
-   - a superset of the chunk's top-k. The chunk is viewed as GROUPS groups; the k-th largest group maximum
-     is a lower bound of the chunk's k-th largest value (k distinct elements reach it), so every element
-     at or above it is a candidate. For logits whose order is unrelated to the column, that is ~1.4 k
-     elements (rank statistics, independent of the value distribution). The candidates' columns are
+   - a superset of the chunk's top-k. The chunk is viewed as GROUPS strided groups; the k-th largest group
+     maximum is a lower bound of the chunk's k-th largest value (k distinct elements reach it), so every
+     element at or above it is a candidate. For logits whose order is unrelated to the column, that is
+     ~1.4 k elements (rank statistics, independent of the value distribution). The candidates' columns are
      compacted into a per-chunk scratch row, re-read with their values, ranked by the exact key and the
-     best KP keys stored, sorted. Only these few elements pay for key building and sorting.
+     best KP keys stored, sorted. Only these few elements pay for key building and ranking.
+   Ranking is by all-pairs comparison, not a sorting network: in Triton every stage of a bitonic network
+   is a shared-memory round trip, and two 128-element sorts per chunk made a first version 18x the read
+   floor on an H200.
    A chunk where this does not work out (more candidates than the scratch holds: many ties, columns
    sorted by value; or a NaN, which no comparison selects) is flagged instead.
 2. `exact_chunks_kernel` redoes flagged chunks with exact keys: a bisection over the int64 key finds the
@@ -38,6 +41,7 @@ except ImportError:  # pragma: no cover - very old Triton
 KEY_NONE = tl.constexpr(-(2**63))
 # fp32 bit pattern of -0.0 as int32: ranked as +0.0, like the reference's `+ 0.0`.
 NEG_ZERO_BITS = tl.constexpr(-(2**31))
+NEG_INF_BITS = tl.constexpr(-8388608)  # 0xFF800000 as int32
 
 
 @triton.jit
@@ -64,9 +68,25 @@ def _scale(x, inv_t, SCALE: tl.constexpr):
 
 
 @triton.jit
-def _order_key(x, col):
-    """int64 key of fp32 `x` at shard column `col`: descending key order = (value desc, column asc)."""
-    bits = x.to(tl.int32, bitcast=True)
+def _is_nan(x):
+    # By the bits: a compiler may fold `x != x` to false under no-NaN assumptions.
+    return (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) > 0x7F800000
+
+
+@triton.jit
+def _fp32_bits(x_raw):
+    """fp32 bit pattern of the logits as torch's `.float()` makes it (NaN payloads kept, which a cvt may not)."""
+    if x_raw.dtype == tl.bfloat16:
+        return x_raw.to(tl.int16, bitcast=True).to(tl.int32) << 16
+    elif x_raw.dtype == tl.float32:
+        return x_raw.to(tl.int32, bitcast=True)
+    else:
+        return x_raw.to(tl.float32).to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def _order_key(bits, col):
+    """int64 key from fp32 bits at shard column `col`: descending key order = (value desc, column asc)."""
     bits = tl.where(bits == NEG_ZERO_BITS, 0, bits)
     b = bits.to(tl.int64)
     b = tl.where(b < 0, b ^ 0x7FFFFFFF, b)
@@ -74,17 +94,43 @@ def _order_key(x, col):
 
 
 @triton.jit
+def _key_at(row_ptr, col, valid, present):
+    """Exact keys of the logits at columns `col` (padding ranks as -inf, like the reference's mask)."""
+    raw = tl.load(row_ptr + col, mask=present, other=0.0)
+    bits = tl.where(col < valid, _fp32_bits(raw), NEG_INF_BITS)
+    return tl.where(present, _order_key(bits, col), KEY_NONE)
+
+
+@triton.jit
 def _chunk_tile(logits_ptr, row_stride, row, chunk, v_local, valid, GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr):
-    """Load one chunk as [GROUPS, GROUP_SIZE] fp32; padding columns read as -inf for selection."""
+    """One chunk as a [GROUP_SIZE, GROUPS] tile; group g holds the chunk's columns g, g + GROUPS, ...
+
+    Strided groups keep every group populated in a partial last chunk, so its threshold stays tight.
+    Returns the raw tile and an fp32 copy in which padding and out-of-range columns are -inf.
+    """
     CHUNK: tl.constexpr = GROUPS * GROUP_SIZE
-    g = tl.arange(0, GROUPS)
-    col = chunk * CHUNK + g[:, None] * GROUP_SIZE + tl.arange(0, GROUP_SIZE)[None, :]
+    col = chunk * CHUNK + tl.arange(0, GROUP_SIZE)[:, None] * GROUPS + tl.arange(0, GROUPS)[None, :]
     in_range = col < v_local
     row_ptr = logits_ptr + row.to(tl.int64) * row_stride
-    x = tl.load(row_ptr + col, mask=in_range, other=float("-inf")).to(tl.float32)
+    raw = tl.load(row_ptr + col, mask=in_range, other=float("-inf"))
     is_valid = col < valid
-    xsel = tl.where(is_valid, x, float("-inf"))
-    return row_ptr, col, in_range, is_valid, xsel
+    xsel = tl.where(is_valid, raw.to(tl.float32), float("-inf"))
+    return row_ptr, col, in_range, is_valid, raw, xsel
+
+
+@triton.jit
+def _kth_largest(g, k, KP: tl.constexpr, GROUPS: tl.constexpr):
+    """The k-th largest of the group maxima g [GROUPS] (ties by position)."""
+    if GROUPS <= 256:
+        # Rank by all-pairs comparison: a few compares per thread, no sorting network (whose stages each
+        # cost a shared-memory round trip).
+        i = tl.arange(0, GROUPS)
+        ahead = (g[None, :] > g[:, None]) | ((g[None, :] == g[:, None]) & (i[None, :] < i[:, None]))
+        rank = tl.sum(ahead.to(tl.int32), axis=1)
+        return tl.sum(tl.where(rank == k - 1, g, 0.0), axis=0)
+    else:
+        top = tl.topk(g, KP)
+        return tl.sum(tl.where(tl.arange(0, KP) == k - 1, top, 0.0), axis=0)
 
 
 @triton.jit
@@ -94,24 +140,32 @@ def _emit_sorted_candidates(
     """Compact the candidate columns (count <= CAP) and store their best KP exact keys, sorted.
 
     `scratch_ptr` (CAP int32) and `keys_ptr` (KP int64) are the same bytes: the chunk's output row doubles
-    as its compaction buffer, so the kernel needs no memory beyond its output.
+    as its compaction buffer, so the kernel needs no memory beyond its output. Keys are placed by rank
+    (all-pairs comparison in blocks of RB), not by a sorting network.
     """
+    RB: tl.constexpr = 64 if CAP > 64 else CAP
     ci = cand.to(tl.int32)
-    within = tl.cumsum(ci, axis=1)
-    per_group = tl.sum(ci, axis=1)
+    within = tl.cumsum(ci, axis=0)
+    per_group = tl.sum(ci, axis=0)
     group_base = tl.cumsum(per_group, axis=0) - per_group
-    pos = group_base[:, None] + within - 1
+    pos = group_base[None, :] + within - 1
     tl.store(scratch_ptr + pos, col, mask=cand)
     tl.debug_barrier()  # other threads' scratch writes must be visible before the re-read
     j = tl.arange(0, CAP)
     present = j < count
     c = tl.load(scratch_ptr + j, mask=present, other=0, cache_modifier=".cg")
-    v = tl.load(row_ptr + c, mask=present, other=0.0).to(tl.float32)
-    v = tl.where(c < valid, v, float("-inf"))
-    key = tl.where(present, _order_key(v, c), KEY_NONE)
-    top = tl.topk(key, KP)
+    key = _key_at(row_ptr, c, valid, present)
+    rank = tl.zeros([CAP], dtype=tl.int32)
+    for blk in tl.static_range(CAP // RB):
+        jb = blk * RB + tl.arange(0, RB)
+        pb = jb < count
+        cb = tl.load(scratch_ptr + jb, mask=pb, other=0, cache_modifier=".cg")
+        kb = _key_at(row_ptr, cb, valid, pb)
+        # Empty slots share KEY_NONE: ties by slot keep ranks a permutation.
+        ahead = (kb[None, :] > key[:, None]) | ((kb[None, :] == key[:, None]) & (jb[None, :] < j[:, None]))
+        rank += tl.sum(ahead.to(tl.int32), axis=1)
     tl.debug_barrier()  # every thread has read the scratch before it is overwritten by the keys
-    tl.store(keys_ptr + tl.arange(0, KP), top)
+    tl.store(keys_ptr + rank, key, mask=rank < KP)
 
 
 # Sizes that vary per call are not specialised on (Triton would compile a variant per divisibility class);
@@ -126,12 +180,12 @@ def chunk_candidates_kernel(
     pid = tl.program_id(0)
     row = pid // num_chunks
     chunk = pid % num_chunks
-    row_ptr, col, in_range, is_valid, xsel = _chunk_tile(
+    row_ptr, col, in_range, is_valid, raw, xsel = _chunk_tile(
         logits_ptr, row_stride, row, chunk, v_local, valid, GROUPS, GROUP_SIZE
     )
 
     # LSE pieces. max(x / T) == max(x) / T: scaling by a positive factor is monotonic, also when rounded.
-    group_max = tl.reduce(xsel, 1, _max_nan)
+    group_max = tl.reduce(xsel, 0, _max_nan)
     m = _scale(tl.reduce(group_max, 0, _max_nan), inv_t, SCALE)
     e = tl.where(is_valid, _exp(_scale(xsel, inv_t, SCALE) - m, PRECISE_EXP), 0.0)
     s = tl.sum(tl.sum(e, axis=1), axis=0)
@@ -141,11 +195,10 @@ def chunk_candidates_kernel(
     tl.store(chunk_sum_ptr + pid, s)
 
     # Candidates: elements at or above the k-th largest group maximum.
-    top_groups = tl.topk(group_max, KP)
-    kth = tl.sum(tl.where(tl.arange(0, KP) == k - 1, top_groups, 0.0), axis=0)
+    kth = _kth_largest(group_max, k, KP, GROUPS)
     cand = in_range & (xsel >= kth)
     count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
-    need_exact = ((count > CAP) | (m != m)).to(tl.int32)
+    need_exact = ((count > CAP) | _is_nan(m)).to(tl.int32)
     tl.store(flags_ptr + pid, need_exact.to(tl.int8))
     if need_exact == 0:
         _emit_sorted_candidates(
@@ -162,10 +215,11 @@ def _exact_chunk(
     CHUNK: tl.constexpr = GROUPS * GROUP_SIZE
     row = pid // num_chunks
     chunk = pid % num_chunks
-    row_ptr, col, in_range, is_valid, xsel = _chunk_tile(
+    row_ptr, col, in_range, is_valid, raw, xsel = _chunk_tile(
         logits_ptr, row_stride, row, chunk, v_local, valid, GROUPS, GROUP_SIZE
     )
-    key = tl.where(in_range, _order_key(xsel, col), KEY_NONE)
+    bits = tl.where(is_valid, _fp32_bits(raw), NEG_INF_BITS)
+    key = tl.where(in_range, _order_key(bits, col), KEY_NONE)
     k_eff = tl.minimum(k, tl.minimum(v_local - chunk * CHUNK, CHUNK))
     # Largest t with #(key >= t) >= k_eff; keys are unique, so that is the k_eff-th largest key.
     lo = tl.full([], -(2**63), tl.int64)
