@@ -15,6 +15,7 @@ _COMMANDS = [
     "kd_teacher.engine.consistency",  # kd-teacher consistency CONFIG
     "kd_teacher.precision",  # kd-teacher recipe CONFIG [--against FINGERPRINT]
     "kd_teacher.offline.cli",  # kd-teacher dump CONFIG | verify DIR | inspect DIR
+    "kd_teacher.serve",  # kd-teacher serve CONFIG (streaming teacher: shm or torch.distributed)
 ]
 
 

@@ -1,0 +1,208 @@
+"""`kd-teacher serve CONFIG`: a teacher server streaming top-k payloads to student ranks.
+
+Launch it like any Megatron-Core job of its own layout (`torchrun --nproc-per-node N -m kd_teacher.cli serve
+CONFIG`, or one plain process): TP x PP from the config's `model:`, the rest of the ranks are data-parallel
+replicas. The head of each replica (its model-parallel rank 0) talks to the students, over shared memory or
+the torch.distributed KD group (`serve.transport`); replica r serves students i with i % replicas == r, so
+replicas share the load. A head collects the requests that are waiting (up to `max_requests_per_batch`),
+hands them to the other ranks of its model-parallel group, and all of them run one `engine.score_many`, whose
+scheduler packs the requests into micro-batches; the head then answers each request. A bad request gets an
+error reply and the server goes on.
+
+The config is a teacher config (`model:`, `engine:`, `checkpoint:`) plus a `serve:` block (ServeOptions).
+The server runs until SIGTERM/SIGINT or, over torch.distributed, until all its students said goodbye.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.distributed as dist
+
+from kd_teacher.config import from_dict, load_yaml
+from kd_teacher.engine.engine import EngineConfig
+from kd_teacher.engine.loading import TeacherConfig, build_engine
+from kd_teacher.engine.model import ModelConfig
+from kd_teacher.engine.scheduler import ScoreRequest
+from kd_teacher.transport import protocol as P
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeOptions:
+    transport: Literal["shm", "dist"] = "shm"
+    # shm: the name students connect to (files /dev/shm/kdt-<name>.*)
+    name: str = "kd-teacher"
+    # dist: the KD rendezvous host:port (the store that student rank 0 hosts)
+    address: str = "127.0.0.1:29600"
+    backend: Optional[Literal["gloo", "nccl"]] = None
+    max_tokens_per_request: int = 16384
+    max_requests_per_batch: int = 64
+    # How long a head waits for requests before it checks for stop (and keeps its model-parallel peers alive).
+    poll_interval_s: float = 0.5
+    heartbeat_interval_s: float = 0.05
+    connect_timeout_s: float = 600.0
+
+
+@dataclass
+class ServeConfig:
+    model: ModelConfig
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: Optional[str] = None
+    serve: ServeOptions = field(default_factory=ServeOptions)
+
+    def teacher(self) -> TeacherConfig:
+        return TeacherConfig(model=self.model, engine=self.engine, checkpoint=self.checkpoint)
+
+
+def load_serve_config(path: str, overrides: Optional[list] = None) -> ServeConfig:
+    return from_dict(ServeConfig, load_yaml(path, overrides))
+
+
+@dataclass
+class ServeStats:
+    requests: int = 0
+    rejected: int = 0
+    batches: int = 0
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------------
+def serve(cfg: ServeConfig, stop: Optional[threading.Event] = None, ready: Optional[threading.Event] = None) -> ServeStats:
+    """Build the teacher on this process's ranks and serve until `stop` (or all students left)."""
+    from megatron.core import parallel_state as mpu
+
+    from kd_teacher.runtime import init_distributed
+
+    stop = stop or threading.Event()
+    init_distributed(cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size, cfg.model.seed)
+    engine = build_engine(cfg.teacher())
+    info = _server_info(cfg, engine, mpu.get_data_parallel_world_size())
+    group = mpu.get_model_parallel_group()
+    mp_size = dist.get_world_size(group)
+    head = dist.get_rank(group) == 0
+    endpoint = _endpoint(cfg.serve, info, mpu.get_data_parallel_rank()) if head else None
+    if ready is not None:
+        ready.set()
+    stats = ServeStats()
+    try:
+        while True:
+            command, requests = "idle", []
+            if head:
+                command, requests = _collect(endpoint, cfg.serve, stop, stats)
+            if mp_size > 1:
+                command, requests = _share(command, requests, group)
+            if command == "stop":
+                break
+            if command == "score":
+                results = _score(engine, requests)
+                stats.batches += 1
+                if head:
+                    for req, result in zip(requests, results):
+                        if isinstance(result, str):
+                            endpoint.reply(req.student, req.seq, error=result)
+                        else:
+                            endpoint.reply(req.student, req.seq, result)
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+    log.info("teacher server done: %d requests, %d rejected, %d batches", stats.requests, stats.rejected,
+             stats.batches)
+    return stats
+
+
+def _server_info(cfg: ServeConfig, engine, replicas: int) -> P.ServerInfo:
+    # One warm-up request: it also tells the dtype the payload values come in.
+    warm = engine.score(torch.zeros(1, 1, dtype=torch.long))
+    return P.ServerInfo(
+        vocab_size=engine.vocab_size, k=engine.config.k, temperature=float(engine.config.temperature),
+        values_dtype=warm.header.values_dtype, teacher_fingerprint=engine.fingerprint,
+        recipe_fingerprint=engine.recipe_fingerprint, replicas=replicas,
+        max_tokens_per_request=cfg.serve.max_tokens_per_request, max_seq_len=cfg.model.max_sequence_length,
+    )
+
+
+def _endpoint(opts: ServeOptions, info: P.ServerInfo, replica: int):
+    if opts.transport == "shm":
+        from kd_teacher.transport.shm import ShmServer
+
+        return ShmServer(opts.name, info, replica, heartbeat_interval_s=opts.heartbeat_interval_s)
+    from kd_teacher.transport.dist_transport import DistServer
+
+    return DistServer(opts.address, info, replica, backend=opts.backend, connect_timeout_s=opts.connect_timeout_s,
+                      heartbeat_interval_s=opts.heartbeat_interval_s)
+
+
+def _collect(endpoint, opts: ServeOptions, stop: threading.Event, stats: ServeStats):
+    """On a head: the next command and the valid requests; bad ones are answered with their error here."""
+    if stop.is_set() or endpoint.finished():
+        return "stop", []
+    requests = []
+    for item in endpoint.poll(opts.poll_interval_s, opts.max_requests_per_batch):
+        if isinstance(item, P.Request):
+            requests.append(item)
+        else:
+            student, seq, error = item
+            stats.rejected += 1
+            log.info("rejected request %d of student %s: %s", seq, student, error)
+            endpoint.reply(student, seq, error=error)
+    stats.requests += len(requests)
+    if not requests:
+        endpoint.flush()
+    return ("score" if requests else "idle"), requests
+
+
+def _score(engine, requests: list) -> list:
+    """Payloads (or error texts) for the requests, in order: one score_many, so the scheduler packs them."""
+    try:
+        return engine.score_many([ScoreRequest(r.tokens, r.sample_ids, r.request_id) for r in requests])
+    except Exception as e:  # noqa: BLE001 - a failed batch is answered with its error, the server goes on
+        log.exception("scoring a batch of %d requests failed", len(requests))
+        return [f"teacher failed on this batch: {type(e).__name__}: {e}"] * len(requests)
+
+
+def _share(command: str, requests: list, group):
+    """Broadcast the head's command and requests to its model-parallel group (framed bytes, no pickle)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    src = dist.get_global_rank(group, 0)
+    if dist.get_rank(group) == 0:
+        meta = [{"student": r.student, "seq": r.seq, "shape": list(r.tokens.shape), "sample_ids": r.sample_ids,
+                 "request_id": r.request_id} for r in requests]
+        msg = P.encode({"cmd": command, "requests": meta}, [r.tokens for r in requests])
+        size = torch.tensor([len(msg)], dtype=torch.int64, device=device)
+        dist.broadcast(size, src, group=group)
+        data = torch.frombuffer(bytearray(msg), dtype=torch.uint8).to(device)
+        dist.broadcast(data, src, group=group)
+        return command, requests
+    size = torch.empty(1, dtype=torch.int64, device=device)
+    dist.broadcast(size, src, group=group)
+    data = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+    dist.broadcast(data, src, group=group)
+    header, buffers = P.decode(data.cpu().numpy().tobytes(), int(size.item()))
+    requests = [P.Request(m["student"], m["seq"], P.tensor_from(buf, P.TOKEN_DTYPE, m["shape"]), m["sample_ids"],
+                          m["request_id"]) for m, buf in zip(header["requests"], buffers)]
+    return header["cmd"], requests
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------------
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="serve a teacher's top-k payloads to student ranks (shm or torch.distributed)")
+    p.add_argument("config", help="teacher config YAML with a serve: block (see configs/serve_shm.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> int:
+    cfg = load_serve_config(args.config, args.overrides)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stats = serve(cfg, stop)
+    if dist.get_rank() == 0:
+        print(f"served {stats.requests} requests ({stats.rejected} rejected) in {stats.batches} batches")
+    return 0

@@ -1,0 +1,307 @@
+"""The streaming teacher's wire protocol: errors, message framing, the connect-time handshake, request and
+reply headers. Shared by the torch.distributed and the shared-memory transports.
+
+A message is `MAGIC | u32 header length | JSON header | raw buffers`, the header listing each buffer's byte
+length. No pickle: the reader parses JSON, checks every size against its limits and against what it expects
+(the request it sent, the k / vocabulary / temperature agreed at connect), and only then allocates.
+
+Errors a student sees (all `TransportError`, a RuntimeError):
+  TeacherUnavailableError   the teacher died, hung, restarted or cannot be reached: no payload for this request
+    TeacherTimeoutError       no reply within the configured timeout (a subclass: the teacher looked alive)
+  IncompatibleTeacherError  at connect: the teacher serves another vocabulary / k / temperature / fingerprint
+  RequestRejectedError      the teacher answered this request with an error (bad tokens, too large)
+  ProtocolError             a malformed or unexpected message (the channel is unusable afterwards)
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, fields
+from typing import Optional, Sequence
+
+import torch
+
+from kd_teacher.payload import DTYPES, INDEX_DTYPE, PayloadError, PayloadHeader, TopKPayload
+
+PROTOCOL_VERSION = 1
+MAGIC = b"KDTM"
+_PREFIX = struct.Struct("<4sI")
+MAX_HEADER_BYTES = 1 << 20  # a reply header carries one 32-char hash per sequence: 1 MiB is ~20k sequences
+TOKEN_DTYPE = torch.int64
+
+
+class TransportError(RuntimeError):
+    """Base of every error of the streaming transport."""
+
+
+class TeacherUnavailableError(TransportError):
+    """The teacher died, hung, restarted or cannot be reached; the request has no payload."""
+
+
+class TeacherTimeoutError(TeacherUnavailableError):
+    """No reply came within the configured timeout."""
+
+
+class IncompatibleTeacherError(TransportError):
+    """Refused at connect: the teacher serves another vocabulary, k, temperature or fingerprint."""
+
+
+class RequestRejectedError(TransportError):
+    """The teacher answered the request with an error (out-of-range tokens, too many tokens, ...)."""
+
+
+class ProtocolError(TransportError):
+    """A malformed or unexpected message."""
+
+
+# ---- framing ----------------------------------------------------------------------------------------------------
+def encode(header: dict, buffers: Sequence[bytes | memoryview | torch.Tensor] = ()) -> bytes:
+    """One message: the JSON header (with the buffer sizes added) followed by the raw buffers."""
+    raw = [_as_bytes(b) for b in buffers]
+    header = dict(header, buffers=[len(b) for b in raw])
+    text = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join([_PREFIX.pack(MAGIC, len(text)), text, *raw])
+
+
+def encode_into(out: memoryview, header: dict, buffers: Sequence[torch.Tensor]) -> int:
+    """`encode` written straight into `out` (a shared-memory slot): no intermediate copy of the buffers.
+    Returns the message length; raises ProtocolError if it does not fit."""
+    sizes = [t.numel() * t.element_size() for t in buffers]
+    text = json.dumps(dict(header, buffers=sizes), separators=(",", ":")).encode()
+    total = _PREFIX.size + len(text) + sum(sizes)
+    if total > len(out):
+        raise ProtocolError(f"message of {total} bytes does not fit a {len(out)}-byte slot")
+    _PREFIX.pack_into(out, 0, MAGIC, len(text))
+    pos = _PREFIX.size + len(text)
+    out[_PREFIX.size:pos] = text
+    for t, n in zip(buffers, sizes):
+        if n:
+            dst = torch.frombuffer(out[pos:pos + n], dtype=torch.uint8)
+            dst.copy_(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8))
+        pos += n
+    return total
+
+
+def header_size(header: dict, buffer_sizes: Sequence[int]) -> int:
+    text = json.dumps(dict(header, buffers=list(buffer_sizes)), separators=(",", ":")).encode()
+    return _PREFIX.size + len(text) + sum(buffer_sizes)
+
+
+def decode(buf: bytes | bytearray | memoryview, max_bytes: int) -> tuple[dict, list[memoryview]]:
+    """Header and buffer views of one message; every length is checked before anything is sliced."""
+    view = memoryview(buf).cast("B")
+    if len(view) > max_bytes:
+        raise ProtocolError(f"message of {len(view)} bytes exceeds the limit of {max_bytes}")
+    if len(view) < _PREFIX.size:
+        raise ProtocolError(f"message of {len(view)} bytes is shorter than its prefix")
+    magic, hlen = _PREFIX.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise ProtocolError(f"not a kd-teacher message (magic {magic!r})")
+    if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(view):
+        raise ProtocolError(f"message header length {hlen} is absurd for a {len(view)}-byte message")
+    try:
+        header = json.loads(bytes(view[_PREFIX.size:_PREFIX.size + hlen]))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ProtocolError(f"message header is not valid JSON: {e}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("buffers"), list):
+        raise ProtocolError("message header is not a JSON object with a 'buffers' list")
+    sizes = header["buffers"]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes):
+        raise ProtocolError(f"message buffer sizes {sizes!r} are not non-negative integers")
+    pos = _PREFIX.size + hlen
+    if pos + sum(sizes) != len(view):
+        raise ProtocolError(f"message is {len(view)} bytes but its header implies {pos + sum(sizes)}")
+    out = []
+    for n in sizes:
+        out.append(view[pos:pos + n])
+        pos += n
+    return header, out
+
+
+def _as_bytes(b) -> bytes | memoryview:
+    if isinstance(b, torch.Tensor):
+        t = b.detach().to("cpu").contiguous()
+        return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return b
+
+
+def tensor_from(buf: memoryview, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """A tensor owning a copy of `buf` (the source may be a shared-memory slot that is about to be reused)."""
+    expected = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if len(buf) != expected:
+        raise ProtocolError(f"buffer of {len(buf)} bytes for a {list(shape)} {dtype} tensor ({expected} bytes)")
+    if expected == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    return torch.frombuffer(bytearray(buf), dtype=torch.uint8).view(dtype).reshape(tuple(shape))
+
+
+# ---- handshake --------------------------------------------------------------------------------------------------
+@dataclass
+class ServerInfo:
+    """What a teacher server announces at connect; students check it against what their loss expects."""
+
+    vocab_size: int
+    k: int
+    temperature: float
+    values_dtype: str
+    teacher_fingerprint: str
+    recipe_fingerprint: str
+    replicas: int = 1
+    max_tokens_per_request: int = 16384
+    max_seq_len: int = 4096
+    protocol_version: int = PROTOCOL_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "ServerInfo":
+        try:
+            data = json.loads(text)
+            known = {f.name for f in fields(cls)}
+            if not isinstance(data, dict) or set(data) - known:
+                raise ValueError(f"unexpected fields {sorted(set(data) - known) if isinstance(data, dict) else data}")
+            return cls(**data)
+        except (ValueError, TypeError) as e:
+            raise ProtocolError(f"teacher server info is malformed: {e}") from None
+
+
+@dataclass
+class Expectation:
+    """What a student requires of its teacher; None means 'whatever the teacher serves'."""
+
+    vocab_size: Optional[int] = None
+    k: Optional[int] = None
+    temperature: Optional[float] = None
+    teacher_fingerprint: Optional[str] = None
+    recipe_fingerprint: Optional[str] = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Expectation":
+        try:
+            return cls(**json.loads(text))
+        except (ValueError, TypeError) as e:
+            raise ProtocolError(f"student expectation is malformed: {e}") from None
+
+
+def incompatibilities(server: ServerInfo, expect: Expectation) -> list[str]:
+    """Why this server cannot serve this student (empty: it can). Both sides run it at connect."""
+    problems = []
+    if server.protocol_version != PROTOCOL_VERSION:
+        problems.append(f"protocol version {server.protocol_version} != {PROTOCOL_VERSION}")
+    for name in ("vocab_size", "k", "temperature", "teacher_fingerprint", "recipe_fingerprint"):
+        want = getattr(expect, name)
+        have = getattr(server, name)
+        if want is not None and (float(want) != float(have) if name == "temperature" else want != have):
+            problems.append(f"{name}: the student expects {want!r}, the teacher serves {have!r}")
+    return problems
+
+
+# ---- requests ---------------------------------------------------------------------------------------------------
+@dataclass
+class Request:
+    """One student micro-batch to score, as the server sees it after decoding."""
+
+    student: int
+    seq: int
+    tokens: torch.Tensor  # [b, s] int64, CPU
+    sample_ids: Optional[list] = None
+    request_id: Optional[str] = None
+
+
+def encode_request(student: int, seq: int, tokens: torch.Tensor, sample_ids=None, request_id=None) -> bytes:
+    header = {"type": "request", "student": student, "seq": seq, "shape": list(tokens.shape),
+              "sample_ids": None if sample_ids is None else [int(i) for i in sample_ids],
+              "request_id": request_id}
+    return encode(header, [tokens.detach().to("cpu", TOKEN_DTYPE).contiguous()])
+
+
+def request_header_ok(header: dict) -> tuple[int, int]:
+    """(student, seq) of a request header; ProtocolError when even those are missing (no one to answer)."""
+    student, seq = header.get("student"), header.get("seq")
+    if not isinstance(student, int) or not isinstance(seq, int) or isinstance(student, bool):
+        raise ProtocolError(f"request header lacks an integer student/seq: {header!r:.200}")
+    return student, seq
+
+
+def decode_request(header: dict, buffers: list[memoryview], info: ServerInfo) -> Request:
+    """The request, or RequestRejectedError naming what is wrong with it (the server replies with that text)."""
+    student, seq = request_header_ok(header)
+    if header.get("type") != "request":
+        raise RequestRejectedError(f"message type {header.get('type')!r} is not a request")
+    shape = header.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape)):
+        raise RequestRejectedError(f"request shape {shape!r} is not [batch, seq]")
+    b, s = shape
+    if b < 1 or s < 1:
+        raise RequestRejectedError(f"empty request: shape {shape}")
+    if s > info.max_seq_len:
+        raise RequestRejectedError(f"request sequence length {s} exceeds the teacher's maximum {info.max_seq_len}")
+    if b * s > info.max_tokens_per_request:
+        raise RequestRejectedError(
+            f"request of {b}x{s} = {b * s} tokens exceeds the server's max_tokens_per_request "
+            f"{info.max_tokens_per_request}"
+        )
+    if len(buffers) != 1:
+        raise RequestRejectedError(f"request carries {len(buffers)} buffers, expected 1 (the token ids)")
+    tokens = tensor_from(buffers[0], TOKEN_DTYPE, (b, s))
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= info.vocab_size:
+        raise RequestRejectedError(f"token ids out of range: [{lo}, {hi}] for vocabulary size {info.vocab_size}")
+    sample_ids = header.get("sample_ids")
+    if sample_ids is not None and (not isinstance(sample_ids, list) or len(sample_ids) != b):
+        raise RequestRejectedError(f"request has {sample_ids!r:.80} sample ids for {b} sequences")
+    request_id = header.get("request_id")
+    return Request(student, seq, tokens, sample_ids,
+                   None if request_id is None else str(request_id))
+
+
+# ---- replies ----------------------------------------------------------------------------------------------------
+def reply_header(seq: int, payload: Optional[TopKPayload] = None, error: Optional[str] = None) -> dict:
+    if payload is None:
+        return {"type": "reply", "seq": seq, "status": "error", "error": error or "unknown error"}
+    return {"type": "reply", "seq": seq, "status": "ok", "payload": json.loads(payload.header.to_json())}
+
+
+def payload_buffers(payload: TopKPayload) -> list[torch.Tensor]:
+    return [payload.values, payload.indices, payload.lse]
+
+
+def reply_seq(header: dict) -> int:
+    seq = header.get("seq")
+    if header.get("type") != "reply" or not isinstance(seq, int) or isinstance(seq, bool):
+        raise ProtocolError(f"not a reply header: {header!r:.200}")
+    return seq
+
+
+def check_payload_header(header: dict, shape: Sequence[int], info: ServerInfo) -> PayloadHeader:
+    """The payload header of an ok reply, checked against the request and the handshake before any
+    buffer is allocated for it."""
+    try:
+        ph = PayloadHeader.from_json(json.dumps(header.get("payload")))
+    except PayloadError as e:
+        raise ProtocolError(f"reply payload header: {e}") from None
+    if [ph.batch, ph.seq_len] != list(shape):
+        raise ProtocolError(f"reply is for [batch, seq] = [{ph.batch}, {ph.seq_len}], the request was {list(shape)}")
+    got = (ph.k, ph.vocab_size, float(ph.temperature), ph.values_dtype)
+    agreed = (info.k, info.vocab_size, float(info.temperature), info.values_dtype)
+    if got != agreed:
+        raise ProtocolError(f"reply (k, vocab, T, dtype) = {got} differs from the handshake {agreed}")
+    return ph
+
+
+def payload_from_buffers(ph: PayloadHeader, values, indices, lse) -> TopKPayload:
+    return TopKPayload(values, indices, lse, ph)
+
+
+def empty_payload_tensors(ph: PayloadHeader, device) -> list[torch.Tensor]:
+    """Receive buffers for a checked payload header (sizes bounded by the request shape and the handshake)."""
+    b, s, k = ph.batch, ph.seq_len, ph.k
+    return [torch.empty((b, s, k), dtype=DTYPES[ph.values_dtype], device=device),
+            torch.empty((b, s, k), dtype=INDEX_DTYPE, device=device),
+            torch.empty((b, s), dtype=torch.float32, device=device)]

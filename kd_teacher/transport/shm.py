@@ -1,0 +1,567 @@
+"""Shared-memory transport: a teacher server process and student processes on one node, through /dev/shm.
+
+Files (all created 0600 under a temporary name, then renamed into place, so nobody maps a half-written one;
+a segment that is not ours or not 0600 is refused):
+  kdt-<name>.s<r>           one per teacher replica r: magic, generation, pid, heartbeat, ServerInfo JSON
+  kdt-<name>.c<i>-<pid>     one per student (i = its rank): the hello / verdict handshake and two rings of
+                            fixed-size slots, requests (student -> server) and replies (server -> student)
+
+A ring has `slots` slots and two counters, written (by the producer) and consumed (by the consumer). Slot
+seq % slots holds message seq: [u64 seq | u64 length | u64 crc32 | message]. The producer writes the message,
+then length and crc, then seq, then bumps `written`; the consumer checks seq and crc before it decodes, so a
+torn or stale slot is never taken for a message, and copies the message out before bumping `consumed`.
+
+Students own their channel files, so a restarted server (same name) finds them again: it re-reads each hello,
+writes a new verdict under its new generation, and serves on from the counters it finds. A student notices a
+server that died (pid gone), was replaced (another file behind the name) or hangs (heartbeat frozen) and fails
+its waiting requests with TeacherUnavailableError; its next request waits for a server to attach it again.
+Student i is served by replica i % replicas.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import mmap
+import os
+import re
+import secrets
+import struct
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from kd_teacher.payload import DTYPES, INDEX_DTYPE, PayloadHeader, TopKPayload
+from kd_teacher.transport import protocol as P
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = Path("/dev/shm")
+_SERVER_MAGIC = b"KDSHMSV1"
+_CHANNEL_MAGIC = b"KDSHMCH1"
+_SERVER_BYTES = 64 + 65536
+_U64 = struct.Struct("<Q")
+_SLOT = struct.Struct("<QQQ")
+_SLOT_HEADER = 32
+_HELLO_AT, _HELLO_MAX = 128, 1920
+_VERDICT_AT, _VERDICT_MAX = 2048, 2048
+_RINGS_AT = 4096
+# channel header fields (byte offsets)
+_SLOTS, _REQ_BYTES, _REP_BYTES = 8, 16, 24
+_REQ_WRITTEN, _REQ_CONSUMED, _REP_WRITTEN, _REP_CONSUMED = 32, 40, 48, 56
+_ATTACHED_GEN, _VERDICT_LEN, _HELLO_LEN = 64, 72, 80
+# server header fields
+_GEN, _PID, _HEARTBEAT, _INFO_LEN, _INFO_AT = 8, 16, 24, 32, 64
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+
+
+def _check_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise ValueError(f"shared-memory name {name!r} must be 1-100 characters of [A-Za-z0-9_.-]")
+    return name
+
+
+def server_path(name: str, replica: int) -> Path:
+    return SHM_DIR / f"kdt-{_check_name(name)}.s{replica}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+# ---- segments ---------------------------------------------------------------------------------------------------
+def _create(path: Path, size: int) -> tuple[mmap.mmap, Path]:
+    """A new 0600 segment under a temporary name; `os.rename(tmp, path)` publishes it."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        return mmap.mmap(fd, size), tmp
+    finally:
+        os.close(fd)
+
+
+def _open_owned(path: Path) -> tuple[mmap.mmap, int]:
+    """Map an existing segment after checking it is ours and private; returns (map, inode)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.getuid() or st.st_mode & 0o077:
+            raise P.ProtocolError(
+                f"refusing shared-memory segment {path}: owner uid {st.st_uid}, mode {oct(st.st_mode & 0o777)} "
+                f"(must be uid {os.getuid()}, 0600)"
+            )
+        return mmap.mmap(fd, st.st_size), st.st_ino
+    finally:
+        os.close(fd)
+
+
+def _get(mm, at: int) -> int:
+    return _U64.unpack_from(mm, at)[0]
+
+
+def _put(mm, at: int, value: int) -> None:
+    _U64.pack_into(mm, at, value)
+
+
+def _put_json(mm, at: int, limit: int, len_at: int, obj) -> None:
+    text = json.dumps(obj).encode()
+    if len(text) > limit:
+        raise P.ProtocolError(f"handshake message of {len(text)} bytes exceeds its {limit}-byte field")
+    mm[at:at + len(text)] = text
+    _put(mm, len_at, len(text))
+
+
+def _get_json(mm, at: int, limit: int, len_at: int):
+    n = _get(mm, len_at)
+    if n == 0 or n > limit:
+        raise P.ProtocolError(f"handshake field length {n} outside [1, {limit}]")
+    return json.loads(bytes(mm[at:at + n]))
+
+
+# ---- rings ------------------------------------------------------------------------------------------------------
+class _Ring:
+    """One direction of a channel: `slots` fixed-size slots and the written/consumed counters."""
+
+    def __init__(self, mm: mmap.mmap, base: int, slots: int, slot_bytes: int, written_at: int, consumed_at: int):
+        self.mm, self.base, self.slots, self.slot_bytes = mm, base, slots, slot_bytes
+        self.written_at, self.consumed_at = written_at, consumed_at
+        self.view = memoryview(mm)
+
+    @property
+    def stride(self) -> int:
+        return _SLOT_HEADER + self.slot_bytes
+
+    def _slot(self, seq: int) -> int:
+        return self.base + ((seq - 1) % self.slots) * self.stride
+
+    def free(self) -> bool:
+        return _get(self.mm, self.written_at) - _get(self.mm, self.consumed_at) < self.slots
+
+    def pending(self) -> bool:
+        return _get(self.mm, self.consumed_at) < _get(self.mm, self.written_at)
+
+    def put(self, write: Callable[[memoryview], int]) -> None:
+        """Write the next message with `write(slot view) -> length`; the caller checked `free()`."""
+        seq = _get(self.mm, self.written_at) + 1
+        at = self._slot(seq)
+        data = self.view[at + _SLOT_HEADER:at + self.stride]
+        n = write(data)
+        crc = zlib.crc32(data[:n], zlib.crc32(_U64.pack(seq) + _U64.pack(n)))
+        _SLOT.pack_into(self.mm, at, 0, n, crc)
+        _put(self.mm, at, seq)  # seq last: a reader that sees it sees length and crc too (and checks them)
+        _put(self.mm, self.written_at, seq)
+
+    def take(self, parse: Callable[[memoryview], object], retry_s: float = 0.05):
+        """parse(message view) for the next message, then release the slot; None if none is pending."""
+        if not self.pending():
+            return None
+        seq = _get(self.mm, self.consumed_at) + 1
+        at = self._slot(seq)
+        deadline = time.monotonic() + retry_s
+        while True:
+            got, n, crc = _SLOT.unpack_from(self.mm, at)
+            if got == seq and n <= self.slot_bytes:
+                data = self.view[at + _SLOT_HEADER:at + _SLOT_HEADER + n]
+                if zlib.crc32(data, zlib.crc32(_U64.pack(seq) + _U64.pack(n))) == crc:
+                    break
+            if time.monotonic() > deadline:
+                raise P.ProtocolError(f"shared-memory slot for message {seq} is corrupt (seq {got}, length {n})")
+            time.sleep(0.0005)  # the producer's writes are not all visible yet
+        try:
+            return parse(data)
+        finally:
+            _put(self.mm, self.consumed_at, seq)
+
+
+def _rings(mm: mmap.mmap) -> tuple[_Ring, _Ring]:
+    slots, req_bytes, rep_bytes = _get(mm, _SLOTS), _get(mm, _REQ_BYTES), _get(mm, _REP_BYTES)
+    if not 1 <= slots <= 1024 or _RINGS_AT + slots * (2 * _SLOT_HEADER + req_bytes + rep_bytes) > len(mm):
+        raise P.ProtocolError(f"channel geometry (slots {slots}, {req_bytes}/{rep_bytes} B) does not fit its file")
+    req = _Ring(mm, _RINGS_AT, slots, req_bytes, _REQ_WRITTEN, _REQ_CONSUMED)
+    rep = _Ring(mm, _RINGS_AT + slots * req.stride, slots, rep_bytes, _REP_WRITTEN, _REP_CONSUMED)
+    return req, rep
+
+
+def slot_sizes(info: P.ServerInfo) -> tuple[int, int]:
+    """Request and reply slot bytes for the largest request the server accepts (and its header)."""
+    n = info.max_tokens_per_request
+    item = torch.empty((), dtype=DTYPES[info.values_dtype]).element_size()
+    header_room = 65536 + 64 * n  # JSON: a 32-char hash and a sample id per sequence, at most n sequences
+    return header_room + 8 * n, header_room + n * (info.k * (item + 4) + 4)
+
+
+# ---- server -----------------------------------------------------------------------------------------------------
+class _Attached:
+    def __init__(self, path: Path, mm: mmap.mmap, student: int, pid: int):
+        self.path, self.mm, self.student, self.pid = path, mm, student, pid
+        self.req, self.rep = _rings(mm)
+        self.outbox: list = []  # replies waiting for a free slot (a slow student does not block the others)
+
+
+class ShmServer:
+    """The teacher replica's end: publishes the server segment, attaches student channels, moves messages."""
+
+    def __init__(self, name: str, info: P.ServerInfo, replica: int = 0, heartbeat_interval_s: float = 0.05):
+        self.name, self.info, self.replica = _check_name(name), info, replica
+        self.path = server_path(name, replica)
+        self._claim_name()
+        self.generation = secrets.randbits(62) + 1
+        mm, tmp = _create(self.path, _SERVER_BYTES)
+        mm[0:8] = _SERVER_MAGIC
+        _put(mm, _GEN, self.generation)
+        _put(mm, _PID, os.getpid())
+        _put_json(mm, _INFO_AT, _SERVER_BYTES - _INFO_AT, _INFO_LEN, json.loads(info.to_json()))
+        os.rename(tmp, self.path)
+        self.mm = mm
+        self.channels: dict[int, _Attached] = {}
+        self._seen: dict[Path, float] = {}
+        self._next_id = 0
+        self._last_scan = 0.0
+        self._stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, args=(heartbeat_interval_s,), daemon=True)
+        self._beat.start()
+        log.info("shm teacher server %s replica %d up (generation %x)", name, replica, self.generation)
+
+    def _claim_name(self) -> None:
+        if not self.path.exists():
+            return
+        try:
+            mm, _ = _open_owned(self.path)
+            pid = _get(mm, _PID)
+            mm.close()
+        except (P.ProtocolError, OSError, ValueError) as e:
+            raise RuntimeError(f"cannot take over shared-memory name {self.path}: {e}") from e
+        if pid != os.getpid() and _pid_alive(pid):
+            raise RuntimeError(f"another teacher server (pid {pid}) serves {self.path}; stop it or pick another name")
+        log.info("replacing the segment of a dead server (pid %d) at %s", pid, self.path)
+
+    def _heartbeat(self, interval: float) -> None:
+        beat = 0
+        while not self._stop.wait(interval):
+            beat += 1
+            _put(self.mm, _HEARTBEAT, beat)
+
+    # ---- attaching students ------------------------------------------------------------------------------------
+    def _scan(self) -> None:
+        prefix = f"kdt-{self.name}.c"
+        for path in SHM_DIR.glob(prefix + "*"):
+            if ".tmp-" in path.name or path in self._seen:
+                continue
+            self._seen[path] = time.monotonic()
+            try:
+                self._attach(path)
+            except (P.ProtocolError, OSError, ValueError, KeyError) as e:
+                log.warning("ignoring shared-memory channel %s: %s", path, e)
+        for cid, ch in list(self.channels.items()):
+            if not ch.path.exists() or not _pid_alive(ch.pid):
+                log.info("student %d (pid %d) is gone; dropping its channel", ch.student, ch.pid)
+                if ch.path.exists():
+                    ch.path.unlink(missing_ok=True)
+                self.channels.pop(cid)
+                self._seen.pop(ch.path, None)
+                _close_map(ch.mm)
+
+    def _attach(self, path: Path) -> None:
+        mm, _ = _open_owned(path)
+        if len(mm) < _RINGS_AT or bytes(mm[0:8]) != _CHANNEL_MAGIC:
+            mm.close()
+            raise P.ProtocolError("not a kd-teacher channel")
+        hello = _get_json(mm, _HELLO_AT, _HELLO_MAX, _HELLO_LEN)
+        student, pid = int(hello["student"]), int(hello["pid"])
+        if student % self.info.replicas != self.replica:
+            mm.close()
+            return
+        problems = P.incompatibilities(self.info, P.Expectation.from_json(json.dumps(hello["expect"])))
+        verdict = {"ok": not problems, "reason": "; ".join(problems)}
+        _put_json(mm, _VERDICT_AT, _VERDICT_MAX, _VERDICT_LEN, verdict)
+        _put(mm, _ATTACHED_GEN, self.generation)
+        if problems:
+            log.warning("refused student %d: %s", student, verdict["reason"])
+            mm.close()
+            return
+        self._next_id += 1
+        self.channels[self._next_id] = _Attached(path, mm, student, pid)
+        log.info("attached student %d (pid %d) via %s", student, pid, path.name)
+
+    # ---- the endpoint interface --------------------------------------------------------------------------------
+    def poll(self, timeout: float, max_requests: int = 64) -> list:
+        """Requests (protocol.Request, `student` = channel id) and (channel id, seq, error text) pairs."""
+        deadline = time.monotonic() + timeout
+        pause = 0.0001
+        while True:
+            now = time.monotonic()
+            if now - self._last_scan > 0.05:
+                self._scan()
+                self._last_scan = now
+            out = []
+            for cid, ch in list(self.channels.items()):
+                self._flush(ch)
+                while len(out) < max_requests:
+                    item = ch.req.take(lambda data, cid=cid: self._parse(cid, data))
+                    if item is None:
+                        break
+                    out.append(item)
+            if out or time.monotonic() >= deadline:
+                return out
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
+
+    def _parse(self, cid: int, data: memoryview):
+        try:
+            header, buffers = P.decode(data, len(data))
+            _, seq = P.request_header_ok(header)
+        except P.ProtocolError as e:
+            log.warning("dropping a malformed request from channel %d: %s", cid, e)
+            return (cid, -1, str(e))
+        try:
+            req = P.decode_request(header, buffers, self.info)
+        except P.RequestRejectedError as e:
+            return (cid, seq, str(e))
+        req.student = cid
+        return req
+
+    def reply(self, cid: int, seq: int, payload: Optional[TopKPayload] = None, error: Optional[str] = None) -> None:
+        ch = self.channels.get(cid)
+        if ch is None or seq < 0:
+            return
+        ch.outbox.append((seq, payload, error))
+        self._flush(ch)
+
+    def _flush(self, ch: _Attached) -> None:
+        while ch.outbox and ch.rep.free():
+            seq, payload, error = ch.outbox.pop(0)
+            header = P.reply_header(seq, payload, error)
+            buffers = P.payload_buffers(payload) if payload is not None else []
+            try:
+                ch.rep.put(lambda view: P.encode_into(view, header, buffers))
+            except P.ProtocolError as e:  # cannot happen for requests within max_tokens_per_request
+                ch.rep.put(lambda view: P.encode_into(view, P.reply_header(seq, error=str(e)), []))
+
+    def flush(self) -> None:
+        for ch in self.channels.values():
+            self._flush(ch)
+
+    def finished(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._stop.set()
+        self._beat.join(timeout=1)
+        try:
+            mm, ino = _open_owned(self.path)
+            mine = _get(mm, _GEN) == self.generation
+            mm.close()
+            if mine:
+                self.path.unlink()
+        except (OSError, P.ProtocolError):
+            pass
+        for ch in self.channels.values():
+            _close_map(ch.mm)
+        self.channels.clear()
+
+
+# ---- client -----------------------------------------------------------------------------------------------------
+class ShmClient:
+    """A student's end: its channel file, the handshake, and liveness checks of the server it is attached to."""
+
+    def __init__(self, name: str, student: int, expect: P.Expectation, *, slots: int, connect_timeout_s: float,
+                 heartbeat_timeout_s: float, device=None):
+        self.name, self.student, self.expect = _check_name(name), student, expect
+        self.slots = slots
+        self.connect_timeout_s, self.heartbeat_timeout_s = connect_timeout_s, heartbeat_timeout_s
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.path = SHM_DIR / f"kdt-{name}.c{student}-{os.getpid()}"
+        self.mm: Optional[mmap.mmap] = None
+        self._server = None  # (map, inode, generation, pid) of the server we are attached to
+        self._beat = (0, 0.0)
+        self._checked = 0.0
+        self.info = self._connect(time.monotonic() + connect_timeout_s)
+
+    # ---- connecting ---------------------------------------------------------------------------------------------
+    def _open_server(self, replica: int, deadline: float):
+        path = server_path(self.name, replica)
+        while True:
+            try:
+                mm, ino = _open_owned(path)
+                if bytes(mm[0:8]) == _SERVER_MAGIC and _get(mm, _GEN) and _pid_alive(_get(mm, _PID)):
+                    info = P.ServerInfo.from_json(json.dumps(_get_json(mm, _INFO_AT, _SERVER_BYTES, _INFO_LEN)))
+                    return mm, ino, info
+                mm.close()
+            except FileNotFoundError:
+                pass
+            except (ValueError, OSError) as e:
+                log.debug("server segment %s not ready: %s", path, e)
+            if time.monotonic() > deadline:
+                raise P.TeacherUnavailableError(f"no live teacher server at {path} (shared-memory name {self.name!r})")
+            time.sleep(0.02)
+
+    def _connect(self, deadline: float) -> P.ServerInfo:
+        mm0, ino0, info = self._open_server(0, deadline)
+        problems = P.incompatibilities(info, self.expect)
+        if problems:
+            mm0.close()
+            raise P.IncompatibleTeacherError(f"teacher {self.name!r} refused: " + "; ".join(problems))
+        replica = self.student % info.replicas
+        if replica:
+            mm0.close()
+            mm0, ino0, info = self._open_server(replica, deadline)
+        if self.mm is None:
+            self._create_channel(info)
+        gen, pid = _get(mm0, _GEN), _get(mm0, _PID)
+        while _get(self.mm, _ATTACHED_GEN) != gen:
+            if time.monotonic() > deadline or not _pid_alive(pid):
+                mm0.close()
+                raise P.TeacherUnavailableError(f"teacher server {self.name!r} (pid {pid}) did not attach this student")
+            time.sleep(0.005)
+        verdict = _get_json(self.mm, _VERDICT_AT, _VERDICT_MAX, _VERDICT_LEN)
+        if not verdict.get("ok"):
+            mm0.close()
+            self.close()
+            raise P.IncompatibleTeacherError(f"teacher {self.name!r} refused this student: {verdict.get('reason')}")
+        self._server = (mm0, ino0, gen, pid)
+        self._beat = (_get(mm0, _HEARTBEAT), time.monotonic())
+        return info
+
+    def _create_channel(self, info: P.ServerInfo) -> None:
+        req_bytes, rep_bytes = slot_sizes(info)
+        size = _RINGS_AT + self.slots * (2 * _SLOT_HEADER + req_bytes + rep_bytes)
+        mm, tmp = _create(self.path, size)
+        mm[0:8] = _CHANNEL_MAGIC
+        for at, v in ((_SLOTS, self.slots), (_REQ_BYTES, req_bytes), (_REP_BYTES, rep_bytes)):
+            _put(mm, at, v)
+        hello = {"student": self.student, "pid": os.getpid(), "expect": json.loads(self.expect.to_json())}
+        _put_json(mm, _HELLO_AT, _HELLO_MAX, _HELLO_LEN, hello)
+        os.rename(tmp, self.path)
+        self.mm = mm
+        self.req, self.rep = _rings(mm)
+
+    # ---- liveness -----------------------------------------------------------------------------------------------
+    def _check_server(self, force: bool = False) -> None:
+        """Raise TeacherUnavailableError (and drop the attachment) if the server died, was replaced or hangs."""
+        now = time.monotonic()
+        if not force and now - self._checked < 0.01:
+            return
+        self._checked = now
+        if self._server is None:
+            raise P.TeacherUnavailableError(f"teacher server {self.name!r} is not attached")
+        mm, ino, gen, pid = self._server
+        problem = None
+        if not _pid_alive(pid):
+            problem = f"teacher server {self.name!r} (pid {pid}) died"
+        else:
+            try:
+                replaced = os.stat(server_path(self.name, self.student % self.info.replicas)).st_ino != ino
+            except FileNotFoundError:
+                replaced = True
+            if replaced or _get(self.mm, _ATTACHED_GEN) != gen:
+                problem = f"teacher server {self.name!r} (pid {pid}) was stopped or restarted"
+            else:
+                beat = _get(mm, _HEARTBEAT)
+                if beat != self._beat[0]:
+                    self._beat = (beat, now)
+                elif now - self._beat[1] > self.heartbeat_timeout_s:
+                    problem = (f"teacher server {self.name!r} (pid {pid}) hangs: no heartbeat for "
+                               f"{now - self._beat[1]:.1f} s")
+        if problem:
+            self._server = None
+            _close_map(mm)
+            raise P.TeacherUnavailableError(problem)
+
+    def _ensure_attached(self, deadline: float) -> None:
+        if self._server is not None:
+            return
+        info = self._connect(deadline)
+        if (info.k, info.vocab_size, info.temperature, info.values_dtype) != (
+                self.info.k, self.info.vocab_size, self.info.temperature, self.info.values_dtype):
+            raise P.IncompatibleTeacherError("the restarted teacher serves another k/vocabulary/temperature/dtype")
+        if slot_sizes(info) != (self.req.slot_bytes, self.rep.slot_bytes):
+            raise P.IncompatibleTeacherError("the restarted teacher has another max_tokens_per_request")
+        self.info = info
+        log.info("student %d re-attached to teacher server %r", self.student, self.name)
+
+    # ---- the channel interface -----------------------------------------------------------------------------------
+    def send(self, seq: int, tokens: torch.Tensor, sample_ids, request_id, deadline: float) -> None:
+        self._ensure_attached(max(deadline, time.monotonic() + self.connect_timeout_s))
+        header = {"type": "request", "student": self.student, "seq": seq, "shape": list(tokens.shape),
+                  "sample_ids": None if sample_ids is None else [int(i) for i in sample_ids],
+                  "request_id": request_id}
+        need = P.header_size(header, [tokens.numel() * 8])
+        if need > self.req.slot_bytes:
+            raise P.RequestRejectedError(
+                f"request of {tokens.numel()} tokens ({need} bytes) exceeds the channel's {self.req.slot_bytes}-byte "
+                f"slots (server max_tokens_per_request {self.info.max_tokens_per_request})"
+            )
+        while not self.req.free():
+            self._check_server()
+            if time.monotonic() > deadline:
+                raise P.TeacherTimeoutError(f"teacher server {self.name!r} takes no requests (ring full)")
+            time.sleep(0.0005)
+        self.req.put(lambda view: P.encode_into(view, header, [tokens.to("cpu", P.TOKEN_DTYPE).contiguous()]))
+
+    def receive(self, deadline: float, shape_of: Callable[[int], Optional[tuple]]):
+        """(seq, payload or None, error or None) of the next reply; None when the deadline passes first."""
+        pause = 0.00005
+        while True:
+            item = self.rep.take(lambda data: self._parse(data, shape_of))
+            if item is not None:
+                return item
+            self._check_server()
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.001)
+
+    def _parse(self, data: memoryview, shape_of):
+        header, buffers = P.decode(data, self.rep.slot_bytes)
+        seq = P.reply_seq(header)
+        if header.get("status") != "ok":
+            return seq, None, str(header.get("error"))
+        shape = shape_of(seq)
+        ph = P.check_payload_header(header, shape if shape is not None else _claimed_shape(header), self.info)
+        if len(buffers) != 3:
+            raise P.ProtocolError(f"reply carries {len(buffers)} buffers, expected 3")
+        b, s, k = ph.batch, ph.seq_len, ph.k
+        values = P.tensor_from(buffers[0], DTYPES[ph.values_dtype], (b, s, k))
+        indices = P.tensor_from(buffers[1], INDEX_DTYPE, (b, s, k))
+        lse = P.tensor_from(buffers[2], torch.float32, (b, s))
+        payload = TopKPayload(values, indices, lse, ph)
+        return seq, payload.to(self.device) if self.device.type != "cpu" else payload, None
+
+    def close(self) -> None:
+        if self._server is not None:
+            _close_map(self._server[0])
+            self._server = None
+        if self.mm is not None:
+            for ring in (self.req, self.rep):
+                try:
+                    ring.view.release()
+                except BufferError:
+                    pass
+            _close_map(self.mm)
+            self.mm = None
+            self.path.unlink(missing_ok=True)
+
+
+def _close_map(mm: mmap.mmap) -> None:
+    try:
+        mm.close()
+    except BufferError:  # a payload view still points into it; the mapping goes with the last view
+        pass
+
+
+def _claimed_shape(header: dict) -> tuple:
+    """The shape a stale reply claims (for a request this student no longer tracks): still bounded by the
+    handshake through check_payload_header, and the slot bounds the bytes."""
+    ph = header.get("payload") or {}
+    return ph.get("batch"), ph.get("seq_len")
