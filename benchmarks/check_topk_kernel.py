@@ -58,8 +58,7 @@ def make_logits(case: Case, device: torch.device) -> torch.Tensor:
     if case.kind == "ties":
         x = torch.randint(-3, 4, (n, v), generator=g).float()
     elif case.kind == "sorted":
-        # Columns sorted by value (ascending, and descending on odd rows): every chunk's candidates exceed
-        # the scratch and take the exact path.
+        # Columns sorted by value (ascending, and descending on odd rows): logits that follow the column.
         x = torch.sort(torch.randn(n, v, generator=g) * 3, dim=1).values
         x[1::2] = x[1::2].flip(1)
     elif case.kind == "specials":
@@ -142,8 +141,8 @@ def compare(case: Case, fused, ref, lse64: torch.Tensor) -> dict:
         out["first_nonfinite_mismatch"] = {"row": row, "fused_max": float(m[row]), "fused_sum": float(s[row]),
                                            "ref_max": float(rm[row]), "ref_sum": float(rs[row])}
     out["lse_ok"] = bool(same_nonfinite and out["lse_rows_failing"] == 0)
-    out["exact_path_chunks"] = int(flags.sum())
-    out["chunks"] = int(flags.numel())
+    out["exact_path_rows"] = int(flags.sum())
+    out["rows"] = int(flags.numel())
     if not out["ids_equal"] and i.shape == ri.shape:
         row = int((i != ri).any(1).nonzero()[0])
         out["first_bad_row"] = {"row": row, "fused": i[row, :8].tolist(), "ref": ri[row, :8].tolist()}
@@ -241,10 +240,10 @@ def main(argv=None) -> int:
         results.append(r)
         log.info(
             "%-32s %s  vals=%s ids=%s max=%s lse ulp: vs ref %.2f, fused vs fp64 %.2f, ref vs fp64 %.2f;"
-            " exact_chunks=%d/%d  %.1fs",
+            " exact_rows=%d/%d  %.1fs",
             case.name, "PASS" if r["ok"] else "FAIL", r["values_bitwise"], r["ids_equal"], r["max_bitwise"],
             r["lse_max_ulp"], r["lse_fused_vs_fp64_max_ulp"], r["lse_reference_vs_fp64_max_ulp"],
-            r["exact_path_chunks"], r["chunks"], r["seconds"],
+            r["exact_path_rows"], r["rows"], r["seconds"],
         )
     n_fail = sum(not r["ok"] for r in results)
     summary = {
@@ -280,7 +279,7 @@ def merge_shards(paths: list[Path], out: Path | None) -> int:
     for r in summary["results"]:
         print(f"{r['case']['name']:32s} {'PASS' if r['ok'] else 'FAIL'}  lse ulp vs ref {r['lse_max_ulp']:.2f}, "
               f"fused/ref vs fp64 {r['lse_fused_vs_fp64_max_ulp']:.2f}/{r['lse_reference_vs_fp64_max_ulp']:.2f}  "
-              f"exact_chunks={r['exact_path_chunks']}/{r['chunks']}"
+              f"exact_rows={r['exact_path_rows']}/{r['rows']}"
               + ("" if r["ok"] else f"  {dict((k, r[k]) for k in ('values_bitwise', 'ids_equal', 'max_bitwise', 'lse_nonfinite_match', 'lse_rows_failing'))}"))
     print(f"{summary['cases'] - summary['failed']}/{summary['cases']} cases pass; "
           f"max LSE error {summary['max_lse_ulp']:.2f} ulp")

@@ -32,10 +32,10 @@ log = logging.getLogger("topk_kernel_bench")
 
 SWEEP = [
     TopKKernelConfig(),
-    TopKKernelConfig(chunk=8192, num_warps=16),
-    TopKKernelConfig(chunk=16384, num_warps=16),
     TopKKernelConfig(chunk=4096, num_warps=4),
-    TopKKernelConfig(chunk=8192, num_warps=8, precise_exp=False),
+    TopKKernelConfig(chunk=16384, num_warps=16),
+    TopKKernelConfig(row_num_warps=4),
+    TopKKernelConfig(precise_exp=False),
 ]
 
 
@@ -94,10 +94,10 @@ def bench_shape(n: int, v: int, k: int, dtype: torch.dtype, temperature: float, 
     for cfg in sweep:
         ms = time_ms(lambda: launch(x, k, temperature, 0, v, cfg))
         flags = launch(x, k, temperature, 0, v, cfg)[4]
-        configs.append({"config": dataclasses.asdict(cfg), "ms": ms, "exact_path_chunks": int(flags.sum()),
-                        "chunks": int(flags.numel())})
-        log.info("  fused %s: %.3f ms (%d/%d chunks redone exactly)", cfg, ms, configs[-1]["exact_path_chunks"],
-                 configs[-1]["chunks"])
+        configs.append({"config": dataclasses.asdict(cfg), "ms": ms, "exact_path_rows": int(flags.sum()),
+                        "rows": int(flags.numel())})
+        log.info("  fused %s: %.3f ms (%d/%d rows redone exactly)", cfg, ms, configs[-1]["exact_path_rows"],
+                 configs[-1]["rows"])
     best = min(configs, key=lambda c: c["ms"])
     out["fused_kernel_times_us"] = kernel_times_us(lambda: launch(x, k, temperature, 0, v, sweep[0]))
     log.info("  per kernel (us): %s", out["fused_kernel_times_us"])

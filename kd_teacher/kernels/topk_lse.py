@@ -32,17 +32,17 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @dataclasses.dataclass(frozen=True)
 class TopKKernelConfig:
-    """Tuning of the fused kernel; the defaults are the ones benchmarked on an H100."""
+    """Tuning of the fused kernel; the defaults are the ones benchmarked (benchmarks/topk_kernel.py)."""
 
-    chunk: int = 8192  # columns per program of the first pass (power of two, >= 512)
-    num_warps: int = 8  # warps per program of the first pass
-    merge_num_warps: int = 4  # warps per row of the merge pass
+    chunk: int = 8192  # columns per program of the streaming pass (power of two, >= 512)
+    num_warps: int = 8  # warps per program of the streaming pass
+    row_num_warps: int = 8  # warps per row of the selection pass
     precise_exp: bool = True  # CUDA's expf (as torch.exp) rather than the faster ex2.approx
 
     def __post_init__(self):
         if self.chunk < 512 or self.chunk & (self.chunk - 1):
             raise ValueError(f"kernel chunk must be a power of two >= 512, got {self.chunk}")
-        for name in ("num_warps", "merge_num_warps"):
+        for name in ("num_warps", "row_num_warps"):
             n = getattr(self, name)
             if n not in (1, 2, 4, 8, 16, 32):
                 raise ValueError(f"kernel {name} must be a power of two in 1..32, got {n}")
@@ -53,13 +53,13 @@ class KernelPlan:
     """Block sizes for one (V_local, k): see topk_lse_triton.py for what each bounds."""
 
     kk: int  # k' = min(k, V_local), the number of output columns
-    kp: int  # sorted candidates kept per chunk (power of two >= kk)
-    groups: int  # groups per chunk for the threshold (k-th largest group max)
-    group_size: int
-    cap: int  # candidate slots per chunk; a chunk with more is redone exactly
+    kp: int  # power of two >= kk
+    group_size: int  # columns per group of the threshold
+    gcap: int  # candidate groups a row may re-read (else it is redone exactly)
+    cap: int  # candidate elements a row may rank (else it is redone exactly)
     chunk: int
     num_chunks: int
-    nc_p2: int
+    num_groups: int
 
 
 def _next_pow2(n: int) -> int:
@@ -72,16 +72,16 @@ def plan_for(v_local: int, k: int, config: TopKKernelConfig) -> Optional[KernelP
     if kk > MAX_K:
         return None
     kp = max(32, _next_pow2(kk))
-    # Twice as many groups as kept keys: the k-th largest of 2k group maxima sits near their median, which
-    # leaves ~1.4 k candidates (k=64: mean 90, max 118 of 2000 random chunks), and the scratch of 2 kp int32
-    # is exactly the chunk's output row of kp int64.
-    groups = max(128, 2 * kp)
-    cap = 2 * kp
-    # Small shards get a smaller chunk, so that most groups hold real columns and the threshold bites.
-    chunk = min(config.chunk, max(groups, 512, _next_pow2(v_local)))
-    chunk = max(chunk, groups)
-    num_chunks = -(-v_local // chunk)
-    return KernelPlan(kk, kp, groups, chunk // groups, cap, chunk, num_chunks, _next_pow2(num_chunks))
+    # 2 kp candidate groups of group_size columns re-read as one [2 kp, group_size] tile of 8192 elements;
+    # smaller groups for larger k keep the tile (registers) and the re-read bytes (~kp * group_size) level.
+    group_size = {32: 64, 64: 64, 128: 32, 256: 16}[kp]
+    # Narrow shards: keep >= 4 kp groups, or the kk-th group maximum is no bound at all.
+    group_size = min(group_size, 1 << max(0, (v_local // (4 * kp)).bit_length() - 1))
+    chunk = max(group_size, min(config.chunk, _next_pow2(v_local)))
+    return KernelPlan(
+        kk=kk, kp=kp, group_size=group_size, gcap=2 * kp, cap=2 * kp, chunk=chunk,
+        num_chunks=-(-v_local // chunk), num_groups=-(-v_local // group_size),
+    )
 
 
 def _interpreting() -> bool:
@@ -136,7 +136,7 @@ def fused_local_topk_stats(
 
 
 def launch(logits2d, k, temperature, vocab_start, valid, config=None):
-    """`fused_local_topk_stats` plus the per-chunk flags (1 = redone by the exact pass), for benchmarks."""
+    """`fused_local_topk_stats` plus the per-row flags (1 = redone by the exact pass), for benchmarks."""
     config = config or TopKKernelConfig()
     if logits2d.dim() != 2 or not kernel_available(logits2d.device) or logits2d.dtype not in SUPPORTED_DTYPES:
         return None
@@ -158,35 +158,37 @@ def launch(logits2d, k, temperature, vocab_start, valid, config=None):
         return out_values, out_ids, out_max, out_sum, torch.zeros(0, dtype=torch.int8, device=dev)
 
     chunks = n * plan.num_chunks
-    keys = torch.empty(chunks * plan.kp, dtype=torch.int64, device=dev)
-    scratch = keys.view(torch.int32)  # the compaction buffer is the chunk's own output row
     chunk_max = torch.empty(chunks, dtype=torch.float32, device=dev)
     chunk_sum = torch.empty(chunks, dtype=torch.float32, device=dev)
-    flags = torch.empty(chunks, dtype=torch.int8, device=dev)
+    group_max = torch.empty(n * plan.num_groups, dtype=torch.float32, device=dev)
+    scratch_groups = torch.empty(n * plan.gcap, dtype=torch.int32, device=dev)
+    scratch_cols = torch.empty(n * plan.cap, dtype=torch.int32, device=dev)
+    flags = torch.empty(n, dtype=torch.int8, device=dev)
     scale, inv_t = _scale_args(float(temperature))
+    precise_exp = config.precise_exp and not _interpreting()
     row_stride = logits2d.stride(0)
 
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        kern.chunk_candidates_kernel[(chunks,)](
-            logits2d, row_stride, v_local, valid, plan.kk, inv_t,
-            keys, scratch, chunk_max, chunk_sum, flags, plan.num_chunks,
-            GROUPS=plan.groups, GROUP_SIZE=plan.group_size,
-            KP=plan.kp, CAP=plan.cap, SCALE=scale, PRECISE_EXP=config.precise_exp and not _interpreting(),
+        kern.chunk_stats_kernel[(chunks,)](
+            logits2d, row_stride, v_local, valid, inv_t, chunk_max, chunk_sum, group_max,
+            plan.num_chunks, plan.num_groups,
+            GROUPS=plan.chunk // plan.group_size, GROUP_SIZE=plan.group_size, SCALE=scale, PRECISE_EXP=precise_exp,
             num_warps=config.num_warps, enable_fp_fusion=False,
         )
-        redo_programs = min(_num_programs_for_redo(dev), chunks)
-        per_program = -(-chunks // redo_programs)
-        kern.exact_chunks_kernel[(redo_programs,)](
-            logits2d, row_stride, v_local, valid, plan.kk, keys, scratch, flags, chunks, per_program,
-            plan.num_chunks, GROUPS=plan.groups, GROUP_SIZE=plan.group_size, KP=plan.kp, CAP=plan.cap,
-            FLAG_BLOCK=1024, num_warps=config.num_warps,
+        kern.row_topk_kernel[(n,)](
+            logits2d, row_stride, v_local, valid, vocab_start, plan.kk,
+            chunk_max, chunk_sum, group_max, scratch_groups, scratch_cols, flags,
+            out_values, out_ids, out_max, out_sum, plan.num_chunks, plan.num_groups,
+            NC_P2=_next_pow2(plan.num_chunks), NG_P2=_next_pow2(plan.num_groups), GROUP_SIZE=plan.group_size,
+            CHUNK=plan.chunk, GCAP=plan.gcap, CAP=plan.cap, PRECISE_EXP=precise_exp,
+            num_warps=config.row_num_warps, enable_fp_fusion=False,
         )
-        kern.merge_rows_kernel[(n,)](
-            logits2d, row_stride, valid, vocab_start, plan.kk, keys, chunk_max, chunk_sum,
-            out_values, out_ids, out_max, out_sum, plan.num_chunks,
-            NC_P2=plan.nc_p2, KP=plan.kp, CHUNK=plan.chunk,
-            PRECISE_EXP=config.precise_exp and not _interpreting(), num_warps=config.merge_num_warps,
-            enable_fp_fusion=False,
+        redo_programs = min(_num_programs_for_redo(dev), n)
+        per_program = -(-n // redo_programs)
+        kern.exact_rows_kernel[(redo_programs,)](
+            logits2d, row_stride, v_local, valid, vocab_start, plan.kk, scratch_cols, flags,
+            out_values, out_ids, n, per_program,
+            CAP=plan.cap, TILE=2048, FLAG_BLOCK=1024, num_warps=config.row_num_warps,
         )
     return out_values, out_ids, out_max, out_sum, flags
 
