@@ -238,13 +238,16 @@ class ShmServer:
             return
         try:
             mm, _ = _open_owned(self.path)
-            pid = _get(mm, _PID)
+            pid, beat = _get(mm, _PID), _get(mm, _HEARTBEAT)
+            if _pid_alive(pid):
+                time.sleep(0.5)  # a live server beats every heartbeat_interval_s; a dead or frozen one does not
+                frozen = _get(mm, _HEARTBEAT) == beat
             mm.close()
         except (P.ProtocolError, OSError, ValueError) as e:
             raise RuntimeError(f"cannot take over shared-memory name {self.path}: {e}") from e
-        if pid != os.getpid() and _pid_alive(pid):
+        if _pid_alive(pid) and not frozen:
             raise RuntimeError(f"another teacher server (pid {pid}) serves {self.path}; stop it or pick another name")
-        log.info("replacing the segment of a dead server (pid %d) at %s", pid, self.path)
+        log.info("replacing the segment of a dead or frozen server (pid %d) at %s", pid, self.path)
 
     def _heartbeat(self, interval: float) -> None:
         beat = 0
@@ -431,6 +434,7 @@ class ShmClient:
             raise P.IncompatibleTeacherError(f"teacher {self.name!r} refused this student: {verdict.get('reason')}")
         self._server = (mm0, ino0, gen, pid)
         self._beat = (_get(mm0, _HEARTBEAT), time.monotonic())
+        self.replica = replica
         return info
 
     def _create_channel(self, info: P.ServerInfo) -> None:

@@ -1,0 +1,91 @@
+"""Wire protocol: framing bounds, request checks, reply-header checks, the connect-time compatibility check."""
+
+import struct
+
+import pytest
+import torch
+
+from kd_teacher.payload import TopKPayload
+from kd_teacher.transport import protocol as P
+
+INFO = P.ServerInfo(vocab_size=1000, k=4, temperature=1.0, values_dtype="float32", teacher_fingerprint="t",
+                    recipe_fingerprint="r", max_tokens_per_request=64, max_seq_len=32)
+
+
+def _payload(tokens):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(*tokens.shape, 1000, generator=g)
+    return TopKPayload.from_logits(logits, 4, tokens=tokens, teacher_fingerprint="t", recipe_fingerprint="r")
+
+
+def test_frame_roundtrip_keeps_header_and_buffers():
+    tokens = torch.arange(6).reshape(2, 3)
+    header, buffers = P.decode(P.encode({"a": 1}, [tokens, b"xyz"]), 1 << 20)
+    assert header["a"] == 1 and header["buffers"] == [48, 3]
+    assert torch.equal(P.tensor_from(buffers[0], torch.int64, (2, 3)), tokens)
+    assert bytes(buffers[1]) == b"xyz"
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda m: b"XXXX" + m[4:], "magic"),
+    (lambda m: m[:4] + struct.pack("<I", 2**31) + m[8:], "absurd"),
+    (lambda m: m + b"\0", "implies"),
+    (lambda m: m[:-1], "implies"),
+])
+def test_malformed_frames_are_refused_naming_the_problem(mutate, message):
+    msg = P.encode({"a": 1}, [b"abcd"])
+    with pytest.raises(P.ProtocolError, match=message):
+        P.decode(mutate(msg), 1 << 20)
+
+
+def test_message_over_the_limit_is_refused_before_parsing():
+    with pytest.raises(P.ProtocolError, match="exceeds the limit"):
+        P.decode(P.encode({}, [bytes(100)]), 64)
+
+
+def test_valid_request_decodes_to_the_same_tokens():
+    tokens = torch.randint(0, 1000, (2, 8))
+    header, buffers = P.decode(P.encode_request(3, 7, tokens, [10, 11], "mb-1"), 1 << 20)
+    req = P.decode_request(header, buffers, INFO)
+    assert (req.student, req.seq, req.sample_ids, req.request_id) == (3, 7, [10, 11], "mb-1")
+    assert torch.equal(req.tokens, tokens)
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (torch.tensor([[1, 1000]]), "out of range"),
+    (torch.tensor([[-1, 2]]), "out of range"),
+    (torch.zeros(1, 33, dtype=torch.long), "sequence length 33 exceeds"),
+    (torch.zeros(3, 30, dtype=torch.long), "90 tokens exceeds"),
+])
+def test_bad_requests_are_rejected_with_a_reason(tokens, message):
+    header, buffers = P.decode(P.encode_request(0, 1, tokens), 1 << 20)
+    with pytest.raises(P.RequestRejectedError, match=message):
+        P.decode_request(header, buffers, INFO)
+
+
+def test_request_whose_buffer_does_not_match_its_shape_is_rejected():
+    header, buffers = P.decode(P.encode_request(0, 1, torch.zeros(2, 4, dtype=torch.long)), 1 << 20)
+    header["shape"] = [2, 5]
+    with pytest.raises(P.ProtocolError, match="bytes for a"):
+        P.decode_request(header, buffers, INFO)
+
+
+def test_reply_header_must_match_the_request_and_the_handshake():
+    tokens = torch.randint(0, 1000, (2, 5))
+    header = P.reply_header(1, _payload(tokens))
+    assert P.check_payload_header(header, (2, 5), INFO).batch == 2
+    with pytest.raises(P.ProtocolError, match="request was"):
+        P.check_payload_header(header, (2, 6), INFO)
+    absurd = dict(header, payload=dict(header["payload"], batch=2**40, token_hashes=[]))
+    with pytest.raises(P.ProtocolError, match="request was"):
+        P.check_payload_header(absurd, (2, 5), INFO)
+    other_k = P.ServerInfo(**{**INFO.__dict__, "k": 8})
+    with pytest.raises(P.ProtocolError, match="handshake"):
+        P.check_payload_header(header, (2, 5), other_k)
+
+
+def test_incompatibilities_name_each_field():
+    assert P.incompatibilities(INFO, P.Expectation(vocab_size=1000, k=4, temperature=1.0)) == []
+    problems = P.incompatibilities(INFO, P.Expectation(vocab_size=1001, k=8, temperature=2.0,
+                                                       teacher_fingerprint="other"))
+    assert [p.split(":")[0] for p in problems] == ["vocab_size", "k", "temperature", "teacher_fingerprint"]
