@@ -36,7 +36,7 @@ class TopKKernelConfig:
 
     chunk: int = 8192  # columns per program of the streaming pass (power of two, >= 512)
     num_warps: int = 8  # warps per program of the streaming pass
-    row_num_warps: int = 8  # warps per row of the selection pass
+    row_num_warps: int = 4  # warps per row of the selection pass
     precise_exp: bool = True  # CUDA's expf (as torch.exp) rather than the faster ex2.approx
 
     def __post_init__(self):

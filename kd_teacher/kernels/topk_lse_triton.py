@@ -105,9 +105,10 @@ def _ceil_mid(lo, hi):
     return (lo & hi) + ((lo ^ hi) >> 1) + 1
 
 
-# Sizes that vary per call are not specialised on (Triton would compile a variant per divisibility class);
-# the row stride is, since 16-divisible strides give vectorised loads.
-@triton.jit(do_not_specialize=["v_local", "valid", "num_chunks", "num_groups"])
+# Counts that vary per call are not specialised on (Triton would compile a variant per divisibility class).
+# The row stride and the shard widths are: knowing them divisible by 16 lets Triton prove the load masks
+# constant over 16 columns and issue vector loads (without it, this pass ran at 3x the read floor).
+@triton.jit(do_not_specialize=["num_chunks", "num_groups"])
 def chunk_stats_kernel(
     logits_ptr, row_stride, v_local, valid, inv_t, chunk_max_ptr, chunk_sum_ptr, group_max_ptr,
     num_chunks, num_groups,
@@ -120,16 +121,18 @@ def chunk_stats_kernel(
     g = chunk * GROUPS + tl.arange(0, GROUPS)
     col = g[:, None] * GROUP_SIZE + tl.arange(0, GROUP_SIZE)[None, :]
     row_ptr = logits_ptr + row.to(tl.int64) * row_stride
-    x = tl.load(row_ptr + col, mask=col < v_local, other=float("-inf")).to(tl.float32)
-    is_valid = col < valid
-    xsel = tl.where(is_valid, x, float("-inf"))
+    # Padding and out-of-range columns read as -inf: out of the max, exp() = 0 in the sum.
+    xsel = tl.load(row_ptr + col, mask=col < valid, other=float("-inf")).to(tl.float32)
 
-    group_max = tl.reduce(xsel, 1, _max_nan)
+    group_max = tl.max(xsel, axis=1)  # NaN-ignoring (one instruction); NaN shows up in the sum instead
     tl.store(group_max_ptr + row.to(tl.int64) * num_groups + g, group_max, mask=g < num_groups)
     # max(x / T) == max(x) / T: scaling by a positive factor is monotonic, also when rounded.
-    m = _scale(tl.reduce(group_max, 0, _max_nan), inv_t, SCALE)
-    e = tl.where(is_valid, _exp(_scale(xsel, inv_t, SCALE) - m, PRECISE_EXP), 0.0)
-    s = tl.sum(tl.sum(e, axis=1), axis=0)
+    m = _scale(tl.max(group_max, axis=0), inv_t, SCALE)
+    s = tl.sum(tl.sum(_exp(_scale(xsel, inv_t, SCALE) - m, PRECISE_EXP), axis=1), axis=0)
+    # torch.amax propagates NaN: a NaN logit makes the sum NaN; unless the max is +-inf (inf - inf is NaN
+    # too), that NaN is the max. (A chunk with NaN beside +inf, or beside only -inf, reports the inf; its
+    # LSE is NaN all the same.)
+    m = tl.where(_is_nan(s) & (m != float("inf")) & (m != float("-inf")), float("nan"), m)
     # An all -inf chunk adds nothing to a row that has a finite max (its exp() terms would be NaN here).
     s = tl.where(m == float("-inf"), 0.0, s)
     tl.store(chunk_max_ptr + pid, m)
@@ -141,7 +144,7 @@ def _write_ranked(
     row, row_ptr, scratch_ptr, count, valid, vocab_start, kk, out_values_ptr, out_ids_ptr, CAP: tl.constexpr
 ):
     """Rank the `count` (<= CAP) compacted columns in scratch by exact key and write the best kk out."""
-    RB: tl.constexpr = 64 if CAP > 64 else CAP
+    RB: tl.constexpr = 4096 // CAP if CAP <= 1024 else 4  # [CAP, RB] int64 compares per block
     j = tl.arange(0, CAP)
     present = j < count
     c = tl.load(scratch_ptr + j, mask=present, other=0, cache_modifier=".cg")
@@ -161,7 +164,7 @@ def _write_ranked(
     tl.store(out_ids_ptr + row64 * kk + rank, tl.where(c < valid, c.to(tl.int64) + vocab_start, -1), mask=out)
 
 
-@triton.jit(do_not_specialize=["v_local", "valid", "vocab_start", "kk", "num_chunks", "num_groups"])
+@triton.jit(do_not_specialize=["vocab_start", "kk", "num_chunks", "num_groups"])
 def row_topk_kernel(
     logits_ptr, row_stride, v_local, valid, vocab_start, kk,
     chunk_max_ptr, chunk_sum_ptr, group_max_ptr, scratch_groups_ptr, scratch_cols_ptr, flags_ptr,
@@ -190,16 +193,21 @@ def row_topk_kernel(
     gi = tl.arange(0, NG_P2)
     gmax = tl.load(group_max_ptr + row64 * num_groups + gi, mask=gi < num_groups, other=float("-inf"))
     ob = tl.where(gi < num_groups, _ordered(gmax.to(tl.int32, bitcast=True)), INT32_MIN)
-    lo = tl.full([], -(2**31), tl.int32)
-    hi = tl.max(ob, axis=0)
+    # bf16 logits carry 16 significant bits: bisect on those (16 steps, each a block-wide count).
+    SHIFT: tl.constexpr = 16 if logits_ptr.dtype.element_ty == tl.bfloat16 else 0
+    obs = ob >> SHIFT
+    lo = tl.full([], -(2**31), tl.int32) >> SHIFT
+    hi = tl.max(obs, axis=0)
     while lo < hi:
         mid = _ceil_mid(lo, hi)
-        enough = tl.sum((ob >= mid).to(tl.int32), axis=0) >= kk
+        enough = tl.sum((obs >= mid).to(tl.int32), axis=0) >= kk
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid - 1)
+    lo = lo << SHIFT  # every value whose high bits reach lo's compares >= it in full
     cand_group = (ob >= lo) & (gi < num_groups)
     n_groups = tl.sum(cand_group.to(tl.int32), axis=0)
-    fast = (n_groups <= GCAP).to(tl.int32) * (1 - _is_nan(m).to(tl.int32))
+    # NaN: no bound compares with it; s NaN also catches +inf rows (inf - inf), which the exact pass handles.
+    fast = (n_groups <= GCAP).to(tl.int32) * (1 - (_is_nan(m) | _is_nan(s)).to(tl.int32))
     if fast == 1:
         # Compact the candidate groups' ids, then read those groups again.
         gpos = tl.cumsum(cand_group.to(tl.int32), axis=0) - 1
