@@ -305,6 +305,7 @@ class DumpWriter:
         total = sum(len(self.manifest.shard_range(i)) for i in mine)
         done = total - sum(len(self.manifest.shard_range(i)) for i in pending)
         bar = self._progress_bar(total, done)
+        self._started, self._tokens_scored = time.monotonic(), 0
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-dump-writer")
         inflight: Optional[Future] = None
         last_refresh = time.monotonic()
@@ -348,17 +349,17 @@ class DumpWriter:
         for j, t in zip(ids, tokens):
             check_token_range(t, self.engine.vocab_size, j)
         records: list[fmt.SampleRecord] = []
-        t0, n_tok = time.monotonic(), 0
         for chunk in plan_chunks([len(t) for t in tokens], self.engine.config.max_tokens_per_batch):
             batch = torch.stack([tokens[c] for c in chunk])
             sample_ids = [ids[c] for c in chunk]
             payload = self.engine.score_many([ScoreRequest(batch, sample_ids)])[0]
             if self.is_writer:
                 records += self._to_records(payload)
-            n_tok += batch.numel()
+            self._tokens_scored += batch.numel()
             if bar is not None:
+                rate = self._tokens_scored / max(time.monotonic() - self._started, 1e-9)
                 bar.update(len(chunk))
-                bar.set_postfix_str(f"{n_tok / max(time.monotonic() - t0, 1e-9):,.0f} tok/s", refresh=False)
+                bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
         return records
 
     def _to_records(self, payload) -> list[fmt.SampleRecord]:

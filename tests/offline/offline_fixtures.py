@@ -157,3 +157,23 @@ def stored_values_follow_values_dtype(cfg: DumpConfig) -> dict:
     return dict(dtype=str(got.values.dtype), header=got.header.values_dtype,
                 equal=torch.equal(got.values, want.values.to(dtype)) and torch.equal(got.lse, want.lse)
                 and torch.equal(got.indices, want.indices))
+
+
+def dump_with_tensor_parallel_teacher(cfg: DumpConfig) -> dict:
+    """run_distributed target with tp=2: both TP ranks score, rank 0 of the group writes; the dump serves what
+    the TP=2 engine scores."""
+    from kd_teacher.engine.loading import build_engine
+    from kd_teacher.offline.data import build_source
+    from kd_teacher.offline.reader import OfflineTeacher
+    from kd_teacher.offline.verify import verify
+    from kd_teacher.offline.writer import run_dump
+
+    engine = build_engine(cfg.teacher)
+    source = build_source(cfg.data)
+    manifest = run_dump(cfg, engine, source)
+    teacher = OfflineTeacher(cfg.output.dir)
+    tokens = torch.stack([source.tokens(i) for i in range(0, len(source), 3)])
+    got, want = teacher.score(tokens), engine.score(tokens)
+    return dict(complete=manifest.complete, verified=verify(cfg.output.dir).ok,
+                equal=torch.equal(got.values, want.values) and torch.equal(got.indices, want.indices)
+                and torch.equal(got.lse, want.lse))

@@ -26,6 +26,7 @@ from kd_teacher.offline.verify import inspect, verify
 from kd_teacher.testing.distributed import run_distributed
 from offline_fixtures import (
     dump_on_ranks,
+    dump_with_tensor_parallel_teacher,
     file_bytes,
     gpt_dump_config,
     student_reads_match_engine,
@@ -73,6 +74,15 @@ def test_other_dp_count_writes_identical_files_and_verify_rescores(reference, tm
     report = run_distributed(verify_with_rescore, 1, str(out), _cfg_to(cfg, out), 4)[0]
     assert report["ok"], report["problems"]
     assert report["rescored"] == report["rescored_equal"] == 4
+
+
+def test_tensor_parallel_teacher_writes_once_per_model_parallel_group(reference, tmp_path):
+    cfg, _, _ = reference
+    tp_cfg = _cfg_to(cfg, tmp_path / "tp2")
+    model = replace(tp_cfg.teacher.model, tensor_model_parallel_size=2)
+    tp_cfg = replace(tp_cfg, teacher=replace(tp_cfg.teacher, model=model))
+    results = run_distributed(dump_with_tensor_parallel_teacher, 2, tp_cfg, tp=2)
+    assert results == [dict(complete=True, verified=True, equal=True)] * 2
 
 
 # ---- crash safety ------------------------------------------------------------------------------------------------
@@ -157,6 +167,9 @@ def test_cli_dump_killed_and_rerun_gives_the_same_dump(reference, tmp_path):
     p.wait(30)
     assert p.returncode == -signal.SIGKILL
     assert fmt.load_manifest(out).complete is False
+    with pytest.raises(fmt.DumpError, match="unfinished dump"):
+        OfflineTeacher(out)
+    assert len(OfflineTeacher(out, allow_incomplete=True)) < fmt.load_manifest(out).num_samples
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1])["samples"] == fmt.load_manifest(out).num_samples

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kd_teacher.offline.data import DataConfig, TokenizerConfig
-from kd_teacher.offline.packing import bits_for_vocab, pack_ids, packed_row_bytes, unpack_ids
+from kd_teacher.offline.packing import _pack_torch, _unpack_torch, bits_for_vocab, pack_ids, packed_row_bytes, unpack_ids
 from kd_teacher.offline.writer import DumpConfig, OutputConfig, plan_chunks
 from kd_teacher.testing.distributed import run_distributed
 from offline_fixtures import score_jsonl_and_compare, tiny_teacher
@@ -31,6 +31,9 @@ def test_every_id_round_trips_exactly(vocab):
         packed = pack_ids(rows, bits)
         assert packed.dtype == torch.uint8 and packed.shape == (rows.shape[0], packed_row_bytes(n, bits))
         assert torch.equal(unpack_ids(packed, n, bits), rows.to(torch.int32))
+        # the GPU implementation (torch bit planes), run here on the CPU: the very same bytes
+        assert torch.equal(_pack_torch(rows, bits), packed)
+        assert torch.equal(_unpack_torch(packed, n, bits), rows.to(torch.int32))
 
 
 def test_packing_refuses_ids_that_do_not_fit():
