@@ -178,7 +178,7 @@ def main() -> int:
 
 def machine() -> str:
     if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} , torch {torch.__version__}"
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}, torch {torch.__version__}"
 
 
