@@ -50,11 +50,17 @@ def start_teacher(transport: str, nprocs: int, overrides: list[str], log: Path) 
 
 
 def stop_teacher(procs):
+    """SIGTERM (the server closes and removes its segments), SIGKILL if that does not end it."""
     for p in procs:
         if p.poll() is None:
             p.send_signal(signal.SIGCONT)
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
             p.kill()
-        p.wait(timeout=30)
+            p.wait(timeout=30)
 
 
 def signal_later(procs, sig, delay_s: float, then=None):
@@ -230,7 +236,9 @@ def test_shm_teacher_replicas_bitwise_bad_requests_frozen_killed_and_restarted(t
     restarted: list = []
 
     def kill_and_restart():
-        stop_teacher(teacher)
+        for p in teacher:
+            p.kill()  # SIGKILL: no clean-up, its segments stay behind for the new server to take over
+            p.wait()
         restarted.extend(start_teacher("shm", 2, [f"serve.name={name}"], tmp_path / "restarted"))
 
     try:
@@ -257,3 +265,5 @@ def test_shm_teacher_replicas_bitwise_bad_requests_frozen_killed_and_restarted(t
         run_distributed(_close, 2)
         stop_teacher(teacher)
         stop_teacher(restarted)
+        for path in Path("/dev/shm").glob(f"kdt-{name}.*"):  # segments of the teacher killed on purpose
+            path.unlink()
