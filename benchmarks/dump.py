@@ -22,7 +22,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import asdict
 from datetime import date
 from pathlib import Path
 

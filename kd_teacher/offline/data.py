@@ -13,7 +13,6 @@ Both give `len(source)`, `source.tokens(i)` (1-D int64) and an identity dict for
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field

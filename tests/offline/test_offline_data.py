@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-
 import pytest
 
 from kd_teacher.config import ConfigError
-from kd_teacher.offline.data import DataConfig, JsonlSource, TokenizerConfig, check_token_range
+from kd_teacher.offline.data import DataConfig, JsonlSource, check_token_range
 from kd_teacher.offline.writer import DumpConfig, OutputConfig, load_dump_config
 from kd_teacher.testing.distributed import run_distributed
 from offline_fixtures import stored_values_follow_values_dtype, tiny_teacher
