@@ -16,6 +16,7 @@ import atexit
 import os
 import queue
 import socket
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Callable
@@ -64,7 +65,8 @@ def _worker(rank: int, world_size: int, port: int, jobs, results) -> None:
             results.put((rank, True, out))
         except BaseException:  # noqa: BLE001 - reported to the parent verbatim
             results.put((rank, False, traceback.format_exc()))
-    dist.destroy_process_group()
+    # No destroy_process_group(): it can wait on peers that are already gone, and the process is ending.
+    os._exit(0)
 
 
 class _Pool:
@@ -112,10 +114,12 @@ class _Pool:
                 q.put(None)
             except Exception:  # noqa: BLE001
                 pass
+        deadline = time.monotonic() + 3.0
         for p in self.procs:
-            p.join(timeout=5)
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
+                p.join(timeout=1.0)
 
 
 _POOLS: dict[int, _Pool] = {}
