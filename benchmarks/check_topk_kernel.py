@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--small", action="store_true", help="interpreter-sized cases (CPU)")
     p.add_argument("--chunk", type=int, default=None, help="kernel chunk (default: config default; 512 with --small)")
-    p.add_argument("--only", default=None, help="run cases whose name contains this")
+    p.add_argument("--only", default=None, help="run cases whose name contains one of these (comma-separated)")
     p.add_argument("--shard", default=None, help="I/N: run every N-th case from the I-th (parallel compiles)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, help="combine shard JSON files into --out")
     p.add_argument("--out", type=Path, default=None)
@@ -230,7 +230,8 @@ def main(argv=None) -> int:
     config = TopKKernelConfig(chunk=chunk)
     cases = small_cases() if args.small else gpu_cases()
     if args.only:
-        cases = [c for c in cases if args.only in c.name]
+        wanted = args.only.split(",")
+        cases = [c for c in cases if any(w in c.name for w in wanted)]
     if args.shard:
         i, n = (int(t) for t in args.shard.split("/"))
         cases = cases[i::n]
