@@ -20,6 +20,10 @@ def __getattr__(name):
         from kd_teacher.offline.reader import OfflineTeacher
 
         return OfflineTeacher
+    if name in ("kd_loss", "kd_loss_and_report", "payload_for_cp_rank"):  # the student-side KD losses
+        from kd_teacher import losses
+
+        return getattr(losses, name)
     if name in ("wrap_forward_step", "KDConfig"):  # the training-loop hook (kd_teacher.hooks)
         from kd_teacher import hooks
 
@@ -30,5 +34,5 @@ def __getattr__(name):
 __all__ = [
     "TopKPayload", "PayloadHeader", "PayloadError", "TokenMismatchError", "token_hash",
     "vocab_parallel_topk", "TeacherEngine", "EngineConfig", "OfflineTeacher",
-    "wrap_forward_step", "KDConfig",
+    "wrap_forward_step", "KDConfig", "kd_loss", "kd_loss_and_report", "payload_for_cp_rank",
 ]

@@ -1,10 +1,13 @@
 """Cut a payload to this rank's context-parallel shard of the sequence, the way Megatron-Core cuts the batch.
 
-Megatron-Core's `get_batch_on_this_cp_rank` (megatron/core/utils.py in 0.16 and 0.19) splits the sequence into
+Megatron-Core's `get_batch_on_this_cp_rank` (megatron/core/utils.py, 0.16 and 0.19.2) splits the sequence into
 2 x cp chunks and gives CP rank r the chunks r and 2 x cp - 1 - r, in that order, so that causal attention work
 is balanced. Tokens, labels and loss_mask are cut that way before the forward; the student's logits on a CP rank
 are therefore [b, 2 * s / (2 * cp), V/TP], and the teacher payload (computed for whole sequences) must be cut
 the same way to line up with them.
+
+This is the per-sequence split (batches of whole sequences, `cu_seqlens` absent). Packed sequences with
+per-document balancing (megatron-core 0.19's `cu_seqlens` path) are not handled here.
 
 The token hashes in the header stay those of the whole sequences: check the payload against the micro-batch's
 tokens (`TopKPayload.check_tokens`) *before* cutting, while both are whole.

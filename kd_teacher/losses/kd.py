@@ -18,6 +18,7 @@ no probability and no gradient. (Megatron's own cross-entropy does include them.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -214,7 +215,10 @@ def megatron_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, g
         # Megatron's CE subtracts the max and exponentiates *in place* when its input is already fp32 (it
         # owns the logits in Megatron-LM); here the KD term still needs them, so it gets its own copy.
         logits = logits.clone()
-    ce = vocab_parallel_cross_entropy(logits, target.long())
+    # megatron-core >= 0.19 takes the TP group as an argument; 0.16 reads it from parallel_state (checked above).
+    takes_group = "tp_group" in inspect.signature(vocab_parallel_cross_entropy).parameters
+    extra = {"tp_group": group} if takes_group and group is not None else {}
+    ce = vocab_parallel_cross_entropy(logits, target.long(), **extra)
     return ce.transpose(0, 1) if rows.seq_major else ce
 
 

@@ -117,11 +117,15 @@ def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
 def _shifted_scaled(rows_chunk, shift, inv_t: float, valid: int, out):
     """out[:, :valid] = (z - shift) / T in the compute dtype, padding columns -inf; one pass when T = 1.
 
-    `torch.sub(..., out=)` reads the bf16 logits and writes fp32 in one kernel: the upcast copy and the shift
-    cost one pass, not two.
+    On CUDA `torch.sub(..., out=)` reads the bf16 logits and writes fp32 in one kernel (the cast happens in
+    the load), so the upcast and the shift cost one pass. PyTorch's CPU kernels take a much slower path for
+    mixed dtypes (~7x a plain copy), so there an upcasting copy and an in-place shift are faster.
     """
     body = out[:, :valid] if valid < out.shape[1] else out
-    torch.sub(rows_chunk[:, :valid], shift.unsqueeze(1), out=body)
+    if out.is_cuda or rows_chunk.dtype == out.dtype:
+        torch.sub(rows_chunk[:, :valid], shift.unsqueeze(1), out=body)
+    else:
+        body.copy_(rows_chunk[:, :valid]).sub_(shift.unsqueeze(1))
     if inv_t != 1.0:
         body.mul_(inv_t)
     if valid < out.shape[1]:
@@ -200,7 +204,7 @@ class _VocabParallelBuckets(torch.autograd.Function):
             raise StudentLogitsError(
                 f"student logits are NaN, +inf or all -inf in {bad} token(s): the loss would be NaN"
             )
-        ctx.shard, ctx.inv_t, ctx.tail, ctx.chunk = shard, inv_t, tail, chunk
+        ctx.shard, ctx.inv_t, ctx.tail, ctx.chunk, ctx.logits_dtype = shard, inv_t, tail, chunk, rows.dtype
         ctx.mark_non_differentiable(gmax, gathered)
         if not tail:
             ctx.save_for_backward(pos, owned)
@@ -220,7 +224,7 @@ class _VocabParallelBuckets(torch.autograd.Function):
         shard, inv_t = ctx.shard, ctx.inv_t
         if not ctx.tail:
             pos, owned = ctx.saved_tensors
-            return _sparse_grad(grad_logp * inv_t, pos, owned, shard.size) + (None,) * 6
+            return _sparse_grad(grad_logp * inv_t, pos, owned, shard.size, ctx.logits_dtype) + (None,) * 6
         rows, pos, owned, gmax, log_tail, logp = ctx.saved_tensors
         k = pos.shape[1]
         total = grad_logp.sum(dim=1, keepdim=True)
@@ -243,14 +247,18 @@ class _VocabParallelBuckets(torch.autograd.Function):
             _remove_ids(x, pos[lo:hi], owned[lo:hi])
             x.exp_()
             out = grad[lo:hi]
-            torch.mul(x, elsewhere[lo:hi], out=out)  # writes the logits dtype directly
+            if out.is_cuda or in_place:
+                torch.mul(x, elsewhere[lo:hi], out=out)  # writes the logits dtype directly
+            else:  # CPU: mixed-dtype kernels are slow, see _shifted_scaled
+                out.copy_(x.mul_(elsewhere[lo:hi]))
             out.scatter_add_(1, pos[lo:hi], at_ids[lo:hi].to(out.dtype))
         return (grad,) + (None,) * 6
 
 
-def _sparse_grad(grad_ids, pos, owned, v_local):
-    grad = torch.zeros(pos.shape[0], v_local, dtype=grad_ids.dtype, device=grad_ids.device)
-    grad.scatter_add_(1, pos, torch.where(owned, grad_ids, torch.zeros_like(grad_ids)))
+def _sparse_grad(grad_ids, pos, owned, v_local, dtype):
+    # Allocated in the logits' dtype: an fp32 gradient would be cast by autograd, costing a second full copy.
+    grad = torch.zeros(pos.shape[0], v_local, dtype=dtype, device=grad_ids.device)
+    grad.scatter_add_(1, pos, torch.where(owned, grad_ids, torch.zeros_like(grad_ids)).to(dtype))
     return (grad,)
 
 
