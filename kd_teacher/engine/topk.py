@@ -59,6 +59,25 @@ def _check_args(logits: torch.Tensor, k: int, temperature: float, vocab_size: in
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
 
 
+def _topk_positions(x: torch.Tensor, kk: int) -> torch.Tensor:
+    """Columns of the kk largest of each row of fp32 `x`, by value descending then column ascending.
+
+    A float `topk` is ~5x cheaper than ranking int64 keys over the whole row, and exact unless ties reach
+    the k-th place. So: float topk, re-sort the kk picks by key (cheap), and redo with full keys only the
+    rows where the k-th value also occurs outside the picks (or a NaN makes comparisons meaningless).
+    """
+    vals, pos = torch.topk(x, kk, dim=-1, sorted=True)
+    order = torch.argsort(order_preserving_key(vals, pos), dim=-1, descending=True)
+    pos = torch.gather(pos, -1, order)
+    boundary_ties = torch.count_nonzero(x >= vals[:, -1:], dim=-1) != kk
+    redo = (boundary_ties | torch.isnan(x).any(dim=-1)).nonzero().squeeze(-1)
+    if redo.numel():
+        sub = x[redo]
+        cols = torch.arange(x.shape[-1], device=x.device, dtype=torch.int64).expand_as(sub)
+        pos[redo] = torch.topk(order_preserving_key(sub, cols), kk, dim=-1, sorted=True).indices
+    return pos
+
+
 def local_topk_stats(
     logits: torch.Tensor, k: int, temperature: float, vocab_start: int, valid: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -74,14 +93,12 @@ def local_topk_stats(
     out_i = torch.empty(n, kk, dtype=torch.int64, device=logits.device)
     out_m = torch.empty(n, dtype=torch.float32, device=logits.device)
     out_s = torch.empty(n, dtype=torch.float32, device=logits.device)
-    ids = torch.arange(v_local, device=logits.device, dtype=torch.int64) + vocab_start
     is_pad = torch.arange(v_local, device=logits.device) >= valid
     for lo in range(0, n, _CHUNK_TOKENS):
         x = logits[lo : lo + _CHUNK_TOKENS].float()
         if valid < v_local:
             x = x.masked_fill(is_pad, float("-inf"))
-        key = order_preserving_key(x, ids.expand_as(x))
-        _, pos = torch.topk(key, kk, dim=-1, sorted=True)
+        pos = _topk_positions(x, kk)
         out_v[lo : lo + _CHUNK_TOKENS] = torch.gather(logits[lo : lo + _CHUNK_TOKENS], -1, pos)
         gid = pos + vocab_start
         out_i[lo : lo + _CHUNK_TOKENS] = torch.where(pos < valid, gid, torch.full_like(gid, -1))
@@ -89,7 +106,7 @@ def local_topk_stats(
             xt = x[:, :valid] / temperature if temperature != 1.0 else x[:, :valid]
             m = xt.amax(dim=-1)
             out_m[lo : lo + _CHUNK_TOKENS] = m
-            out_s[lo : lo + _CHUNK_TOKENS] = torch.exp(xt - m.unsqueeze(-1)).sum(dim=-1)
+            out_s[lo : lo + _CHUNK_TOKENS] = (xt - m.unsqueeze(-1)).exp_().sum(dim=-1)
         else:
             out_m[lo : lo + _CHUNK_TOKENS] = float("-inf")
             out_s[lo : lo + _CHUNK_TOKENS] = 0.0
