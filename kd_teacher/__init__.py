@@ -28,6 +28,10 @@ def __getattr__(name):
         from kd_teacher import hooks
 
         return getattr(hooks, name)
+    if name in ("RemoteTeacher", "RemoteTeacherConfig"):  # the streaming teacher's client (kd_teacher.transport)
+        from kd_teacher import transport
+
+        return getattr(transport, name)
     raise AttributeError(f"module 'kd_teacher' has no attribute {name!r}")
 
 
@@ -35,4 +39,5 @@ __all__ = [
     "TopKPayload", "PayloadHeader", "PayloadError", "TokenMismatchError", "token_hash",
     "vocab_parallel_topk", "TeacherEngine", "EngineConfig", "OfflineTeacher",
     "wrap_forward_step", "KDConfig", "kd_loss", "kd_loss_and_report", "payload_for_cp_rank",
+    "RemoteTeacher", "RemoteTeacherConfig",
 ]

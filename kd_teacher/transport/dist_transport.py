@@ -13,11 +13,11 @@ a PrefixStore), and used only through its own send/recv.
 Two planes:
   control  the TCPStore: handshake keys, one request queue per replica (`kd/req/<r>`, token ids inline: 8
            bytes a token), one reply-header queue per student (`kd/rep/<i>`), a heartbeat counter per replica
-  data     the payload tensors (values, indices, lse) by point-to-point send/recv of the KD group: on the GPU
-           with NCCL, on the CPU with gloo; the same code
+  data     the payload (indices, lse, values packed into one buffer, one transfer) by point-to-point send/recv
+           of the KD group: on the GPU with NCCL, on the CPU with gloo; the same code
 
 Bounded waits: a student never posts a recv before the reply header says the data is on its way, so it only
-ever waits on the store, in slices, checking the teacher's heartbeat between slices: a dead or frozen teacher
+ever waits on the store (non-blocking pops), checking the teacher's heartbeat while it polls: a dead or frozen teacher
 stops its heartbeat and the wait fails with TeacherUnavailableError after `heartbeat_timeout_s`; a slow one
 with TeacherTimeoutError at the request's timeout. The recv itself is bounded too (gloo: the work's timeout;
 NCCL: polling, then abort). The store lives in the student job, so a hung teacher cannot hang a store call.
@@ -93,8 +93,22 @@ def _wait(work, timeout_s: float, backend: str, pg) -> None:
         time.sleep(0.0002)
 
 
-def _is_timeout(e: Exception) -> bool:
-    return isinstance(e, dist.DistStoreError) and "timeout" in str(e).lower()
+def _pop(store, key: str, deadline: float, between=None, max_pause: float = 0.001) -> Optional[bytes]:
+    """The next message of queue `key`, or None at the deadline. Non-blocking pops with a growing pause:
+    a blocking pop that times out must cancel its wait on the server, which hangs if the server is frozen
+    (and c10d logs every timed-out wait)."""
+    pause = 0.00005
+    while True:
+        try:
+            return store.queue_pop(key, block=False)
+        except dist.QueueEmptyError:
+            pass
+        if between is not None:
+            between()
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(pause)
+        pause = min(pause * 2, max_pause)
 
 
 class _Heartbeat:
@@ -172,14 +186,14 @@ class DistServer:
         """Requests and (student, seq, error) pairs that arrived within `timeout` (blocking on the first)."""
         raw = []
         try:
-            self.store.set_timeout(_td(timeout))
-            raw.append(self.store.queue_pop(self._queue, block=True))
-            while len(raw) < max_requests and self.store.queue_len(self._queue) > 0:
-                raw.append(self.store.queue_pop(self._queue, block=False))
+            first = _pop(self.store, self._queue, time.monotonic() + timeout)
+            if first is not None:
+                raw.append(first)
+                while len(raw) < max_requests and self.store.queue_len(self._queue) > 0:
+                    raw.append(self.store.queue_pop(self._queue, block=False))
         except Exception as e:  # noqa: BLE001
-            if not _is_timeout(e):
-                log.info("the KD store is gone (%s): the students have left", e)
-                self._gone = True
+            log.info("the KD store is gone (%s): the students have left", e)
+            self._gone = True
         out = []
         for msg in raw:
             item = self._parse(msg)
@@ -212,9 +226,8 @@ class DistServer:
             self.store.queue_push(f"kd/rep/{student}", P.encode(P.reply_header(seq, payload, error)))
             if payload is None:
                 return
-            for t in P.payload_buffers(payload):
-                t = t.to(self.device).contiguous()
-                self._sends.append((self.pg.send([t], student, 0), t, student))
+            packed = P.pack_payload(payload, self.device)
+            self._sends.append((self.pg.send([packed], student, 0), packed, student))
             self._reap(max_pending=48)
         except Exception as e:  # noqa: BLE001 - one lost student must not stop the others
             log.warning("student %d is unreachable, no more replies to it: %s", student, e)
@@ -277,14 +290,19 @@ class DistClient:
         self._requests_q, self._replies_q = f"kd/req/{self.replica}", f"kd/rep/{student}"
         self._hb_key = f"kd/hb/{self.replica}"
         self._beat = (self.store.add(self._hb_key, 0), time.monotonic())
+        self._checked = 0.0
 
     def _fail(self, message: str, cls=P.TeacherUnavailableError):
         self.broken = message
         raise cls(message)
 
     def _check_teacher(self) -> None:
+        """Fail if the teacher's heartbeat stood still for heartbeat_timeout_s (checked every 20 ms at most)."""
         beat, seen = self._beat
         now = time.monotonic()
+        if now - self._checked < 0.02:
+            return
+        self._checked = now
         try:
             current = self.store.add(self._hb_key, 0)
         except Exception as e:  # noqa: BLE001
@@ -307,18 +325,14 @@ class DistClient:
     def receive(self, deadline: float, shape_of: Callable[[int], Optional[tuple]]):
         if self.broken:
             raise P.TeacherUnavailableError(f"the KD channel is unusable: {self.broken}")
-        while True:
-            self._check_teacher()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
-                self.store.set_timeout(_td(min(remaining, 0.1)))
-                msg = self.store.queue_pop(self._replies_q, block=True)
-                break
-            except Exception as e:  # noqa: BLE001
-                if not _is_timeout(e):
-                    self._fail(f"the KD store is unreachable: {e}")
+        try:
+            msg = _pop(self.store, self._replies_q, deadline, between=self._check_teacher, max_pause=0.00025)
+        except P.TransportError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            self._fail(f"the KD store is unreachable: {e}")
+        if msg is None:
+            return None
         header, _ = P.decode(msg, P.MAX_HEADER_BYTES + 64)
         seq = P.reply_seq(header)
         if header.get("status") != "ok":
@@ -329,14 +343,13 @@ class DistClient:
                                         self.info)
         except P.ProtocolError as e:
             self._fail(f"bad reply header, the channel is out of step: {e}", P.ProtocolError)
-        tensors = P.empty_payload_tensors(ph, self.device)
+        buf = torch.empty(sum(ph.buffer_sizes()), dtype=torch.uint8, device=self.device)
         grace = max(deadline - time.monotonic(), 0.0) + 0.05 * self.heartbeat_timeout_s + 0.05
-        for t in tensors:
-            try:
-                _wait(self.pg.recv([t], self.teacher_rank, 0), grace, self.backend, self.pg)
-            except Exception as e:  # noqa: BLE001
-                self._fail(f"receiving the payload of request {seq} from teacher replica {self.replica} failed: {e}")
-        return seq, TopKPayload(*tensors, ph), None
+        try:
+            _wait(self.pg.recv([buf], self.teacher_rank, 0), grace, self.backend, self.pg)
+        except Exception as e:  # noqa: BLE001
+            self._fail(f"receiving the payload of request {seq} from teacher replica {self.replica} failed: {e}")
+        return seq, P.unpack_payload(buf, ph), None
 
     def close(self) -> None:
         if not self.broken:

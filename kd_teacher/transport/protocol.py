@@ -299,6 +299,25 @@ def payload_from_buffers(ph: PayloadHeader, values, indices, lse) -> TopKPayload
     return TopKPayload(values, indices, lse, ph)
 
 
+def pack_payload(payload: TopKPayload, device) -> torch.Tensor:
+    """The payload's three buffers as one uint8 tensor (indices, lse, values: every part stays 4-byte aligned),
+    so that it moves in one transfer."""
+    parts = [payload.indices, payload.lse, payload.values]
+    return torch.cat([t.to(device).contiguous().reshape(-1).view(torch.uint8) for t in parts])
+
+
+def unpack_payload(buf: torch.Tensor, ph: PayloadHeader) -> TopKPayload:
+    """Views of a `pack_payload` buffer (no copy), shaped by a header already checked against the request."""
+    nv, ni, nl = ph.buffer_sizes()
+    if buf.numel() != nv + ni + nl:
+        raise ProtocolError(f"packed payload of {buf.numel()} bytes, its header implies {nv + ni + nl}")
+    b, s, k = ph.batch, ph.seq_len, ph.k
+    indices = buf[:ni].view(INDEX_DTYPE).view(b, s, k)
+    lse = buf[ni:ni + nl].view(torch.float32).view(b, s)
+    values = buf[ni + nl:].view(DTYPES[ph.values_dtype]).view(b, s, k)
+    return TopKPayload(values, indices, lse, ph)
+
+
 def empty_payload_tensors(ph: PayloadHeader, device) -> list[torch.Tensor]:
     """Receive buffers for a checked payload header (sizes bounded by the request shape and the handshake)."""
     b, s, k = ph.batch, ph.seq_len, ph.k

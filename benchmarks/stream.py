@@ -1,0 +1,334 @@
+"""Streaming teacher: transport throughput against raw copies of the same bytes, and the student's step time
+with a remote teacher against the CE-only step and the in-process (co-located) teacher step, same run.
+
+    python benchmarks/stream.py --preset cpu                     # shm + gloo on this machine
+    python benchmarks/stream.py --preset gpu --out $OUT/stream_gpu.json   # 2 GPUs: student GPU 0, teacher GPU 1
+
+(a) throughput: payload-sized replies (preset tokens x k) from an echo endpoint in another process (the real
+    ShmServer / DistServer, answering each request with a precomputed payload that carries the request's token
+    hashes) to a RemoteTeacher with `max_in_flight` requests out, against, in the same run:
+      dist - raw send/recv of one tensor of the same bytes over the same KD process group
+      shm  - a raw copy of the same bytes into and out of a /dev/shm mapping (one process, no signalling)
+    ratio = raw seconds / transport seconds (target >= 0.9 for dist).
+(b) overlap: Megatron-Core training steps (benchmarks/kd_step.py's student, script and teacher) with the KD
+    hook reading ahead from a `kd-teacher serve` process (shm on CPU, NCCL on GPU) against the CE-only step
+    (target <= 1.05 when the teacher is fast enough) and against the in-process teacher step; timed
+    interleaved, so drifting load hits all modes alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+PRESETS = {
+    "cpu": dict(batch=2, seq=2048, k=64, vocab=8000, dtype="float32", messages=30, rounds=5, in_flight=8,
+                transports=["shm", "dist"], step_transport="shm", steps=6, warmup=2),
+    "gpu": dict(batch=2, seq=4096, k=64, vocab=128256, dtype="bfloat16", messages=50, rounds=3, in_flight=4,
+                transports=["dist"], step_transport="dist", steps=10, warmup=3),
+}
+
+
+def _device(index: int = 0) -> torch.device:
+    return torch.device("cuda", index) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _info(p: dict):
+    from kd_teacher.transport.protocol import ServerInfo
+
+    return ServerInfo(vocab_size=p["vocab"], k=p["k"], temperature=1.0, values_dtype=p["dtype"],
+                      teacher_fingerprint="bench", recipe_fingerprint="bench",
+                      max_tokens_per_request=p["batch"] * p["seq"], max_seq_len=p["seq"])
+
+
+def _payload_tensors(p: dict, device):
+    g = torch.Generator().manual_seed(0)
+    b, s, k = p["batch"], p["seq"], p["k"]
+    values = torch.randn(b, s, k, generator=g).sort(-1, descending=True).values.to(getattr(torch, p["dtype"]))
+    indices = torch.randint(0, p["vocab"], (b, s, k), generator=g, dtype=torch.int32)
+    lse = torch.full((b, s), 20.0)
+    return values.to(device), indices.to(device), lse.to(device)
+
+
+# ---- (a) the echo endpoint (runs as its own process) ---------------------------------------------------------
+def echo_server(transport: str, preset: str, where: str) -> None:
+    from dataclasses import replace
+
+    from kd_teacher.payload import PayloadHeader, TopKPayload, token_hashes
+    from kd_teacher.transport.protocol import Request
+
+    p = PRESETS[preset]
+    info = _info(p)
+    device = _device(1 if torch.cuda.device_count() > 1 else 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    values, indices, lse = _payload_tensors(p, device)
+    header = PayloadHeader(k=p["k"], temperature=1.0, vocab_size=p["vocab"], batch=p["batch"], seq_len=p["seq"],
+                           values_dtype=p["dtype"], teacher_fingerprint="bench", recipe_fingerprint="bench")
+    raw = torch.cat([t.reshape(-1).view(torch.uint8) for t in (values, indices, lse)])
+    if transport == "shm":
+        from kd_teacher.transport.shm import ShmServer
+
+        server = ShmServer(where, info)
+    else:
+        from kd_teacher.transport.dist_transport import DistServer
+
+        server = DistServer(where, info, backend="nccl" if device.type == "cuda" else "gloo", device=device)
+    import signal
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # leave through close(): segments removed
+    while not server.finished() and not stop:
+        for item in server.poll(0.2):
+            if not isinstance(item, Request):
+                continue
+            if item.request_id and item.request_id.startswith("raw:"):  # the baseline: raw sends, same bytes
+                works = [server.pg.send([raw], item.student, 1) for _ in range(int(item.request_id[4:]))]
+                for w in works:
+                    w.wait()
+                continue
+            h = replace(header, token_hashes=token_hashes(item.tokens), sample_ids=item.sample_ids)
+            server.reply(item.student, item.seq, TopKPayload(values, indices, lse, h))
+    server.close()
+
+
+def _start_echo(transport: str, preset: str, where: str) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, __file__, "--role", "echo", "--transport", transport, "--preset", preset,
+                             "--where", where], env=env, cwd=ROOT)
+
+
+def throughput(transport: str, preset: str) -> dict:
+    from kd_teacher.testing.distributed import free_port
+    from kd_teacher.transport import RemoteTeacher, RemoteTeacherConfig
+
+    p = PRESETS[preset]
+    where = f"bench-{os.getpid()}" if transport == "shm" else f"127.0.0.1:{free_port()}"
+    echo = _start_echo(transport, preset, where)
+    try:
+        cfg = RemoteTeacherConfig(transport=transport, name=where, address=where, max_in_flight=p["in_flight"],
+                                  student_rank=0, num_students=1, connect_timeout_s=300, timeout_s=120,
+                                  device=str(_device(0)))
+        rt = RemoteTeacher(cfg)
+        tokens = torch.randint(0, p["vocab"], (p["batch"], p["seq"]))
+        values, indices, lse = _payload_tensors(p, _device(0))
+        nbytes = sum(t.numel() * t.element_size() for t in (values, indices, lse))
+        n = p["messages"]
+
+        def transport_round():
+            handles, t0 = [], time.perf_counter()
+            for _ in range(n):
+                handles.append(rt.submit(tokens))
+                if len(handles) >= p["in_flight"]:
+                    rt.result(handles.pop(0))
+            for h in handles:
+                rt.result(h)
+            _sync()
+            return time.perf_counter() - t0
+
+        baseline = _raw_dist(rt, tokens, n, nbytes) if transport == "dist" else _raw_shm(nbytes, n)
+        transport_round()
+        baseline()  # warm-up of both
+        ours, raw = [], []
+        for _ in range(p["rounds"]):
+            ours.append(transport_round())
+            raw.append(baseline())
+        rt.close()
+    finally:
+        echo.terminate() if transport == "shm" else None
+        echo.wait(timeout=120)
+    t_ours, t_raw = statistics.median(ours), statistics.median(raw)
+    return {"transport": transport, "payload_bytes": nbytes, "messages": n, "seconds_transport": ours,
+            "seconds_raw": raw, "GBps_transport": nbytes * n / t_ours / 1e9, "GBps_raw": nbytes * n / t_raw / 1e9,
+            "ratio_raw_over_transport_time": t_raw / t_ours,
+            "baseline": "raw send/recv, same KD group" if transport == "dist" else "raw /dev/shm copy in + out"}
+
+
+def _raw_dist(rt, tokens, n: int, nbytes: int):
+    channel = rt.channel
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=channel.device)
+
+    def run():
+        t0 = time.perf_counter()
+        channel.send(0, tokens[:1, :1], None, f"raw:{n}", 0.0)
+        for _ in range(n):
+            channel.pg.recv([buf], channel.teacher_rank, 1).wait()
+        _sync()
+        return time.perf_counter() - t0
+
+    return run
+
+
+def _raw_shm(nbytes: int, n: int):
+    import mmap
+
+    path = Path("/dev/shm") / f"kdt-rawbench-{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(fd, nbytes)
+    mm = mmap.mmap(fd, nbytes)
+    os.close(fd)
+    path.unlink()
+    shared = torch.frombuffer(mm, dtype=torch.uint8)
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+
+    def run():
+        t0 = time.perf_counter()
+        for _ in range(n):
+            shared.copy_(src)
+            shared.clone()
+        return time.perf_counter() - t0
+
+    return run
+
+
+# ---- (b) overlap: student steps with the hook --------------------------------------------------------------------
+def overlap(preset: str, teacher: str) -> dict:
+    import kd_step
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from kd_teacher.engine.engine import EngineConfig, TeacherEngine
+    from kd_teacher.engine.model import ModelConfig, PrecisionConfig, build_gpt_model
+    from kd_teacher.hooks import KDConfig, wrap_forward_step
+    from kd_teacher.hooks.sources import InProcessSource, RemoteSource
+    from kd_teacher.runtime import init_distributed
+    from kd_teacher.testing.distributed import free_port
+    from kd_teacher.transport import RemoteTeacher, RemoteTeacherConfig
+
+    sp = PRESETS[preset]
+    p = kd_step.PRESETS[preset]
+    precision = PrecisionConfig(params_dtype=p["dtype"])
+    student_cfg = ModelConfig(**p["student"], precision=precision, seed=1)
+    # "large": kd_step's teacher (3x the student's compute); "small": a teacher the size of the student, fast
+    # enough to hide behind the student's step when it has a core (CPU) or a GPU of its own.
+    teacher_cfg = ModelConfig(**p["teacher" if teacher == "large" else "student"], precision=precision, seed=2)
+    init_distributed(1, 1, 1234)
+    model, optimizer = kd_step.build_student(student_cfg)
+    torch.manual_seed(teacher_cfg.seed)
+    engine = TeacherEngine(build_gpt_model(teacher_cfg)[0], teacher_cfg.vocab_size,
+                           EngineConfig(k=p["k"], max_tokens_per_batch=p["micro_batch_size"] * p["seq"]),
+                           model_config=teacher_cfg)
+    batches = kd_step.micro_batches(p, student_cfg.vocab_size)
+
+    transport = sp["step_transport"]
+    where = f"bench-step-{teacher}-{os.getpid()}" if transport == "shm" else f"127.0.0.1:{free_port()}"
+    server = _start_teacher_server(teacher_cfg, p, transport, where)
+    try:
+        client = RemoteTeacher(RemoteTeacherConfig(
+            transport=transport, name=where, address=where, student_rank=0, num_students=1, k=p["k"],
+            vocab_size=student_cfg.vocab_size, connect_timeout_s=600, timeout_s=300, max_in_flight=4,
+            teacher_fingerprint=engine.fingerprint, device=str(_device(0))))
+        kd = dict(k=p["k"], alpha=0.9, vocab_size=student_cfg.vocab_size)
+        steps = {
+            "ce": kd_step.forward_step,
+            "remote": wrap_forward_step(kd_step.forward_step, KDConfig(source="remote", remote={}, prefetch=2, **kd),
+                                        model=model, source=RemoteSource(client)),
+            "in_process": wrap_forward_step(kd_step.forward_step, KDConfig(source="remote", remote={}, **kd),
+                                            model=model, source=InProcessSource(engine)),
+        }
+        forward_backward = get_forward_backward_func()
+
+        def train_step(step_fn):
+            model.zero_grad_buffer()
+            optimizer.zero_grad()
+            forward_backward(forward_step_func=step_fn, data_iterator=iter(batches), model=[model],
+                             num_microbatches=p["num_microbatches"], seq_length=p["seq"],
+                             micro_batch_size=p["micro_batch_size"], forward_only=False)
+            optimizer.step()
+
+        for _ in range(sp["warmup"]):
+            for fn in steps.values():
+                train_step(fn)
+        _sync()
+        samples = {name: [] for name in steps}
+        for _ in range(sp["steps"]):
+            for name, fn in steps.items():
+                t0 = time.perf_counter()
+                train_step(fn)
+                _sync()
+                samples[name].append(time.perf_counter() - t0)
+        client.close()
+    finally:
+        server.terminate() if transport == "shm" else None
+        server.wait(timeout=120)
+    median = {name: statistics.median(v) for name, v in samples.items()}
+    return {"transport": transport, "teacher": teacher, "tokens_per_step": p["micro_batch_size"] * p["seq"] * p["num_microbatches"],
+            "step_seconds_median": median, "samples": samples,
+            "ratio_remote_over_ce": median["remote"] / median["ce"],
+            "ratio_remote_over_in_process": median["remote"] / median["in_process"],
+            "ratio_in_process_over_ce": median["in_process"] / median["ce"], "target_remote_over_ce": 1.05}
+
+
+def _start_teacher_server(teacher_cfg, p: dict, transport: str, where: str) -> subprocess.Popen:
+    from dataclasses import asdict
+
+    cfg = {"model": asdict(teacher_cfg), "engine": {"k": p["k"], "max_tokens_per_batch": p["micro_batch_size"] * p["seq"]},
+           "serve": {"transport": transport, "name": where, "address": where,
+                     "max_tokens_per_request": p["micro_batch_size"] * p["seq"]}}
+    path = Path(tempfile.mkdtemp(prefix="kd_stream_")) / "serve.json"
+    path.write_text(json.dumps(cfg))  # JSON is YAML
+    # Its own world: not the benchmark's (init_distributed put RANK / MASTER_PORT ... into our environment).
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    if torch.cuda.device_count() > 1:
+        env["CUDA_VISIBLE_DEVICES"] = "1"
+    return subprocess.Popen([sys.executable, "-m", "kd_teacher.cli", "serve", str(path)], env=env, cwd=ROOT)
+
+
+# ---- main -----------------------------------------------------------------------------------------------------
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/stream_PRESET.json)")
+    parser.add_argument("--role", choices=["main", "echo"], default="main", help=argparse.SUPPRESS)
+    parser.add_argument("--transport", default="shm", help=argparse.SUPPRESS)
+    parser.add_argument("--where", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-overlap", action="store_true", help="only the throughput part")
+    args = parser.parse_args()
+    torch.set_num_threads(1) if args.preset == "cpu" else None
+    if args.role == "echo":
+        echo_server(args.transport, args.preset, args.where)
+        return 0
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)
+    result = {"benchmark": "stream", "preset": args.preset, "torch": torch.__version__,
+              "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+              "load_avg_1m": os.getloadavg()[0],
+              "throughput": [throughput(t, args.preset) for t in PRESETS[args.preset]["transports"]]}
+    if not args.skip_overlap:
+        result["overlap"] = [overlap(args.preset, teacher) for teacher in ("small", "large")]
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"stream_{args.preset}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    for r in result["throughput"]:
+        print(f"stream {args.preset} {r['transport']}: {r['GBps_transport']:.2f} GB/s vs raw {r['GBps_raw']:.2f} GB/s"
+              f" -> ratio {r['ratio_raw_over_transport_time']:.2f} ({r['baseline']})")
+    for o in result.get("overlap", []):
+        print(f"step with remote {o['teacher']} teacher ({o['transport']}): x{o['ratio_remote_over_ce']:.2f} of CE-only, "
+              f"x{o['ratio_remote_over_in_process']:.2f} of in-process teacher step "
+              f"(in-process x{o['ratio_in_process_over_ce']:.2f} of CE)")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
