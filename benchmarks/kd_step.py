@@ -117,9 +117,36 @@ def write_dump(engine, teacher_cfg: ModelConfig, batches, directory: Path, k: in
     run_dump(cfg, engine=engine)
 
 
-def run(preset: str) -> dict:
+def time_train_steps(steps: dict, model, optimizer, batches, p: dict, warmup: int, iters: int) -> dict:
+    """Seconds per training step of each forward_step variant in `steps`, interleaved step by step so that
+    drifting machine load hits every variant alike; same model, optimizer and micro-batches for all."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    forward_backward = get_forward_backward_func()
+
+    def train_step(step_fn):
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        forward_backward(forward_step_func=step_fn, data_iterator=iter(batches), model=[model],
+                         num_microbatches=p["num_microbatches"], seq_length=p["seq"],
+                         micro_batch_size=p["micro_batch_size"], forward_only=False)
+        optimizer.step()
+
+    for _ in range(warmup):
+        for fn in steps.values():
+            train_step(fn)
+    _sync()
+    samples = {name: [] for name in steps}
+    for _ in range(iters):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            train_step(fn)
+            _sync()
+            samples[name].append(time.perf_counter() - t0)
+    return samples
+
+
+def run(preset: str) -> dict:
     from kd_teacher.engine.engine import EngineConfig, TeacherEngine
     from kd_teacher.hooks import KDConfig, wrap_forward_step
     from kd_teacher.hooks.config import OfflineTeacherConfig
@@ -150,27 +177,7 @@ def run(preset: str) -> dict:
                                      source=OfflineSource(OfflineTeacher(tmp / "dump"))),
         "in_process": wrap_forward_step(forward_step, offline_cfg, model=model, source=InProcessSource(engine)),
     }
-    forward_backward = get_forward_backward_func()
-
-    def train_step(step_fn):
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        forward_backward(forward_step_func=step_fn, data_iterator=iter(batches), model=[model],
-                         num_microbatches=p["num_microbatches"], seq_length=p["seq"],
-                         micro_batch_size=p["micro_batch_size"], forward_only=False)
-        optimizer.step()
-
-    for _ in range(p["warmup"]):
-        for fn in steps.values():
-            train_step(fn)
-    _sync()
-    samples = {name: [] for name in steps}
-    for _ in range(p["steps"]):
-        for name, fn in steps.items():
-            t0 = time.perf_counter()
-            train_step(fn)
-            _sync()
-            samples[name].append(time.perf_counter() - t0)
+    samples = time_train_steps(steps, model, optimizer, batches, p, p["warmup"], p["steps"])
     median = {name: statistics.median(v) for name, v in samples.items()}
     return {
         "benchmark": "kd_step",

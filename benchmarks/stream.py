@@ -203,7 +203,6 @@ def _raw_shm(nbytes: int, n: int):
 # ---- (b) overlap: student steps with the hook --------------------------------------------------------------------
 def overlap(preset: str, teacher: str) -> dict:
     import kd_step
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from kd_teacher.engine.engine import EngineConfig, TeacherEngine
     from kd_teacher.engine.model import ModelConfig, PrecisionConfig, build_gpt_model
@@ -244,27 +243,7 @@ def overlap(preset: str, teacher: str) -> dict:
             "in_process": wrap_forward_step(kd_step.forward_step, KDConfig(source="remote", remote={}, **kd),
                                             model=model, source=InProcessSource(engine)),
         }
-        forward_backward = get_forward_backward_func()
-
-        def train_step(step_fn):
-            model.zero_grad_buffer()
-            optimizer.zero_grad()
-            forward_backward(forward_step_func=step_fn, data_iterator=iter(batches), model=[model],
-                             num_microbatches=p["num_microbatches"], seq_length=p["seq"],
-                             micro_batch_size=p["micro_batch_size"], forward_only=False)
-            optimizer.step()
-
-        for _ in range(sp["warmup"]):
-            for fn in steps.values():
-                train_step(fn)
-        _sync()
-        samples = {name: [] for name in steps}
-        for _ in range(sp["steps"]):
-            for name, fn in steps.items():
-                t0 = time.perf_counter()
-                train_step(fn)
-                _sync()
-                samples[name].append(time.perf_counter() - t0)
+        samples = kd_step.time_train_steps(steps, model, optimizer, batches, p, sp["warmup"], sp["steps"])
         client.close()
     finally:
         server.terminate() if transport == "shm" else None
