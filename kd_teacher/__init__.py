@@ -1,43 +1,41 @@
 """kd-teacher: teacher serving for knowledge distillation on Megatron-Core.
 
-Public API: the payload (`TopKPayload`), its extraction (`vocab_parallel_topk`) and the teacher engine
-(`TeacherEngine`); the loss, offline reader and hooks are added by their modules.
+Public API, in data-flow order: `TeacherEngine` (teacher mode) and `vocab_parallel_topk` produce a
+`TopKPayload`; `OfflineTeacher` (dumps) and `RemoteTeacher` (streaming) serve payloads from elsewhere;
+`wrap_forward_step` + `KDConfig` add KD to a Megatron-Core training loop; `kd_loss` / `kd_loss_and_report`
+are the vocab-parallel losses.
 """
+
+import importlib
 
 from kd_teacher.engine.topk import vocab_parallel_topk
 from kd_teacher.payload import PayloadError, PayloadHeader, TokenMismatchError, TopKPayload, token_hash
 
 __version__ = "0.1.0"
 
+# Names whose modules pull in Megatron-Core, safetensors or the transports: imported on first use, so that a
+# payload-only user (a reader of the wire format) stays light.
+_LAZY = {
+    "TeacherEngine": "kd_teacher.engine.engine",
+    "EngineConfig": "kd_teacher.engine.engine",
+    "OfflineTeacher": "kd_teacher.offline.reader",
+    "kd_loss": "kd_teacher.losses",
+    "kd_loss_and_report": "kd_teacher.losses",
+    "payload_for_cp_rank": "kd_teacher.losses",
+    "wrap_forward_step": "kd_teacher.hooks",
+    "KDConfig": "kd_teacher.hooks",
+    "RemoteTeacher": "kd_teacher.transport",
+    "RemoteTeacherConfig": "kd_teacher.transport",
+}
+
 
 def __getattr__(name):
-    # TeacherEngine pulls in Megatron-Core: import it lazily so that payload-only users stay light.
-    if name in ("TeacherEngine", "EngineConfig"):
-        from kd_teacher.engine import engine
-
-        return getattr(engine, name)
-    if name == "OfflineTeacher":  # reads dumps with safetensors/numpy only, but keep the import lazy too
-        from kd_teacher.offline.reader import OfflineTeacher
-
-        return OfflineTeacher
-    if name in ("kd_loss", "kd_loss_and_report", "payload_for_cp_rank"):  # the student-side KD losses
-        from kd_teacher import losses
-
-        return getattr(losses, name)
-    if name in ("wrap_forward_step", "KDConfig"):  # the training-loop hook (kd_teacher.hooks)
-        from kd_teacher import hooks
-
-        return getattr(hooks, name)
-    if name in ("RemoteTeacher", "RemoteTeacherConfig"):  # the streaming teacher's client (kd_teacher.transport)
-        from kd_teacher import transport
-
-        return getattr(transport, name)
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'kd_teacher' has no attribute {name!r}")
 
 
 __all__ = [
     "TopKPayload", "PayloadHeader", "PayloadError", "TokenMismatchError", "token_hash",
-    "vocab_parallel_topk", "TeacherEngine", "EngineConfig", "OfflineTeacher",
-    "wrap_forward_step", "KDConfig", "kd_loss", "kd_loss_and_report", "payload_for_cp_rank",
-    "RemoteTeacher", "RemoteTeacherConfig",
+    "vocab_parallel_topk", *_LAZY,
 ]

@@ -217,7 +217,6 @@ class TeacherEngine:
         )
 
     def _check_vocab(self) -> None:
-        mpu = _mpu()
         padded = getattr(self.model, "vocab_size", None)
         if padded is not None and self.vocab_size > padded:
             raise ValueError(
