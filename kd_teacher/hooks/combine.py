@@ -34,7 +34,7 @@ def kd_terms_for(logits_sbv: torch.Tensor, payload: TopKPayload, mask: torch.Ten
     return kd_terms(
         logits_sbv.transpose(0, 1),  # [b, s, V/TP] as a view: no copy of the logits
         payload, kind=cfg.kind, temperature=cfg.temperature, tail=cfg.tail, beta=cfg.beta, loss_mask=mask,
-        group=_tp_group(), vocab_size=vocab_size,
+        group=_tp_group(), vocab_size=vocab_size, chunk_tokens=cfg.chunk_tokens,
     )
 
 
