@@ -66,7 +66,8 @@ def _worker(rank: int, world_size: int, port: int, jobs, results) -> None:
         except BaseException:  # noqa: BLE001 - reported to the parent verbatim
             results.put((rank, False, traceback.format_exc()))
     # No destroy_process_group(): it can wait on peers that are already gone, and the process is ending.
-    os._exit(0)
+    # A normal return (not os._exit) lets multiprocessing's exit handlers shut down the Manager process
+    # that Megatron's checkpoint writer starts inside the worker; os._exit left it running as an orphan.
 
 
 class _Pool:
