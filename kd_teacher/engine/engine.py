@@ -164,10 +164,6 @@ class TeacherEngine:
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model, vocab_size: int, config: Optional[EngineConfig] = None, **kw) -> "TeacherEngine":
-        return cls(model, vocab_size, config, **kw)
-
-    @classmethod
     def from_checkpoint(
         cls, checkpoint_dir: str | Path, model_config: ModelConfig, config: Optional[EngineConfig] = None
     ) -> "TeacherEngine":
@@ -335,7 +331,7 @@ class TeacherEngine:
         device = next(self.model.parameters()).device
         if results is None:
             results = (
-                torch.empty(b, s, k, dtype=self._logits_dtype(), device=device),
+                torch.empty(b, s, k, dtype=self.tconfig.params_dtype, device=device),
                 torch.empty(b, s, k, dtype=torch.int64, device=device),
                 torch.empty(b, s, dtype=torch.float32, device=device),
             )
@@ -344,9 +340,6 @@ class TeacherEngine:
         for t in results:
             dist.broadcast(t, src=src, group=group)
         return results
-
-    def _logits_dtype(self) -> torch.dtype:
-        return self.tconfig.params_dtype
 
     # ---- the training-path forward, for the consistency contract ------------------------------------------
     def training_logits(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:

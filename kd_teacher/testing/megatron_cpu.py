@@ -12,7 +12,6 @@ It is a no-op when CUDA is available: on a GPU nothing here is ever used.
 from __future__ import annotations
 
 import importlib
-import sys
 import types
 
 import torch
@@ -134,6 +133,3 @@ def enable_megatron_on_cpu() -> bool:
     _ENABLED = True
     return True
 
-
-def is_enabled() -> bool:
-    return _ENABLED and "megatron.core" in sys.modules
