@@ -48,7 +48,8 @@ def token_hashes(tokens: torch.Tensor) -> list[str]:
     """One hash per sequence of a [b, s] batch."""
     if tokens.dim() != 2:
         raise PayloadError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
-    return [token_hash(row) for row in tokens]
+    host = tokens.detach().to(device="cpu", dtype=torch.int64)  # one device-to-host copy, not one per row
+    return [token_hash(row) for row in host]
 
 
 @dataclass
@@ -197,8 +198,11 @@ class TopKPayload:
         return self.values.float() / self.header.temperature - self.lse.unsqueeze(-1)
 
     # ---- checks ----------------------------------------------------------------------------------------
-    def validate(self) -> "TopKPayload":
-        """Shapes, dtypes, index range, k and finiteness; raises PayloadError naming the problem."""
+    def validate(self, values: bool = True) -> "TopKPayload":
+        """Shapes, dtypes, index range, k and finiteness; raises PayloadError naming the problem.
+
+        values=False checks the header, shapes and dtypes alone: no tensor is read, so on a GPU the host does
+        not wait for it (the KD loss checks the values with one read of its own, `kd_teacher.losses.kd`)."""
         h = self.header
         h.check()
         b, s, k = h.batch, h.seq_len, h.k
@@ -214,17 +218,24 @@ class TopKPayload:
             raise PayloadError(f"indices dtype {self.indices.dtype} != int32")
         if self.lse.dtype != torch.float32:
             raise PayloadError(f"lse dtype {self.lse.dtype} != float32")
-        if self.indices.numel():
-            lo, hi = int(self.indices.min()), int(self.indices.max())
-            if lo < 0 or hi >= h.vocab_size:
-                raise PayloadError(f"indices range [{lo}, {hi}] outside the vocabulary [0, {h.vocab_size})")
-        if not torch.isfinite(self.values).all() or not torch.isfinite(self.lse).all():
+        if not values:
+            return self
+        if not self.values.numel():
+            return self
+        # Every value check in one reduction and one read: on a GPU each separate check would hold the host
+        # until the queued work is done (float64 keeps int32 ids exact).
+        lo, hi, finite, excess = torch.stack([
+            self.indices.min().double(), self.indices.max().double(),
+            (torch.isfinite(self.values).all() & torch.isfinite(self.lse).all()).double(),
+            # log-sum-exp bounds every served logit from above: catches an lse paired with other values.
+            (self.values.float() / h.temperature - self.lse.unsqueeze(-1)).max().double(),
+        ]).tolist()
+        if lo < 0 or hi >= h.vocab_size:
+            raise PayloadError(f"indices range [{int(lo)}, {int(hi)}] outside the vocabulary [0, {h.vocab_size})")
+        if not finite:
             raise PayloadError("payload has non-finite values or lse")
-        # log-sum-exp bounds every served logit from above: catches an lse paired with other values.
-        if self.values.numel():
-            excess = (self.values.float() / h.temperature - self.lse.unsqueeze(-1)).max().item()
-            if excess > 1e-3:
-                raise PayloadError(f"lse is smaller than a served logit / T by {excess:.3g}: values and lse disagree")
+        if excess > 1e-3:
+            raise PayloadError(f"lse is smaller than a served logit / T by {excess:.3g}: values and lse disagree")
         return self
 
     def check_tokens(self, tokens: torch.Tensor, sample_ids: Optional[Sequence[int]] = None) -> None:
@@ -293,8 +304,25 @@ class TopKPayload:
             torch.cat([p.lse for p in parts]), header,
         )
 
-    def to(self, device) -> "TopKPayload":
-        return TopKPayload(self.values.to(device), self.indices.to(device), self.lse.to(device), self.header)
+    def to(self, device, non_blocking: bool = False) -> "TopKPayload":
+        """On `device`; `present` (an offline lookup's found-rows mask), if set, comes along."""
+        moved = TopKPayload(self.values.to(device, non_blocking=non_blocking),
+                            self.indices.to(device, non_blocking=non_blocking),
+                            self.lse.to(device, non_blocking=non_blocking), self.header)
+        present = getattr(self, "present", None)
+        if present is not None:
+            moved.present = present.to(device, non_blocking=non_blocking)
+        return moved
+
+    def pin_memory(self) -> "TopKPayload":
+        """In page-locked host memory, so that `to(cuda, non_blocking=True)` does not hold the host."""
+        if self.values.is_cuda or not torch.cuda.is_available():
+            return self
+        pinned = TopKPayload(self.values.pin_memory(), self.indices.pin_memory(), self.lse.pin_memory(), self.header)
+        present = getattr(self, "present", None)
+        if present is not None:
+            pinned.present = present.pin_memory()
+        return pinned
 
     # ---- serialisation ---------------------------------------------------------------------------------
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], str]:

@@ -32,10 +32,12 @@ _CHUNK_TOKENS = 1024
 def order_preserving_key(values: torch.Tensor, global_ids: torch.Tensor) -> torch.Tensor:
     """int64 keys such that key order == (value descending, id ascending) order; -inf ranks lowest.
 
-    `values` is fp32 (exact for bf16/fp16 inputs), `global_ids` int64 < 2**31.
+    `values` is fp32 (exact for bf16/fp16 inputs), `global_ids` int64 < 2**31. Every NaN ranks above +inf,
+    as in torch.topk, whatever its sign and payload (which `+ 0.0` keeps on CPU but not on CUDA).
     """
     v = values.float() + 0.0  # + 0.0 turns -0.0 into +0.0 so that equal values compare equal
     bits = v.view(torch.int32).to(torch.int64)
+    bits = torch.where(torch.isnan(v), 0x7FFFFFFF, bits)
     # IEEE-754 floats order like sign-magnitude integers: flip the magnitude bits of negatives.
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     return (bits << 32) | (0x7FFFFFFF - global_ids)
@@ -137,6 +139,12 @@ def merge_candidates(values: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[t
     return torch.gather(values, -1, pos), torch.gather(ids, -1, pos)
 
 
+def check_finite_lse(lses: list) -> None:
+    """Raise if any log-sum-exp is NaN or inf (non-finite teacher logits): one host sync for all of them."""
+    if lses and not torch.stack([torch.isfinite(x).all() for x in lses]).all():
+        raise FloatingPointError("non-finite logits (NaN or inf) in the teacher output: the LSE is not finite")
+
+
 def vocab_parallel_topk(
     logits: torch.Tensor,
     k: int,
@@ -144,6 +152,7 @@ def vocab_parallel_topk(
     temperature: float = 1.0,
     vocab_size: Optional[int] = None,
     group: Optional[dist.ProcessGroup] = None,
+    check_finite: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global top-k values/ids and full-vocabulary LSE of logits/T from this rank's vocabulary shard.
 
@@ -153,6 +162,8 @@ def vocab_parallel_topk(
 
     Returns values [..., k] (the raw logits, same dtype as the input), indices [..., k] (int64 global ids,
     sorted by value descending, ties by lower id) and lse [...] (fp32 log-sum-exp of logits / T).
+    check_finite=False leaves the non-finite check to the caller (`check_finite_lse`): on a GPU it makes the
+    host wait for the forward, so a caller with more host work to queue does it once, at its end.
     """
     tp = dist.get_world_size(group) if group is not None else 1
     rank = dist.get_rank(group) if group is not None else 0
@@ -183,8 +194,11 @@ def vocab_parallel_topk(
         s = s * torch.exp(m - m_global)
         dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
         m = m_global
-    values, indices = merge_candidates(cand_v, cand_i, k)
+    if tp > 1 or cand_v.shape[-1] != k:
+        values, indices = merge_candidates(cand_v, cand_i, k)
+    else:  # one shard: its candidates are already the top-k, in (value desc, id asc) order
+        values, indices = cand_v, cand_i
     lse = m + torch.log(s)
-    if not torch.isfinite(lse).all():
-        raise FloatingPointError("non-finite logits (NaN or inf) in the teacher output: the LSE is not finite")
+    if check_finite:
+        check_finite_lse([lse])
     return values.reshape(*lead, k), indices.reshape(*lead, k), lse.reshape(lead)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from kd_teacher.hooks.combine import combine_losses
 from kd_teacher.hooks.config import KDConfig, as_kd_config
-from kd_teacher.hooks.sources import TeacherSource, make_teacher_source
+from kd_teacher.hooks.sources import HostTokens, TeacherSource, make_teacher_source
 from kd_teacher.payload import PayloadError, TopKPayload
 from kd_teacher.precision import PrecisionRecipe, check_recipe
 
@@ -225,10 +225,12 @@ class KDForwardStep:
         return tokens, loss_mask, _broadcast_payload(payload)
 
     def _payload(self, tokens: torch.Tensor, handle) -> TopKPayload:
+        host = None
         if self._prepared:
             payload = self._prepared.popleft()
         elif handle is not None:
-            payload = self.source.result(handle)
+            source_handle, host = handle
+            payload = self.source.result(source_handle)
         elif self.source.pipeline_collective:
             raise RuntimeError(
                 "KD hook: the in-process teacher spans pipeline stages, so its payloads must be computed before "
@@ -237,11 +239,11 @@ class KDForwardStep:
             )
         else:
             payload = self.source.score(tokens)
-        return self._checked(payload, tokens)
+        return self._checked(payload, host.get() if host is not None else tokens)
 
     def _checked(self, payload: TopKPayload, tokens: torch.Tensor) -> TopKPayload:
-        """Everything the loss relies on, before it is used."""
-        payload.validate()
+        """Everything the loss relies on, before it is used; the payload ends up on the student's device."""
+        payload.validate()  # on the host for offline payloads; one read of the device for in-process/remote ones
         payload.check_tokens(tokens)
         h, cfg = payload.header, self.cfg
         if h.k != cfg.k:
@@ -252,7 +254,8 @@ class KDForwardStep:
             raise PayloadError(f"teacher payload has vocab size {h.vocab_size} but the student's is {self.vocab_size}")
         if self._expected_recipe is not None:
             check_recipe(h.recipe_fingerprint, self._expected_recipe, allow_mismatch=cfg.allow_recipe_mismatch)
-        return payload
+        # Offline payloads arrive in page-locked host memory: the copy is queued, the host does not wait.
+        return payload.to(_device(), non_blocking=True)
 
     # ---- reading ahead (sources that work asynchronously) ----------------------------------------------------
     def _next_item(self, iterator):
@@ -265,7 +268,10 @@ class KDForwardStep:
             except StopIteration:
                 break
             tokens, _ = self.batch_fields(item)
-            stream.append((item, self.source.submit(tokens)))
+            # One host copy of the ids per micro-batch, started now and read when the payload is checked.
+            host = HostTokens(tokens)
+            handle = self.source.submit(host if self.source.takes_host_tokens else tokens)
+            stream.append((item, (handle, host)))
         if not stream:
             raise StopIteration
         return stream.popleft()

@@ -145,6 +145,12 @@ def _bad_inputs():
         TeacherEngine.from_checkpoint("/nonexistent/ckpt", _model_config())
     except FileNotFoundError as e:
         errors["missing_checkpoint"] = str(e)
+    with torch.no_grad():  # a teacher gone bad: its logits are NaN, so no payload may come out
+        next(engine.model.parameters()).fill_(float("nan"))
+    try:
+        engine.score(torch.tensor([[1, 2, 3]]))
+    except FloatingPointError as e:
+        errors["nan_teacher"] = str(e)
     return errors
 
 
@@ -156,6 +162,7 @@ def test_bad_input_is_named():
     assert "larger than the true vocabulary" in errors["k_too_big"]
     assert "larger than the model's padded vocabulary" in errors["vocab_too_big"]
     assert "not a Megatron-Core distributed checkpoint" in errors["missing_checkpoint"]
+    assert "non-finite" in errors["nan_teacher"]
 
 
 def _score_many_vs_score():
