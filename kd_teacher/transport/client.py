@@ -56,6 +56,9 @@ class RemoteTeacherConfig:
     validate_payloads: bool = False
     # Where payloads land: None: the current CUDA device with NCCL, else the CPU.
     device: Optional[str] = None
+    # shm: also crc32 every slot's data (both directions); None: only where stores may be seen out of order
+    # (not x86). Slot headers are always hashed; see kd_teacher/transport/shm.py.
+    shm_verify_data: Optional[bool] = None
     # What the loss needs; the teacher is refused at connect unless it serves exactly this (None: any).
     vocab_size: Optional[int] = None
     k: Optional[int] = None
@@ -113,7 +116,7 @@ class RemoteTeacher:
 
             return ShmClient(cfg.name, rank, cfg.expectation(), slots=cfg.max_in_flight,
                              connect_timeout_s=cfg.connect_timeout_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s,
-                             device=cfg.device)
+                             device=cfg.device, verify_data=cfg.shm_verify_data)
         from kd_teacher.transport.dist_transport import DistClient
 
         return DistClient(cfg.address, rank, size, cfg.expectation(), backend=cfg.backend,

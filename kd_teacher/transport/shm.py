@@ -6,10 +6,38 @@ a segment that is not ours or not 0600 is refused):
   kdt-<name>.c<i>-<pid>     one per student (i = its rank): the hello / verdict handshake and two rings of
                             fixed-size slots, requests (student -> server) and replies (server -> student)
 
-A ring has `slots` slots and two counters, written (by the producer) and consumed (by the consumer). Slot
-seq % slots holds message seq: [u64 seq | u64 length | u64 crc32 | message]. The producer writes the message,
-then length and crc, then seq, then bumps `written`; the consumer checks seq and crc before it decodes, so a
-torn or stale slot is never taken for a message, and copies the message out before bumping `consumed`.
+A ring has `slots` slots and two counters, written (by the producer) and consumed (by the consumer); slot
+seq % slots holds message seq. A slot is a 64-byte slot header [u64 seq | u64 length | u64 meta length |
+u32 meta hash | u32 flags | u32 data crc] and the message: a JSON header (the request, or the reply with the
+payload header and its token hashes; padded with spaces to 64 bytes) and the raw buffers (tokens; or the
+payload's indices, lse, values: each 4-byte aligned, so the student's one buffer is viewed without copies).
+
+One copy per side. The producer copies each tensor straight into the slot (`Tensor.copy_` into a view of the
+mapping: no bytes object in between); the student copies the reply's buffers out in one `copy_` into one
+buffer on its device (the CPU, or the GPU directly) that the payload's tensors are views of; the server copies
+the (small) token ids out.
+
+Torn or stale slots: a seqlock plus a per-slot hash of the slot header, not a checksum of every byte.
+  producer: slot seq = 0 (being written) -> message -> length, hashes -> slot seq = seq -> `written` = seq
+  consumer: `written` >= seq -> slot seq == seq -> meta hash (crc32 of seq, length, flags, data crc and the
+            JSON header, token hashes included) -> parse -> copy out -> slot seq still == seq -> `consumed`
+Why that is enough: each ring has a single writer, and the writer never touches a slot the consumer has not
+released (`consumed`), so a slot cannot change under a reader that follows the counters. What is left is the
+order in which the reader sees the writer's stores: on x86-64 (TSO) stores become visible to other cores in
+program order (glibc's non-temporal memcpy ends in sfence), and CPython runs the `seq` store only after the
+copy returned, so a reader that sees the slot's seq sees the whole message. The meta hash catches a slot
+header or JSON that is not what was written (a stale slot, a foreign writer, bit flips in the part that
+decides what the bytes mean); the seq re-check after the copy catches a second writer (a replaced server
+that resumed: it also stops writing once it sees the channel attached to another generation). Where stores
+may become visible out of order (ARM, POWER) the default turns on `verify_data`: a crc32 of the buffers,
+written by the producer and checked (with retries while it does not match yet) by the consumer; it is also
+the debugging switch (`RemoteTeacherConfig.shm_verify_data`, kept in the channel file, so both directions of
+that student's channel use it). The crc costs about 0.5 ms per 2 MB on each side, ten times the copy: that
+is why it is not the default. Whatever the slot check, the student matches every payload to its request's
+tokens by their hashes (RemoteTeacher), so a payload for other tokens is never used.
+
+Waiting: a side that waits for the other yields its core (sched_yield) for the first 2 ms, then sleeps with
+doubling pauses up to 1-2 ms: a sleep of 50 us costs over 100 us on Linux, longer than a 2 MB copy.
 
 Students own their channel files, so a restarted server (same name) finds them again: it re-reads each hello,
 writes a new verdict under its new generation, and serves on from the counters it finds. A student notices a
@@ -24,6 +52,7 @@ import json
 import logging
 import mmap
 import os
+import platform
 import re
 import secrets
 import struct
@@ -35,25 +64,29 @@ from typing import Callable, Optional
 
 import torch
 
-from kd_teacher.payload import DTYPES, INDEX_DTYPE, PayloadHeader, TopKPayload
+from kd_teacher.payload import DTYPES, INDEX_DTYPE, TopKPayload
 from kd_teacher.transport import protocol as P
 
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
 _SERVER_MAGIC = b"KDSHMSV1"
-_CHANNEL_MAGIC = b"KDSHMCH1"
+_CHANNEL_MAGIC = b"KDSHMCH2"  # 2: seqlock slots with a meta hash (1 had a crc32 of every byte)
 _SERVER_BYTES = 64 + 65536
 _U64 = struct.Struct("<Q")
-_SLOT = struct.Struct("<QQQ")
-_SLOT_HEADER = 32
+_SLOT = struct.Struct("<QQQIII")  # seq, length, meta length, meta hash, flags, data crc
+_SLOT_HASHED = struct.Struct("<QQQII")  # what the meta hash covers besides the JSON: seq, lengths, flags, crc
+_SLOT_HEADER = 64
+_ALIGN = 64  # slots and buffers start on cache lines
+_DATA_CRC = 1  # slot flag: the data crc covers the buffers
+_MAX_META = 1 << 20
 _HELLO_AT, _HELLO_MAX = 128, 1920
 _VERDICT_AT, _VERDICT_MAX = 2048, 2048
 _RINGS_AT = 4096
 # channel header fields (byte offsets)
 _SLOTS, _REQ_BYTES, _REP_BYTES = 8, 16, 24
 _REQ_WRITTEN, _REQ_CONSUMED, _REP_WRITTEN, _REP_CONSUMED = 32, 40, 48, 56
-_ATTACHED_GEN, _VERDICT_LEN, _HELLO_LEN = 64, 72, 80
+_ATTACHED_GEN, _VERDICT_LEN, _HELLO_LEN, _FLAGS = 64, 72, 80, 88
 # server header fields
 _GEN, _PID, _HEARTBEAT, _INFO_LEN, _INFO_AT = 8, 16, 24, 32, 64
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
@@ -129,18 +162,54 @@ def _get_json(mm, at: int, limit: int, len_at: int):
     return json.loads(bytes(mm[at:at + n]))
 
 
+# ---- waiting ----------------------------------------------------------------------------------------------------
+class _Wait:
+    """Pauses of one wait for the other process: sched_yield for the first `spin_s` (the peer, busy on its own
+    core, answers within tens of microseconds), then sleeps doubling from 50 us up to `max_sleep_s`."""
+
+    def __init__(self, spin_s: float = 0.002, max_sleep_s: float = 0.001):
+        self.spin_until = time.monotonic() + spin_s
+        self.pause, self.max_sleep_s = 0.00005, max_sleep_s
+
+    def __call__(self) -> None:
+        if time.monotonic() < self.spin_until:
+            os.sched_yield()
+            return
+        time.sleep(self.pause)
+        self.pause = min(self.pause * 2, self.max_sleep_s)
+
+
 # ---- rings ------------------------------------------------------------------------------------------------------
+def _round_up(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _meta(header: dict, sizes: list[int]) -> bytes:
+    """The JSON header of a message with its buffer sizes, padded with spaces so the buffers start aligned."""
+    text = json.dumps(dict(header, buffers=sizes), separators=(",", ":")).encode()
+    return text + b" " * (_round_up(len(text)) - len(text))
+
+
+def _meta_hash(seq: int, length: int, meta_len: int, flags: int, data_crc: int, meta) -> int:
+    return zlib.crc32(meta, zlib.crc32(_SLOT_HASHED.pack(seq, length, meta_len, flags, data_crc)))
+
+
+def _byte_view(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
 class _Ring:
     """One direction of a channel: `slots` fixed-size slots and the written/consumed counters."""
 
-    def __init__(self, mm: mmap.mmap, base: int, slots: int, slot_bytes: int, written_at: int, consumed_at: int):
-        self.mm, self.base, self.slots, self.slot_bytes = mm, base, slots, slot_bytes
-        self.written_at, self.consumed_at = written_at, consumed_at
+    def __init__(self, mm: mmap.mmap, raw: torch.Tensor, base: int, slots: int, slot_bytes: int, written_at: int,
+                 consumed_at: int, verify_data: bool):
+        self.mm, self.raw, self.base, self.slots, self.slot_bytes = mm, raw, base, slots, slot_bytes
+        self.written_at, self.consumed_at, self.verify_data = written_at, consumed_at, verify_data
         self.view = memoryview(mm)
 
     @property
     def stride(self) -> int:
-        return _SLOT_HEADER + self.slot_bytes
+        return _SLOT_HEADER + _round_up(self.slot_bytes)
 
     def _slot(self, seq: int) -> int:
         return self.base + ((seq - 1) % self.slots) * self.stride
@@ -151,46 +220,110 @@ class _Ring:
     def pending(self) -> bool:
         return _get(self.mm, self.consumed_at) < _get(self.mm, self.written_at)
 
-    def put(self, write: Callable[[memoryview], int]) -> None:
-        """Write the next message with `write(slot view) -> length`; the caller checked `free()`."""
+    def fits(self, meta: bytes, sizes: list[int]) -> bool:
+        return len(meta) + sum(sizes) <= self.slot_bytes
+
+    # ---- producer ---------------------------------------------------------------------------------------------
+    def put(self, meta: bytes, buffers: list[torch.Tensor]) -> None:
+        """Write the next message (`_meta` header + buffers); the caller checked `free()` and `fits()`."""
+        sizes = [t.numel() * t.element_size() for t in buffers]
         seq = _get(self.mm, self.written_at) + 1
         at = self._slot(seq)
-        data = self.view[at + _SLOT_HEADER:at + self.stride]
-        n = write(data)
-        crc = zlib.crc32(data[:n], zlib.crc32(_U64.pack(seq) + _U64.pack(n)))
-        _SLOT.pack_into(self.mm, at, 0, n, crc)
-        _put(self.mm, at, seq)  # seq last: a reader that sees it sees length and crc too (and checks them)
+        data_at = at + _SLOT_HEADER
+        length = len(meta) + sum(sizes)
+        _put(self.mm, at, 0)  # seqlock: the slot is being written
+        self.view[data_at:data_at + len(meta)] = meta
+        pos = data_at + len(meta)
+        for t, n in zip(buffers, sizes):
+            if n:
+                self.raw[pos:pos + n].copy_(_byte_view(t))  # the one copy: tensor (CPU or GPU) -> slot
+            pos += n
+        flags, data_crc = 0, 0
+        if self.verify_data:
+            flags, data_crc = _DATA_CRC, zlib.crc32(self.view[data_at + len(meta):data_at + length])
+        meta_hash = _meta_hash(seq, length, len(meta), flags, data_crc, meta)
+        _SLOT.pack_into(self.mm, at, 0, length, len(meta), meta_hash, flags, data_crc)
+        _put(self.mm, at, seq)  # last: a reader that sees it sees the whole slot (see the module docstring)
         _put(self.mm, self.written_at, seq)
 
-    def take(self, parse: Callable[[memoryview], object], retry_s: float = 0.05):
-        """parse(message view) for the next message, then release the slot; None if none is pending."""
+    # ---- consumer ---------------------------------------------------------------------------------------------
+    def take(self, parse: Callable[[dict, list, torch.Tensor], object], retry_s: float = 0.05):
+        """parse(header, buffer memoryviews, uint8 tensor view of all buffers) for the next message, then release
+        the slot; None if none is pending. The views point into the slot: parse copies what it keeps."""
         if not self.pending():
             return None
         seq = _get(self.mm, self.consumed_at) + 1
         at = self._slot(seq)
         deadline = time.monotonic() + retry_s
-        while True:
-            got, n, crc = _SLOT.unpack_from(self.mm, at)
-            if got == seq and n <= self.slot_bytes:
-                data = self.view[at + _SLOT_HEADER:at + _SLOT_HEADER + n]
-                if zlib.crc32(data, zlib.crc32(_U64.pack(seq) + _U64.pack(n))) == crc:
-                    break
-            if time.monotonic() > deadline:
-                raise P.ProtocolError(f"shared-memory slot for message {seq} is corrupt (seq {got}, length {n})")
-            time.sleep(0.0005)  # the producer's writes are not all visible yet
         try:
-            return parse(data)
+            while True:
+                problem = self._check(at, seq)
+                if problem is None:
+                    result = parse(*self._message(at))
+                    if _get(self.mm, at) == seq:  # seqlock: nobody rewrote the slot while we copied out
+                        return result
+                    problem = "rewritten while it was read"
+                if time.monotonic() > deadline:
+                    raise P.ProtocolError(f"shared-memory slot for message {seq} is corrupt ({problem})")
+                time.sleep(0.0005)  # the producer's writes are not all visible yet (verify_data on weak orders)
         finally:
             _put(self.mm, self.consumed_at, seq)
+
+    def _check(self, at: int, seq: int) -> Optional[str]:
+        """None if the slot holds message `seq` as written, else what is wrong with it."""
+        got, length, meta_len, meta_hash, flags, data_crc = _SLOT.unpack_from(self.mm, at)
+        if got != seq:
+            return f"slot seq {got}"
+        if not meta_len <= min(length, _MAX_META) or length > self.slot_bytes:
+            return f"lengths {meta_len}/{length} outside the {self.slot_bytes}-byte slot"
+        data_at = at + _SLOT_HEADER
+        meta = self.view[data_at:data_at + meta_len]
+        if _meta_hash(seq, length, meta_len, flags, data_crc, meta) != meta_hash:
+            return "slot header hash mismatch"
+        if flags & _DATA_CRC and zlib.crc32(self.view[data_at + meta_len:data_at + length]) != data_crc:
+            return "data crc mismatch"
+        return None
+
+    def _message(self, at: int) -> tuple[dict, list, torch.Tensor]:
+        """The checked slot's header and buffer views; ProtocolError if its (hash-verified) JSON is malformed."""
+        _, length, meta_len = _SLOT.unpack_from(self.mm, at)[:3]
+        data_at = at + _SLOT_HEADER
+        try:
+            header = json.loads(bytes(self.view[data_at:data_at + meta_len]))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise P.ProtocolError(f"shared-memory message header is not valid JSON: {e}") from None
+        sizes = header.get("buffers") if isinstance(header, dict) else None
+        if (not isinstance(sizes, list)
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes)
+                or meta_len + sum(sizes) != length):
+            raise P.ProtocolError(f"shared-memory message buffer sizes {sizes!r:.80} do not add up to its "
+                                  f"{length - meta_len} bytes")
+        pos, views = data_at + meta_len, []
+        for n in sizes:
+            views.append(self.view[pos:pos + n])
+            pos += n
+        return header, views, self.raw[data_at + meta_len:data_at + length]
 
 
 def _rings(mm: mmap.mmap) -> tuple[_Ring, _Ring]:
     slots, req_bytes, rep_bytes = _get(mm, _SLOTS), _get(mm, _REQ_BYTES), _get(mm, _REP_BYTES)
-    if not 1 <= slots <= 1024 or _RINGS_AT + slots * (2 * _SLOT_HEADER + req_bytes + rep_bytes) > len(mm):
+    stride = 2 * _SLOT_HEADER + _round_up(req_bytes) + _round_up(rep_bytes)
+    if not 1 <= slots <= 1024 or _RINGS_AT + slots * stride > len(mm):
         raise P.ProtocolError(f"channel geometry (slots {slots}, {req_bytes}/{rep_bytes} B) does not fit its file")
-    req = _Ring(mm, _RINGS_AT, slots, req_bytes, _REQ_WRITTEN, _REQ_CONSUMED)
-    rep = _Ring(mm, _RINGS_AT + slots * req.stride, slots, rep_bytes, _REP_WRITTEN, _REP_CONSUMED)
+    raw = torch.frombuffer(mm, dtype=torch.uint8)
+    verify = bool(_get(mm, _FLAGS) & _DATA_CRC)
+    req = _Ring(mm, raw, _RINGS_AT, slots, req_bytes, _REQ_WRITTEN, _REQ_CONSUMED, verify)
+    rep = _Ring(mm, raw, _RINGS_AT + slots * req.stride, slots, rep_bytes, _REP_WRITTEN, _REP_CONSUMED, verify)
     return req, rep
+
+
+def _channel_bytes(slots: int, req_bytes: int, rep_bytes: int) -> int:
+    return _RINGS_AT + slots * (2 * _SLOT_HEADER + _round_up(req_bytes) + _round_up(rep_bytes))
+
+
+def default_verify_data() -> bool:
+    """A crc of every slot's data where stores may become visible out of order (not x86): see the docstring."""
+    return platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686")
 
 
 def slot_sizes(info: P.ServerInfo) -> tuple[int, int]:
@@ -203,10 +336,14 @@ def slot_sizes(info: P.ServerInfo) -> tuple[int, int]:
 
 # ---- server -----------------------------------------------------------------------------------------------------
 class _Attached:
-    def __init__(self, path: Path, mm: mmap.mmap, student: int, pid: int):
-        self.path, self.mm, self.student, self.pid = path, mm, student, pid
+    def __init__(self, cid: int, path: Path, mm: mmap.mmap, student: int, pid: int):
+        self.cid, self.path, self.mm, self.student, self.pid = cid, path, mm, student, pid
         self.req, self.rep = _rings(mm)
         self.outbox: list = []  # replies waiting for a free slot (a slow student does not block the others)
+
+    def close(self) -> None:
+        _release_rings(self.req, self.rep)
+        _close_map(self.mm)
 
 
 class ShmServer:
@@ -271,9 +408,12 @@ class ShmServer:
                 log.info("student %d (pid %d) is gone; dropping its channel", ch.student, ch.pid)
                 if ch.path.exists():
                     ch.path.unlink(missing_ok=True)
-                self.channels.pop(cid)
-                self._seen.pop(ch.path, None)
-                _close_map(ch.mm)
+                self._drop(ch)
+
+    def _drop(self, ch: _Attached) -> None:
+        self.channels.pop(ch.cid, None)
+        self._seen.pop(ch.path, None)
+        ch.close()
 
     def _attach(self, path: Path) -> None:
         mm, _ = _open_owned(path)
@@ -294,14 +434,14 @@ class ShmServer:
             mm.close()
             return
         self._next_id += 1
-        self.channels[self._next_id] = _Attached(path, mm, student, pid)
+        self.channels[self._next_id] = _Attached(self._next_id, path, mm, student, pid)
         log.info("attached student %d (pid %d) via %s", student, pid, path.name)
 
     # ---- the endpoint interface --------------------------------------------------------------------------------
     def poll(self, timeout: float, max_requests: int = 64) -> list:
         """Requests (protocol.Request, `student` = channel id) and (channel id, seq, error text) pairs."""
         deadline = time.monotonic() + timeout
-        pause = 0.0001
+        wait = _Wait(max_sleep_s=0.002)
         while True:
             now = time.monotonic()
             if now - self._last_scan > 0.05:
@@ -310,25 +450,27 @@ class ShmServer:
             out = []
             for cid, ch in list(self.channels.items()):
                 self._flush(ch)
-                while len(out) < max_requests:
-                    item = ch.req.take(lambda data, cid=cid: self._parse(cid, data))
+                while len(out) < max_requests and cid in self.channels:
+                    try:
+                        item = ch.req.take(lambda header, views, _, cid=cid: self._parse(cid, header, views))
+                    except P.ProtocolError as e:  # the slot is released: the student's request times out
+                        log.warning("dropping a corrupt request from channel %d: %s", cid, e)
+                        continue
                     if item is None:
                         break
                     out.append(item)
             if out or time.monotonic() >= deadline:
                 return out
-            time.sleep(pause)
-            pause = min(pause * 2, 0.002)
+            wait()
 
-    def _parse(self, cid: int, data: memoryview):
+    def _parse(self, cid: int, header: dict, buffers: list):
         try:
-            header, buffers = P.decode(data, len(data))
             _, seq = P.request_header_ok(header)
         except P.ProtocolError as e:
             log.warning("dropping a malformed request from channel %d: %s", cid, e)
             return (cid, -1, str(e))
         try:
-            req = P.decode_request(header, buffers, self.info)
+            req = P.decode_request(header, buffers, self.info)  # copies the token ids out of the slot
         except P.RequestRejectedError as e:
             return (cid, seq, str(e))
         req.student = cid
@@ -343,13 +485,21 @@ class ShmServer:
 
     def _flush(self, ch: _Attached) -> None:
         while ch.outbox and ch.rep.free():
+            if _get(ch.mm, _ATTACHED_GEN) != self.generation:  # another server took this student over
+                log.warning("student %d is attached to another server now; dropping its channel", ch.student)
+                self._drop(ch)
+                return
             seq, payload, error = ch.outbox.pop(0)
             header = P.reply_header(seq, payload, error)
-            buffers = P.payload_buffers(payload) if payload is not None else []
-            try:
-                ch.rep.put(lambda view: P.encode_into(view, header, buffers))
-            except P.ProtocolError as e:  # cannot happen for requests within max_tokens_per_request
-                ch.rep.put(lambda view: P.encode_into(view, P.reply_header(seq, error=str(e)), []))
+            # indices, lse, values: each starts 4-byte aligned, so the student views one buffer as all three
+            buffers = [payload.indices, payload.lse, payload.values] if payload is not None else []
+            meta = _meta(header, [t.numel() * t.element_size() for t in buffers])
+            if not ch.rep.fits(meta, [t.numel() * t.element_size() for t in buffers]):
+                # cannot happen for requests within max_tokens_per_request
+                error = f"reply of {len(meta)} + {sum(t.numel() * t.element_size() for t in buffers)} bytes does " \
+                        f"not fit the {ch.rep.slot_bytes}-byte slot"
+                meta, buffers = _meta(P.reply_header(seq, error=error), []), []
+            ch.rep.put(meta, buffers)
 
     def flush(self) -> None:
         for ch in self.channels.values():
@@ -370,7 +520,7 @@ class ShmServer:
         except (OSError, P.ProtocolError):
             pass
         for ch in self.channels.values():
-            _close_map(ch.mm)
+            ch.close()
         self.channels.clear()
 
 
@@ -379,9 +529,10 @@ class ShmClient:
     """A student's end: its channel file, the handshake, and liveness checks of the server it is attached to."""
 
     def __init__(self, name: str, student: int, expect: P.Expectation, *, slots: int, connect_timeout_s: float,
-                 heartbeat_timeout_s: float, device=None):
+                 heartbeat_timeout_s: float, device=None, verify_data: Optional[bool] = None):
         self.name, self.student, self.expect = _check_name(name), student, expect
         self.slots = slots
+        self.verify_data = default_verify_data() if verify_data is None else verify_data
         self.connect_timeout_s, self.heartbeat_timeout_s = connect_timeout_s, heartbeat_timeout_s
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.path = SHM_DIR / f"kdt-{name}.c{student}-{os.getpid()}"
@@ -439,10 +590,10 @@ class ShmClient:
 
     def _create_channel(self, info: P.ServerInfo) -> None:
         req_bytes, rep_bytes = slot_sizes(info)
-        size = _RINGS_AT + self.slots * (2 * _SLOT_HEADER + req_bytes + rep_bytes)
-        mm, tmp = _create(self.path, size)
+        mm, tmp = _create(self.path, _channel_bytes(self.slots, req_bytes, rep_bytes))
         mm[0:8] = _CHANNEL_MAGIC
-        for at, v in ((_SLOTS, self.slots), (_REQ_BYTES, req_bytes), (_REP_BYTES, rep_bytes)):
+        flags = _DATA_CRC if self.verify_data else 0
+        for at, v in ((_SLOTS, self.slots), (_REQ_BYTES, req_bytes), (_REP_BYTES, rep_bytes), (_FLAGS, flags)):
             _put(mm, at, v)
         hello = {"student": self.student, "pid": os.getpid(), "expect": json.loads(self.expect.to_json())}
         _put_json(mm, _HELLO_AT, _HELLO_MAX, _HELLO_LEN, hello)
@@ -500,61 +651,73 @@ class ShmClient:
         header = {"type": "request", "student": self.student, "seq": seq, "shape": list(tokens.shape),
                   "sample_ids": None if sample_ids is None else [int(i) for i in sample_ids],
                   "request_id": request_id}
-        need = P.header_size(header, [tokens.numel() * 8])
-        if need > self.req.slot_bytes:
+        tokens = tokens.detach().to("cpu", P.TOKEN_DTYPE)
+        sizes = [tokens.numel() * tokens.element_size()]
+        meta = _meta(header, sizes)
+        if not self.req.fits(meta, sizes):
             raise P.RequestRejectedError(
-                f"request of {tokens.numel()} tokens ({need} bytes) exceeds the channel's {self.req.slot_bytes}-byte "
-                f"slots (server max_tokens_per_request {self.info.max_tokens_per_request})"
+                f"request of {tokens.numel()} tokens ({len(meta) + sizes[0]} bytes) exceeds the channel's "
+                f"{self.req.slot_bytes}-byte slots (server max_tokens_per_request {self.info.max_tokens_per_request})"
             )
+        wait = _Wait()
         while not self.req.free():
             self._check_server()
             if time.monotonic() > deadline:
                 raise P.TeacherTimeoutError(f"teacher server {self.name!r} takes no requests (ring full)")
-            time.sleep(0.0005)
-        self.req.put(lambda view: P.encode_into(view, header, [tokens.to("cpu", P.TOKEN_DTYPE).contiguous()]))
+            wait()
+        self.req.put(meta, [tokens])
 
     def receive(self, deadline: float, shape_of: Callable[[int], Optional[tuple]]):
         """(seq, payload or None, error or None) of the next reply; None when the deadline passes first."""
-        pause = 0.00005
+        wait = _Wait()
         while True:
-            item = self.rep.take(lambda data: self._parse(data, shape_of))
+            item = self.rep.take(lambda header, _, data: self._parse(header, data, shape_of))
             if item is not None:
                 return item
             self._check_server()
             if time.monotonic() >= deadline:
                 return None
-            time.sleep(pause)
-            pause = min(pause * 2, 0.001)
+            wait()
 
-    def _parse(self, data: memoryview, shape_of):
-        header, buffers = P.decode(data, self.rep.slot_bytes)
+    def _parse(self, header: dict, data: torch.Tensor, shape_of):
         seq = P.reply_seq(header)
         if header.get("status") != "ok":
             return seq, None, str(header.get("error"))
         shape = shape_of(seq)
         ph = P.check_payload_header(header, shape if shape is not None else _claimed_shape(header), self.info)
-        if len(buffers) != 3:
-            raise P.ProtocolError(f"reply carries {len(buffers)} buffers, expected 3")
+        nv, ni, nl = ph.buffer_sizes()
+        if header["buffers"] != [ni, nl, nv]:
+            raise P.ProtocolError(f"reply buffers of {header['buffers']} bytes, its payload header implies "
+                                  f"[{ni}, {nl}, {nv}] (indices, lse, values)")
+        if shape is None:  # a stale reply: its request is gone, nobody reads the data
+            return seq, None, None
+        buf = torch.empty(ni + nl + nv, dtype=torch.uint8, device=self.device)
+        buf.copy_(data)  # the one copy out of the slot, straight to the payload's device
         b, s, k = ph.batch, ph.seq_len, ph.k
-        values = P.tensor_from(buffers[0], DTYPES[ph.values_dtype], (b, s, k))
-        indices = P.tensor_from(buffers[1], INDEX_DTYPE, (b, s, k))
-        lse = P.tensor_from(buffers[2], torch.float32, (b, s))
-        payload = TopKPayload(values, indices, lse, ph)
-        return seq, payload.to(self.device) if self.device.type != "cpu" else payload, None
+        indices = buf[:ni].view(INDEX_DTYPE).view(b, s, k)
+        lse = buf[ni:ni + nl].view(torch.float32).view(b, s)
+        values = buf[ni + nl:].view(DTYPES[ph.values_dtype]).view(b, s, k)
+        return seq, TopKPayload(values, indices, lse, ph), None
 
     def close(self) -> None:
         if self._server is not None:
             _close_map(self._server[0])
             self._server = None
         if self.mm is not None:
-            for ring in (self.req, self.rep):
-                try:
-                    ring.view.release()
-                except BufferError:
-                    pass
+            _release_rings(self.req, self.rep)
             _close_map(self.mm)
             self.mm = None
             self.path.unlink(missing_ok=True)
+
+
+def _release_rings(*rings: _Ring) -> None:
+    """Drop the rings' views of a mapping, so that it can be closed."""
+    for ring in rings:
+        ring.raw = None
+        try:
+            ring.view.release()
+        except BufferError:
+            pass
 
 
 def _close_map(mm: mmap.mmap) -> None:

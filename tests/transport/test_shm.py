@@ -1,4 +1,6 @@
-"""Shared-memory rings in one process: owner-only files, slot checksums, oversize requests, handshake refusal.
+"""Shared-memory rings in one process: owner-only files, the seqlock and slot-header hash (torn, stale and
+rewritten slots are never taken for a message), the optional data crc, one-copy replies, oversize requests,
+handshake refusal.
 
 The server end runs its real poll loop on a thread; payloads are real top-k extractions of random logits
 (this file tests the transport; the end-to-end tests with a Megatron teacher are in test_stream.py).
@@ -12,7 +14,7 @@ import uuid
 import pytest
 import torch
 
-from kd_teacher.payload import TopKPayload
+from kd_teacher.payload import DTYPES, TopKPayload
 from kd_teacher.transport import protocol as P
 from kd_teacher.transport import shm
 
@@ -23,8 +25,10 @@ INFO = P.ServerInfo(vocab_size=1000, k=4, temperature=1.0, values_dtype="float32
 class EchoTeacher:
     """ShmServer's poll loop on a thread, answering each request with the top-k of seeded random logits."""
 
-    def __init__(self, name):
-        self.server = shm.ShmServer(name, INFO)
+    def __init__(self, name, info=INFO):
+        self.info = info
+        self.sent = {}  # seq -> the payload the server replied with
+        self.server = shm.ShmServer(name, info)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -34,8 +38,10 @@ class EchoTeacher:
             for item in self.server.poll(0.05):
                 if isinstance(item, P.Request):
                     logits = torch.randn(*item.tokens.shape, 1000, generator=torch.Generator().manual_seed(item.seq))
-                    payload = TopKPayload.from_logits(logits, 4, tokens=item.tokens, sample_ids=item.sample_ids,
+                    payload = TopKPayload.from_logits(logits.to(DTYPES[self.info.values_dtype]), self.info.k,
+                                                      tokens=item.tokens, sample_ids=item.sample_ids,
                                                       teacher_fingerprint="t", recipe_fingerprint="r")
+                    self.sent[item.seq] = payload
                     self.server.reply(item.student, item.seq, payload)
                 else:
                     self.server.reply(item[0], item[1], error=item[2])
@@ -53,9 +59,9 @@ def teacher():
     t.close()
 
 
-def _client(name, **kw):
+def _client(name, k=4, **kw):
     kw = {"slots": 2, "connect_timeout_s": 5.0, "heartbeat_timeout_s": 2.0, **kw}
-    return shm.ShmClient(name, 0, P.Expectation(k=4, vocab_size=1000), **kw)
+    return shm.ShmClient(name, 0, P.Expectation(k=k, vocab_size=1000), **kw)
 
 
 def test_segments_are_owner_only_and_payloads_round_trip(teacher):
@@ -87,22 +93,164 @@ def test_segment_of_another_mode_is_refused(tmp_path):
         path.unlink()
 
 
-def test_corrupt_slot_is_detected_not_decoded(teacher):
-    client = _client(teacher.server.name)
+def test_reply_is_one_copy_out_of_the_slot_bitwise_for_odd_sized_bf16():
+    """bf16 values of an odd byte count go last, so indices and lse stay aligned in the one buffer the payload's
+    tensors view; the payload does not alias the slot (it survives the slot being overwritten)."""
+    info = P.ServerInfo(vocab_size=1000, k=3, temperature=1.0, values_dtype="bfloat16", teacher_fingerprint="t",
+                        recipe_fingerprint="r", max_tokens_per_request=64, max_seq_len=32)
+    teacher = EchoTeacher(f"t-{uuid.uuid4().hex[:8]}", info)
+    client = _client(teacher.server.name, k=3)
     try:
         tokens = torch.randint(0, 1000, (1, 5))
-        teacher.stop.set()
-        teacher.thread.join()  # nobody consumes: we corrupt the reply slot the server writes next
         client.send(1, tokens, None, None, deadline=1e18)
-        item = teacher.server.poll(1.0)[0]
-        logits = torch.randn(1, 5, 1000)
-        teacher.server.reply(item.student, item.seq, TopKPayload.from_logits(logits, 4, tokens=tokens,
-                                                                             teacher_fingerprint="t",
-                                                                             recipe_fingerprint="r"))
-        at = client.rep._slot(1) + shm._SLOT_HEADER + 100
-        client.mm[at] = client.mm[at] ^ 0xFF
-        with pytest.raises(P.ProtocolError, match="corrupt"):
+        seq, payload, error = client.receive(float("inf"), lambda s: (1, 5))
+        sent = teacher.sent[seq]
+        assert payload.values.dtype == torch.bfloat16 and payload.values.numel() * 2 % 4 == 2
+        for got, want in ((payload.values, sent.values), (payload.indices, sent.indices), (payload.lse, sent.lse)):
+            assert torch.equal(got, want)
+        ptrs = {t.untyped_storage().data_ptr() for t in (payload.values, payload.indices, payload.lse)}
+        assert len(ptrs) == 1  # one buffer, one copy
+        at = client.rep._slot(1)
+        client.rep.raw[at:at + client.rep.stride].fill_(0xAB)
+        assert torch.equal(payload.values, sent.values) and torch.equal(payload.lse, sent.lse)
+    finally:
+        client.close()
+        teacher.close()
+
+
+def _stopped_teacher_reply(teacher, client, tokens):
+    """The server's reply to one request, sitting unread in the client's reply ring (nobody else consumes)."""
+    teacher.stop.set()
+    teacher.thread.join()
+    client.send(1, tokens, None, None, deadline=1e18)
+    item = teacher.server.poll(1.0)[0]
+    logits = torch.randn(*tokens.shape, 1000)
+    teacher.server.reply(item.student, item.seq, TopKPayload.from_logits(
+        logits, 4, tokens=tokens, teacher_fingerprint="t", recipe_fingerprint="r"))
+    return client.rep._slot(1) + shm._SLOT_HEADER
+
+
+def test_corrupt_slot_header_is_detected_not_decoded(teacher):
+    client = _client(teacher.server.name)
+    try:
+        data = _stopped_teacher_reply(teacher, client, torch.randint(0, 1000, (1, 5)))
+        client.mm[data + 100] ^= 0xFF  # inside the JSON header (payload header, token hashes)
+        with pytest.raises(P.ProtocolError, match="corrupt .*slot header hash mismatch"):
             client.receive(float("inf"), lambda s: (1, 5))
+        assert not client.rep.pending()  # the slot was released: the channel goes on
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("verify_data", [False, True])
+def test_data_crc_only_with_verify_data(teacher, verify_data):
+    """The buffers' crc is the opt-in (the default relies on the seqlock); with it, a flipped data byte is caught."""
+    client = _client(teacher.server.name, verify_data=verify_data)
+    try:
+        tokens = torch.randint(0, 1000, (1, 5))
+        data = _stopped_teacher_reply(teacher, client, tokens)
+        flags, crc = shm._SLOT.unpack_from(client.mm, data - shm._SLOT_HEADER)[4:]
+        assert (flags, crc != 0) == ((1, True) if verify_data else (0, False))
+        meta_len = shm._SLOT.unpack_from(client.mm, data - shm._SLOT_HEADER)[2]
+        client.mm[data + meta_len + 7] ^= 0xFF  # a byte of the indices
+        if verify_data:
+            with pytest.raises(P.ProtocolError, match="data crc mismatch"):
+                client.receive(float("inf"), lambda s: (1, 5))
+        else:
+            seq, payload, _ = client.receive(float("inf"), lambda s: (1, 5))
+            assert seq == 1 and payload.indices.shape == (1, 5, 4)
+    finally:
+        client.close()
+
+
+def _put_text(ring, text: str):
+    ring.put(shm._meta({"text": text}, [4]), [torch.tensor([len(text)], dtype=torch.int32)])
+
+
+def _text(header, views, data):
+    return header["text"], int(data.view(torch.int32)[0])
+
+
+def test_slot_being_written_is_waited_for_then_taken(teacher):
+    client = _client(teacher.server.name)
+    try:
+        ring = client.rep  # this test is its producer (the teacher is idle)
+        _put_text(ring, "hello")
+        at = ring._slot(1)
+        data = at + shm._SLOT_HEADER + shm._SLOT.unpack_from(client.mm, at)[2]
+        # `written` is bumped but the producer's last stores are not visible yet: its data and its seq
+        shm._put(client.mm, at, 0)
+        client.mm[data:data + 4] = bytes(4)
+
+        def finish():
+            client.mm[data:data + 4] = (5).to_bytes(4, "little")
+            shm._put(client.mm, at, 1)
+
+        restore = threading.Timer(0.01, finish)
+        restore.start()
+        assert ring.take(_text, retry_s=2.0) == ("hello", 5)
+        restore.join()
+    finally:
+        client.close()
+
+
+def test_stale_slot_of_an_earlier_lap_is_never_taken(teacher):
+    client = _client(teacher.server.name)  # 2 slots: message 3 goes where message 1 was
+    try:
+        ring = client.rep  # this test is its producer (the teacher is idle)
+        for text in ("one", "two"):
+            _put_text(ring, text)
+            assert ring.take(_text)[0] == text
+        shm._put(client.mm, ring.written_at, 3)  # counter says 3, the slot still holds message 1
+        with pytest.raises(P.ProtocolError, match="message 3 is corrupt .*slot seq 1"):
+            ring.take(_text, retry_s=0.02)
+    finally:
+        client.close()
+
+
+def test_slot_rewritten_while_read_is_read_again(teacher):
+    """A second writer (e.g. a replaced server that resumed) that touches the slot during the copy-out: the
+    copy is discarded and the slot read again once it is whole."""
+    client = _client(teacher.server.name)
+    try:
+        ring = client.rep  # this test is its producer (the teacher is idle)
+        _put_text(ring, "first")
+        at = ring._slot(1)
+        reads = []
+
+        def parse_while_rewritten(header, views, data):
+            reads.append(header["text"])
+            if len(reads) == 1:  # the other writer starts on the slot during our read ...
+                shm._put(client.mm, at, 0)
+                ring.view[at + shm._SLOT_HEADER:at + shm._SLOT_HEADER + 64] = b" " * 64
+                threading.Timer(0.01, _put_text_at, (ring, at, 1, "second")).start()  # ... and finishes
+            return header["text"]
+
+        assert ring.take(parse_while_rewritten, retry_s=2.0) == "second"
+        assert reads == ["first", "second"]
+    finally:
+        client.close()
+
+
+def _put_text_at(ring, at, seq, text):
+    """What another writer of message `seq` would leave in the slot."""
+    written, consumed = shm._get(ring.mm, ring.written_at), shm._get(ring.mm, ring.consumed_at)
+    shm._put(ring.mm, ring.written_at, seq - 1)
+    _put_text(ring, text)
+    shm._put(ring.mm, ring.written_at, written)
+    assert ring._slot(seq) == at and shm._get(ring.mm, ring.consumed_at) == consumed
+
+
+def test_round_trip_with_verify_data_both_directions(teacher):
+    client = _client(teacher.server.name, verify_data=True)
+    try:
+        for seq in (1, 2, 3):
+            tokens = torch.randint(0, 1000, (2, 9))
+            client.send(seq, tokens, None, None, deadline=1e18)
+            got, payload, error = client.receive(float("inf"), lambda s: (2, 9))
+            assert (got, error) == (seq, None)
+            payload.check_tokens(tokens)
+            assert shm._SLOT.unpack_from(client.mm, client.req._slot(seq))[4] == 1  # the request had its crc
     finally:
         client.close()
 
