@@ -76,6 +76,10 @@ def make_logits(case: Case, device: torch.device) -> torch.Tensor:
         x[1, v // 2] = float("nan")
         x[2, v // 3] = -float("nan")  # a NaN with the sign bit: ranks below -inf
         x[3, :: max(1, v // 5)] = float("inf")
+        if n > 5:
+            x[4, v // 2] = float("nan")  # NaN beside +inf: max NaN (as torch.amax), NaN first
+            x[4, v // 3] = float("inf")
+            x[5, [v // 7, v // 5, v // 3]] = torch.tensor([float("nan"), -float("nan"), float("nan")])  # ties by id
     else:
         x = torch.randn(n, v, generator=g) * 4 + torch.randn(n, 1, generator=g) * 10
     x = x.to(DTYPES[case.dtype])
@@ -144,8 +148,11 @@ def compare(case: Case, fused, ref, lse64: torch.Tensor) -> dict:
     out["exact_path_rows"] = int(flags.sum())
     out["rows"] = int(flags.numel())
     if not out["ids_equal"] and i.shape == ri.shape:
-        row = int((i != ri).any(1).nonzero()[0])
-        out["first_bad_row"] = {"row": row, "fused": i[row, :8].tolist(), "ref": ri[row, :8].tolist()}
+        bad = (i != ri).any(dim=-1).nonzero().flatten()[:4].tolist()
+        out["first_bad_row"] = bad[0]
+        out["bad_rows"] = [{"row": r, "fused_ids": i[r, :6].tolist(), "ref_ids": ri[r, :6].tolist(),
+                            "fused_value_bits": _bits(v[r, :6]).tolist(), "ref_value_bits": _bits(rv[r, :6]).tolist(),
+                            "exact_path": int(flags[r])} for r in bad]
     out["ok"] = out["values_bitwise"] and out["ids_equal"] and out["max_bitwise"] and out["lse_ok"]
     return out
 
@@ -167,6 +174,7 @@ def gpu_cases() -> list[Case]:
         Case("specials bf16", 512, 30000, 64, "bf16", seed=12, kind="specials"),
         Case("specials fp32 T0.9", 512, 30000, 32, "fp32", 0.9, seed=13, kind="specials"),
         Case("nonfinite", 8, 9000, 64, "bf16", 1.0, 0, 8900, seed=14, kind="nonfinite"),
+        Case("nonfinite fp32 T0.8", 8, 140000, 128, "fp32", 0.8, 0, 139000, seed=17, kind="nonfinite"),
         Case("strided rows", 700, 25000, 64, "bf16", seed=15, kind="strided"),
         Case("fp16", 500, 32000, 64, "fp16", 1.0, seed=16),
     ]
@@ -190,7 +198,8 @@ def small_cases() -> list[Case]:
         Case("ties", 3, 1200, 64, "bf16", seed=3, kind="ties"),
         Case("sorted", 2, 1100, 40, "fp32", seed=4, kind="sorted"),
         Case("specials", 4, 1000, 64, "bf16", seed=5, kind="specials"),
-        Case("nonfinite", 4, 700, 16, "fp32", 1.0, 0, 690, seed=6, kind="nonfinite"),
+        Case("nonfinite", 6, 700, 16, "fp32", 1.0, 0, 690, seed=6, kind="nonfinite"),
+        Case("nonfinite bf16", 6, 1100, 16, "bf16", 1.0, 0, 1090, seed=6, kind="nonfinite"),
         Case("k > V, k 256", 2, 200, 256, "bf16", seed=7),
         Case("padding only", 2, 600, 8, "bf16", 1.0, 0, 0, seed=8),
     ]
@@ -217,7 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--small", action="store_true", help="interpreter-sized cases (CPU)")
     p.add_argument("--chunk", type=int, default=None, help="kernel chunk (default: config default; 512 with --small)")
-    p.add_argument("--only", default=None, help="run cases whose name contains one of these (comma-separated)")
+    p.add_argument("--config", default="{}", help='TopKKernelConfig fields as JSON, e.g. \'{"fuse_select": false}\'')
+    p.add_argument("--only", default=None, help="run only the cases of these names (comma-separated)")
     p.add_argument("--shard", default=None, help="I/N: run every N-th case from the I-th (parallel compiles)")
     p.add_argument("--merge", type=Path, nargs="+", default=None, help="combine shard JSON files into --out")
     p.add_argument("--out", type=Path, default=None)
@@ -227,11 +237,11 @@ def main(argv=None) -> int:
         return merge_shards(args.merge, args.out)
     device = torch.device(args.device)
     chunk = args.chunk or (512 if args.small else TopKKernelConfig().chunk)
-    config = TopKKernelConfig(chunk=chunk)
+    config = TopKKernelConfig(**{"chunk": chunk, **json.loads(args.config)})
     cases = small_cases() if args.small else gpu_cases()
     if args.only:
         wanted = args.only.split(",")
-        cases = [c for c in cases if any(w in c.name for w in wanted)]
+        cases = [c for c in cases if any(w == c.name for w in wanted)]
     if args.shard:
         i, n = (int(t) for t in args.shard.split("/"))
         cases = cases[i::n]

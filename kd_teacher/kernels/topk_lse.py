@@ -36,12 +36,23 @@ class TopKKernelConfig:
 
     chunk: int = 8192  # columns per program of the streaming pass (power of two, >= 512)
     num_warps: int = 8  # warps per program of the streaming pass
-    row_num_warps: int = 4  # warps per row of the selection pass
-    precise_exp: bool = True  # CUDA's expf (as torch.exp) rather than the faster ex2.approx
+    row_num_warps: int = 4  # warps per row of the selection pass when it is a launch of its own
+    # The last program of a row to finish streaming selects the row's top k (one launch instead of two).
+    fuse_select: bool = True
+    # CUDA's expf (as torch.exp) rather than ex2.approx.ftz: the precise one made the streaming pass
+    # issue-bound (~20 instructions per logit on sm_90, against ~10); ex2.approx's ~2 ulp per term average
+    # out in a sum of ~1e5 terms (benchmarks/check_topk_kernel.py measures the LSE against float64).
+    precise_exp: bool = False
+    # Register cap per thread for the streaming launch (0: the compiler's choice). With the selection
+    # fused in, the compiler takes ~117 (2 programs of 8 warps per multiprocessor); 80 fits 3, at the
+    # price of a few spills on the selection side only.
+    max_registers: int = 80
 
     def __post_init__(self):
         if self.chunk < 512 or self.chunk & (self.chunk - 1):
             raise ValueError(f"kernel chunk must be a power of two >= 512, got {self.chunk}")
+        if self.max_registers and not 24 <= self.max_registers <= 255:
+            raise ValueError(f"kernel max_registers must be 0 or in 24..255, got {self.max_registers}")
         for name in ("num_warps", "row_num_warps"):
             n = getattr(self, name)
             if n not in (1, 2, 4, 8, 16, 32):
@@ -165,24 +176,29 @@ def launch(logits2d, k, temperature, vocab_start, valid, config=None):
     scratch_cols = torch.empty(n * plan.cap, dtype=torch.int32, device=dev)
     flags = torch.empty(n, dtype=torch.int8, device=dev)
     scale, inv_t = _scale_args(float(temperature))
-    precise_exp = config.precise_exp and not _interpreting()
+    # Triton's interpreter has neither libdevice nor inline PTX: it runs tl.exp.
+    exp_impl = 1 if _interpreting() else (0 if config.precise_exp else 2)
+    registers = {"maxnreg": config.max_registers} if config.max_registers and not _interpreting() else {}
     row_stride = logits2d.stride(0)
 
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        selection = (out_values, out_ids, out_max, out_sum, plan.num_chunks, plan.num_groups)
+        sizes = dict(NC_P2=_next_pow2(plan.num_chunks), NG_P2=_next_pow2(plan.num_groups), GCAP=plan.gcap,
+                     CAP=plan.cap)
+        arrivals = torch.zeros(n if config.fuse_select else 1, dtype=torch.int32, device=dev)
         kern.chunk_stats_kernel[(chunks,)](
-            logits2d, row_stride, v_local, valid, inv_t, chunk_max, chunk_sum, group_max,
-            plan.num_chunks, plan.num_groups,
-            GROUPS=plan.chunk // plan.group_size, GROUP_SIZE=plan.group_size, SCALE=scale, PRECISE_EXP=precise_exp,
-            num_warps=config.num_warps, enable_fp_fusion=False,
+            logits2d, row_stride, v_local, valid, inv_t, vocab_start, plan.kk,
+            chunk_max, chunk_sum, group_max, arrivals, scratch_groups, scratch_cols, flags, *selection,
+            GROUPS=plan.chunk // plan.group_size, GROUP_SIZE=plan.group_size, SCALE=scale, EXP_IMPL=exp_impl,
+            SELECT=config.fuse_select, **sizes, num_warps=config.num_warps, enable_fp_fusion=False, **registers,
         )
-        kern.row_topk_kernel[(n,)](
-            logits2d, row_stride, v_local, valid, vocab_start, plan.kk,
-            chunk_max, chunk_sum, group_max, scratch_groups, scratch_cols, flags,
-            out_values, out_ids, out_max, out_sum, plan.num_chunks, plan.num_groups,
-            NC_P2=_next_pow2(plan.num_chunks), NG_P2=_next_pow2(plan.num_groups), GROUP_SIZE=plan.group_size,
-            CHUNK=plan.chunk, GCAP=plan.gcap, CAP=plan.cap, PRECISE_EXP=precise_exp,
-            num_warps=config.row_num_warps, enable_fp_fusion=False,
-        )
+        if not config.fuse_select:
+            kern.row_topk_kernel[(n,)](
+                logits2d, row_stride, v_local, valid, vocab_start, plan.kk,
+                chunk_max, chunk_sum, group_max, scratch_groups, scratch_cols, flags, *selection,
+                GROUP_SIZE=plan.group_size, CHUNK=plan.chunk, EXP_IMPL=exp_impl, **sizes,
+                num_warps=config.row_num_warps, enable_fp_fusion=False,
+            )
         redo_programs = min(_num_programs_for_redo(dev), n)
         per_program = -(-n // redo_programs)
         kern.exact_rows_kernel[(redo_programs,)](

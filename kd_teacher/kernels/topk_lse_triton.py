@@ -1,26 +1,32 @@
 """Triton kernels for one vocabulary shard's top-k and log-sum-exp pieces, reading the logits once.
 
-Three launches, in data-flow order (the launcher is `kd_teacher.kernels.topk_lse`):
+Two launches in the default configuration, in data-flow order (the launcher is `kd_teacher.kernels.topk_lse`):
 
-1. `chunk_stats_kernel`, one program per (row, chunk of CHUNK columns): pure streaming. From one load of
-   the chunk it writes the chunk's max of logits/T, its sum of exp(logits/T - max), and the maximum of
-   every group of GROUP_SIZE consecutive columns (1/GROUP_SIZE of the bytes read: 3% at 64 bf16 columns).
-2. `row_topk_kernel`, one program per row. The k-th largest group maximum of the row (a bisection over
-   its order-preserving bits) is a lower bound of the row's k-th largest logit, since k distinct elements
-   reach it; every top-k element lies in a group whose maximum reaches it, and there are exactly k such
-   groups unless group maxima tie. Only those groups are read again (k x GROUP_SIZE columns, ~3% of the
-   row), their elements at or above the bound (k + a few: rank statistics, whatever the distribution) are
-   compacted, ranked by the exact key (all-pairs comparison, no sorting network: in Triton each stage of
-   one is a shared-memory round trip) and written out: values copied bitwise, ids, and the row's max and
-   sum of exponentials combined from the chunks. A row where the bound lets too many through (massive
-   ties, e.g. integer logits) or holding a NaN, which no bound compares with, is flagged.
+1. `chunk_stats_kernel`, one program per (row, chunk of CHUNK columns): streaming. From one load of the
+   chunk it writes the chunk's max of logits/T, its sum of exp(logits/T - max), and the maximum of every
+   group of GROUP_SIZE consecutive columns (1/GROUP_SIZE of the bytes read: 3% at 64 bf16 columns).
+   With SELECT, the last of a row's programs to finish (an arrival counter per row) then does the row's
+   selection (`_select_row`, below) itself: the row's group maxima and the groups it re-reads are still in
+   L2, and the selection's latency hides behind the other programs' streaming, which a separate per-row
+   launch left exposed (0.62 ms of 1.62 on an H100 at [8192, 128256] bf16).
+2. `_select_row` (inside 1, or as `row_topk_kernel`, one program per row). The k-th largest group maximum
+   of the row (a bisection over its order-preserving bits) is a lower bound of the row's k-th largest
+   logit, since k distinct elements reach it; every top-k element lies in a group whose maximum reaches
+   it, and there are exactly k such groups unless group maxima tie. Only those groups are read again
+   (k x GROUP_SIZE columns, ~3% of the row), their elements at or above the bound (k + a few: rank
+   statistics, whatever the distribution) are compacted, ranked by the exact key (all-pairs comparison,
+   no sorting network: in Triton each stage of one is a shared-memory round trip) and written out: values
+   copied bitwise, ids, and the row's max and sum of exponentials combined from the chunks. A row where
+   the bound lets too many through (massive ties, e.g. integer logits, or an all -inf row) is flagged.
 3. `exact_rows_kernel` redoes flagged rows: a bisection over the row's int64 keys finds the k-th largest
    key exactly, then the k elements at or above it are compacted and ranked. A few persistent programs
    scan the flags; with none set that is one small read each.
 
 Keys are the ones `kd_teacher.engine.topk.order_preserving_key` builds: order-preserving fp32 bits in the
-high word, 0x7FFFFFFF - column in the low word, so that one descending order is (value desc, id asc) and
-every key is unique. Columns here are shard-local; ids are `vocab_start + column`.
+high word (every NaN, whatever its sign or payload, above +inf), 0x7FFFFFFF - column in the low word, so
+that one descending order is (value desc, id asc) and every key is unique. Group maxima propagate NaN, so
+a NaN's group is always re-read and a NaN row needs no special path. Columns here are shard-local; ids are
+`vocab_start + column`.
 """
 
 from __future__ import annotations
@@ -46,9 +52,16 @@ def _max_nan(a, b):
 
 
 @triton.jit
-def _exp(x, PRECISE_EXP: tl.constexpr):
-    if PRECISE_EXP:
+def _exp(x, EXP_IMPL: tl.constexpr):
+    # 0: libdevice expf, torch's own algorithm (~8 instructions); 1: tl.exp, ex2.approx with a fix-up for
+    # results below fp32's normal range (what Triton's CPU interpreter runs); 2: ex2.approx.ftz alone,
+    # which flushes those results to 0: they are under 1e-38 of the max, and the sum is >= 1.
+    if EXP_IMPL == 0:
         return libdevice.exp(x)
+    elif EXP_IMPL == 2:
+        return tl.inline_asm_elementwise(
+            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x * 1.4426950408889634], dtype=tl.float32, is_pure=True, pack=1
+        )
     else:
         return tl.exp(x)
 
@@ -63,14 +76,8 @@ def _scale(x, inv_t, SCALE: tl.constexpr):
 
 
 @triton.jit
-def _is_nan(x):
-    # By the bits: a compiler may fold `x != x` to false under no-NaN assumptions.
-    return (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) > 0x7F800000
-
-
-@triton.jit
 def _fp32_bits(x_raw):
-    """fp32 bit pattern of the logits as torch's `.float()` makes it (NaN payloads kept, which a cvt may not)."""
+    """fp32 bit pattern of the logits as torch's `.float()` makes it (by the bits: exact, and no NaN folding)."""
     if x_raw.dtype == tl.bfloat16:
         return x_raw.to(tl.int16, bitcast=True).to(tl.int32) << 16
     elif x_raw.dtype == tl.float32:
@@ -81,8 +88,13 @@ def _fp32_bits(x_raw):
 
 @triton.jit
 def _ordered(bits):
-    """int32 image of fp32 bits whose signed order is the value order (-0.0 == +0.0, -inf lowest)."""
+    """int32 image of fp32 bits whose signed order is the value order (-0.0 == +0.0, -inf lowest, NaN highest).
+
+    Every NaN maps to 0x7FFFFFFF, above +inf: torch.topk ranks NaN largest, and the reference's key does
+    the same (on CUDA its `+ 0.0` already makes every NaN the canonical 0x7FFFFFFF, sign bit included).
+    """
     bits = tl.where(bits == INT32_MIN, 0, bits)
+    bits = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FFFFFFF, bits)
     return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
@@ -105,36 +117,29 @@ def _ceil_mid(lo, hi):
     return (lo & hi) + ((lo ^ hi) >> 1) + 1
 
 
-# Counts that vary per call are not specialised on (Triton would compile a variant per divisibility class).
-# The row stride and the shard widths are: knowing them divisible by 16 lets Triton prove the load masks
-# constant over 16 columns and issue vector loads (without it, this pass ran at 3x the read floor).
-@triton.jit(do_not_specialize=["num_chunks", "num_groups"])
-def chunk_stats_kernel(
-    logits_ptr, row_stride, v_local, valid, inv_t, chunk_max_ptr, chunk_sum_ptr, group_max_ptr,
+@triton.jit
+def _stream_chunk(
+    row, chunk, logits_ptr, row_stride, valid, inv_t, chunk_max_ptr, chunk_sum_ptr, group_max_ptr,
     num_chunks, num_groups,
-    GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE: tl.constexpr, PRECISE_EXP: tl.constexpr,
+    GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE: tl.constexpr, EXP_IMPL: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    row = pid // num_chunks
-    chunk = pid % num_chunks
-    CHUNK: tl.constexpr = GROUPS * GROUP_SIZE
+    """One chunk's max of logits/T, sum of exp(logits/T - max) and group maxima, from one load."""
     g = chunk * GROUPS + tl.arange(0, GROUPS)
     col = g[:, None] * GROUP_SIZE + tl.arange(0, GROUP_SIZE)[None, :]
     row_ptr = logits_ptr + row.to(tl.int64) * row_stride
     # Padding and out-of-range columns read as -inf: out of the max, exp() = 0 in the sum.
     xsel = tl.load(row_ptr + col, mask=col < valid, other=float("-inf")).to(tl.float32)
 
-    group_max = tl.max(xsel, axis=1)  # NaN-ignoring (one instruction); NaN shows up in the sum instead
+    # NaN-propagating, like torch.amax: a NaN's group then ranks first (see _ordered) and is re-read.
+    group_max = tl.reduce(xsel, 1, _max_nan)
     tl.store(group_max_ptr + row.to(tl.int64) * num_groups + g, group_max, mask=g < num_groups)
     # max(x / T) == max(x) / T: scaling by a positive factor is monotonic, also when rounded.
-    m = _scale(tl.max(group_max, axis=0), inv_t, SCALE)
-    s = tl.sum(tl.sum(_exp(_scale(xsel, inv_t, SCALE) - m, PRECISE_EXP), axis=1), axis=0)
-    # torch.amax propagates NaN: a NaN logit makes the sum NaN; unless the max is +-inf (inf - inf is NaN
-    # too), that NaN is the max. (A chunk with NaN beside +inf, or beside only -inf, reports the inf; its
-    # LSE is NaN all the same.)
-    m = tl.where(_is_nan(s) & (m != float("inf")) & (m != float("-inf")), float("nan"), m)
+    m = _scale(tl.reduce(group_max, 0, _max_nan), inv_t, SCALE)
+    # A NaN max makes the sum NaN, and a +inf one too (inf - inf), as in the reference.
+    s = tl.sum(tl.sum(_exp(_scale(xsel, inv_t, SCALE) - m, EXP_IMPL), axis=1), axis=0)
     # An all -inf chunk adds nothing to a row that has a finite max (its exp() terms would be NaN here).
     s = tl.where(m == float("-inf"), 0.0, s)
+    pid = row * num_chunks + chunk
     tl.store(chunk_max_ptr + pid, m)
     tl.store(chunk_sum_ptr + pid, s)
 
@@ -164,34 +169,40 @@ def _write_ranked(
     tl.store(out_ids_ptr + row64 * kk + rank, tl.where(c < valid, c.to(tl.int64) + vocab_start, -1), mask=out)
 
 
-@triton.jit(do_not_specialize=["vocab_start", "kk", "num_chunks", "num_groups"])
-def row_topk_kernel(
-    logits_ptr, row_stride, v_local, valid, vocab_start, kk,
+@triton.jit
+def _select_row(
+    row, logits_ptr, row_stride, v_local, valid, vocab_start, kk,
     chunk_max_ptr, chunk_sum_ptr, group_max_ptr, scratch_groups_ptr, scratch_cols_ptr, flags_ptr,
     out_values_ptr, out_ids_ptr, out_max_ptr, out_sum_ptr, num_chunks, num_groups,
     NC_P2: tl.constexpr, NG_P2: tl.constexpr, GROUP_SIZE: tl.constexpr, CHUNK: tl.constexpr,
-    GCAP: tl.constexpr, CAP: tl.constexpr, PRECISE_EXP: tl.constexpr,
+    GCAP: tl.constexpr, CAP: tl.constexpr, EXP_IMPL: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    """The row's max, sum of exponentials and top kk from its chunks' statistics (see the module doc).
+
+    Statistics are read with .cg (from L2): in the fused launch other programs wrote them, and L1 is not
+    coherent across multiprocessors.
+    """
     row64 = row.to(tl.int64)
     row_ptr = logits_ptr + row64 * row_stride
 
     # The row's max and sum of exponentials from its chunks'.
     c = tl.arange(0, NC_P2)
     real = c < num_chunks
-    chunk_max = tl.load(chunk_max_ptr + row64 * num_chunks + c, mask=real, other=float("-inf"))
-    chunk_sum = tl.load(chunk_sum_ptr + row64 * num_chunks + c, mask=real, other=0.0)
+    chunk_max = tl.load(chunk_max_ptr + row64 * num_chunks + c, mask=real, other=float("-inf"), cache_modifier=".cg")
+    chunk_sum = tl.load(chunk_sum_ptr + row64 * num_chunks + c, mask=real, other=0.0, cache_modifier=".cg")
     m = tl.reduce(chunk_max, 0, _max_nan)
     # Chunks without valid columns stay out (a shard of padding only has max -inf and sum 0, as in the
     # reference); an all -inf row gives 0 * exp(NaN) = NaN, as the reference's exp(-inf - -inf) does.
-    terms = chunk_sum * _exp(chunk_max - m, PRECISE_EXP)
-    s = tl.sum(tl.where(real & (c * CHUNK < valid), terms, 0.0), axis=0)
+    # float64 for the few terms: free next to the streaming, and it keeps this step's rounding out of the LSE.
+    terms = chunk_sum.to(tl.float64) * _exp(chunk_max - m, EXP_IMPL).to(tl.float64)
+    s = tl.sum(tl.where(real & (c * CHUNK < valid), terms, 0.0), axis=0).to(tl.float32)
     tl.store(out_max_ptr + row, m)
     tl.store(out_sum_ptr + row, s)
 
     # Lower bound: the kk-th largest group maximum (largest t with #(group max >= t) >= kk).
     gi = tl.arange(0, NG_P2)
-    gmax = tl.load(group_max_ptr + row64 * num_groups + gi, mask=gi < num_groups, other=float("-inf"))
+    gmax = tl.load(group_max_ptr + row64 * num_groups + gi, mask=gi < num_groups, other=float("-inf"),
+                   cache_modifier=".cg")
     ob = tl.where(gi < num_groups, _ordered(gmax.to(tl.int32, bitcast=True)), INT32_MIN)
     # bf16 logits carry 16 significant bits: bisect on those (16 steps, each a block-wide count).
     SHIFT: tl.constexpr = 16 if logits_ptr.dtype.element_ty == tl.bfloat16 else 0
@@ -206,9 +217,7 @@ def row_topk_kernel(
     lo = lo << SHIFT  # every value whose high bits reach lo's compares >= it in full
     cand_group = (ob >= lo) & (gi < num_groups)
     n_groups = tl.sum(cand_group.to(tl.int32), axis=0)
-    # NaN: no bound compares with it; s NaN also catches +inf rows (inf - inf), which the exact pass handles.
-    fast = (n_groups <= GCAP).to(tl.int32) * (1 - (_is_nan(m) | _is_nan(s)).to(tl.int32))
-    if fast == 1:
+    if n_groups <= GCAP:
         # Compact the candidate groups' ids, then read those groups again.
         gpos = tl.cumsum(cand_group.to(tl.int32), axis=0) - 1
         tl.store(scratch_groups_ptr + row64 * GCAP + gpos, gi, mask=cand_group)
@@ -233,6 +242,49 @@ def row_topk_kernel(
             tl.store(flags_ptr + row, 1)
     else:
         tl.store(flags_ptr + row, 1)
+
+
+# Counts that vary per call are not specialised on (Triton would compile a variant per divisibility class).
+# The row stride and the shard widths are: knowing them divisible by 16 lets Triton prove the load masks
+# constant over 16 columns and issue vector loads (without it, this pass ran at 3x the read floor).
+@triton.jit(do_not_specialize=["vocab_start", "kk", "num_chunks", "num_groups"])
+def chunk_stats_kernel(
+    logits_ptr, row_stride, v_local, valid, inv_t, vocab_start, kk,
+    chunk_max_ptr, chunk_sum_ptr, group_max_ptr, arrivals_ptr, scratch_groups_ptr, scratch_cols_ptr, flags_ptr,
+    out_values_ptr, out_ids_ptr, out_max_ptr, out_sum_ptr, num_chunks, num_groups,
+    GROUPS: tl.constexpr, GROUP_SIZE: tl.constexpr, SCALE: tl.constexpr, EXP_IMPL: tl.constexpr,
+    SELECT: tl.constexpr, NC_P2: tl.constexpr, NG_P2: tl.constexpr, GCAP: tl.constexpr, CAP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = pid // num_chunks
+    chunk = pid % num_chunks
+    _stream_chunk(row, chunk, logits_ptr, row_stride, valid, inv_t, chunk_max_ptr, chunk_sum_ptr, group_max_ptr,
+                  num_chunks, num_groups, GROUPS, GROUP_SIZE, SCALE, EXP_IMPL)
+    if SELECT:
+        # Every thread's statistics stores precede the arrival (barrier), and the arrival releases them
+        # at GPU scope; the last arrival acquires all the row's before it reads them.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(arrivals_ptr + row, 1, sem="acq_rel", scope="gpu")
+        if arrived == num_chunks - 1:
+            _select_row(row, logits_ptr, row_stride, v_local, valid, vocab_start, kk,
+                        chunk_max_ptr, chunk_sum_ptr, group_max_ptr, scratch_groups_ptr, scratch_cols_ptr, flags_ptr,
+                        out_values_ptr, out_ids_ptr, out_max_ptr, out_sum_ptr, num_chunks, num_groups,
+                        NC_P2, NG_P2, GROUP_SIZE, GROUPS * GROUP_SIZE, GCAP, CAP, EXP_IMPL)
+
+
+@triton.jit(do_not_specialize=["vocab_start", "kk", "num_chunks", "num_groups"])
+def row_topk_kernel(
+    logits_ptr, row_stride, v_local, valid, vocab_start, kk,
+    chunk_max_ptr, chunk_sum_ptr, group_max_ptr, scratch_groups_ptr, scratch_cols_ptr, flags_ptr,
+    out_values_ptr, out_ids_ptr, out_max_ptr, out_sum_ptr, num_chunks, num_groups,
+    NC_P2: tl.constexpr, NG_P2: tl.constexpr, GROUP_SIZE: tl.constexpr, CHUNK: tl.constexpr,
+    GCAP: tl.constexpr, CAP: tl.constexpr, EXP_IMPL: tl.constexpr,
+):
+    # The unfused selection: one program per row, after the streaming launch.
+    _select_row(tl.program_id(0), logits_ptr, row_stride, v_local, valid, vocab_start, kk,
+                chunk_max_ptr, chunk_sum_ptr, group_max_ptr, scratch_groups_ptr, scratch_cols_ptr, flags_ptr,
+                out_values_ptr, out_ids_ptr, out_max_ptr, out_sum_ptr, num_chunks, num_groups,
+                NC_P2, NG_P2, GROUP_SIZE, CHUNK, GCAP, CAP, EXP_IMPL)
 
 
 @triton.jit
