@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from kd_teacher.losses.divergences import KINDS, divergence, log1mexp, renormalised, teacher_bucket_logp
-from kd_teacher.losses.student import StudentLogitsError, student_buckets, token_rows
+from kd_teacher.losses.student import StudentLogitsError, raise_on_bad_rows, student_buckets, token_rows
 from kd_teacher.payload import PayloadError, TopKPayload
 
 
@@ -95,11 +95,37 @@ def _check_payload(payload, b: int, s: int) -> None:
             "(pass Megatron's [s, b, V/TP] output as .transpose(0, 1); with context parallelism cut the payload "
             "with payload_for_cp_rank)"
         )
-    payload.validate()  # shapes, dtypes, id range, finite values, lse consistent with the values
+    payload.validate(values=False)  # header, shapes, dtypes; the values are checked by _payload_value_flags
+
+
+# Each host read of a GPU tensor stalls the CPU's run-ahead of the GPU. So the value checks are computed on the
+# device as flags and read once per call, together with the student's bad-row count, after the loss is built
+# (the loss never indexes out of range on bad ids: ids outside the shard count as not owned). Any flag set:
+# the full checks run again on the host, for the message.
+def _payload_value_flags(payload: TopKPayload) -> torch.Tensor:
+    """[2] int64: validate()'s value checks failed; ids repeat within a token."""
+    h = payload.header
+    if payload.values.numel() == 0:
+        return torch.zeros(2, dtype=torch.int64, device=payload.values.device)
+    ids = payload.indices
+    invalid = ((ids < 0) | (ids >= h.vocab_size)).any()
+    invalid |= ~(torch.isfinite(payload.values).all() & torch.isfinite(payload.lse).all())
+    invalid |= (payload.values.float() / h.temperature - payload.lse.unsqueeze(-1)).amax() > 1e-3
+    repeated = torch.zeros_like(invalid)
     if h.k > 1:
-        ids = payload.indices.sort(dim=-1).values
-        if (ids[..., 1:] == ids[..., :-1]).any():
-            raise PayloadError("payload has repeated ids within a token: top-k ids must be distinct")
+        ids = ids.sort(dim=-1).values
+        repeated = (ids[..., 1:] == ids[..., :-1]).any()
+    return torch.stack([invalid, repeated]).to(torch.int64)
+
+
+def _raise_on_flags(payload: TopKPayload, payload_flags: torch.Tensor, bad_rows: torch.Tensor) -> None:
+    invalid, repeated, n_bad = torch.cat([payload_flags, bad_rows.reshape(1)]).tolist()  # the one host read
+    if invalid:
+        payload.validate()
+        raise PayloadError("payload values, ids or lse failed validation")  # not reached: validate() names it
+    if repeated:
+        raise PayloadError("payload has repeated ids within a token: top-k ids must be distinct")
+    raise_on_bad_rows(n_bad)
 
 
 def _check_mask(loss_mask, b: int, s: int, device) -> torch.Tensor:
@@ -134,10 +160,11 @@ def kd_terms(student_logits, payload, *, kind="forward_kl", temperature=None, ta
     weights = _check_mask(loss_mask, b, s, student_logits.device)
     if payload.values.device != student_logits.device:
         payload = payload.to(student_logits.device)
+    payload_flags = _payload_value_flags(payload)
 
     ids = rows.to_rows(payload.indices)
     student = student_buckets(rows.rows, ids, vocab_size=vocab, temperature=t, tail=tail, group=group,
-                              chunk_tokens=chunk_tokens)
+                              chunk_tokens=chunk_tokens, check=False)
     dtype = student.logp.dtype
     teacher = teacher_bucket_logp(rows.to_rows(payload.values), rows.to_rows(payload.lse), t, tail, dtype,
                                   covers_vocab=payload.k >= vocab,
@@ -154,6 +181,7 @@ def kd_terms(student_logits, payload, *, kind="forward_kl", temperature=None, ta
         top1_agrees = at_top1 >= rows.to_grid(student.max_logit, b, s)
         teacher_tail = _teacher_tail(payload, t, vocab)
         student_tail = rows.to_grid(student.logp[:, -1].exp(), b, s) if tail else None
+    _raise_on_flags(payload, payload_flags, student.bad_rows)
     return KDTerms(loss, keep, top1_agrees, teacher_tail, student_tail)
 
 
@@ -206,8 +234,10 @@ def megatron_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor, g
     if tp != _group_size(group):
         raise KDLossError(f"Megatron's TP size is {tp} but the KD loss was given a group of {_group_size(group)}")
     limit = vocab_size if vocab_size is not None else v_local * tp
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= limit):
-        raise KDLossError(f"labels range [{int(labels.min())}, {int(labels.max())}] is outside [0, {limit})")
+    if labels.numel():
+        lo, hi = torch.stack(torch.aminmax(labels)).tolist()  # one host read, not two
+        if lo < 0 or hi >= limit:
+            raise KDLossError(f"labels range [{lo}, {hi}] is outside [0, {limit})")
     rows = token_rows(student_logits)
     logits, target = (student_logits.transpose(0, 1), labels.transpose(0, 1)) if rows.seq_major else \
         (student_logits, labels)

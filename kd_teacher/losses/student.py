@@ -22,6 +22,14 @@ G = sum(g), the gradient of the logits is
 It re-reads the logits (saved by reference, not copied) instead of saving a softmax, so the memory beyond the
 logits and their gradient is one working buffer of chunk x V_local (fp32) plus O(tokens x k).
 `tail=False` needs only the gathered logits; its gradient touches the k ids alone.
+
+On CUDA the tail's two full-shard passes (forward: max and tail sum; backward: the tail gradient) run as fused
+Triton kernels (`kd_teacher.kernels.kd_loss`) that read the logits once per pass and need no fp32 working copy,
+so `chunk` does not apply there; the PyTorch code below is the CPU path and the reference they are tested
+against. The ids are left out of the kernels' sum exactly as here (a bitmask of the ids, not a subtraction).
+
+Bad rows (NaN, +inf, all -inf) are counted on the device; `student_buckets(check=False)` hands the count back
+instead of reading it, so that a caller can fold it into the one host read it makes per micro-batch.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from kd_teacher.kernels.kd_loss import fused_tail_grad, fused_tail_stats
 
 
 class StudentLogitsError(ValueError):
@@ -148,6 +158,10 @@ def _shard_pass(rows, pos, owned, shard: VocabShard, inv_t: float, tail: bool, c
     if shard.valid == 0:
         local_max = torch.full((n,), float("-inf"), dtype=dt, device=rows.device)
         return gathered, local_max, torch.zeros(n, dtype=dt, device=rows.device)
+    if tail:
+        fused = fused_tail_stats(rows, pos, owned, shard.valid, inv_t)
+        if fused is not None:
+            return gathered, fused[0], fused[1]
     # max of the stored values is exact in any dtype, so no upcast pass is needed for it.
     local_max = rows[:, : shard.valid].amax(dim=1).to(dt)
     tail_sum = torch.zeros(n, dtype=dt, device=rows.device)
@@ -174,10 +188,11 @@ def _bad_rows(local_max: torch.Tensor) -> torch.Tensor:
 
 
 def _reduce_over_tp(gathered, local_max, tail_sum, shard: VocabShard, inv_t: float):
-    """Global max, gathered logits and tail sum (relative to the global max) on every rank; bad-row count."""
+    """Global max, gathered logits and tail sum (relative to the global max) on every rank; bad-row count
+    (a 0-d int64 tensor, not read here: reading it would stall the host until the GPU catches up)."""
     bad = _bad_rows(local_max)
     if shard.tp == 1:
-        return gathered, local_max, tail_sum, int(bad.sum()) + int(torch.isneginf(local_max).sum())
+        return gathered, local_max, tail_sum, bad.sum() + torch.isneginf(local_max).sum()
     global_max = torch.where(bad, torch.full_like(local_max, float("inf")), local_max)
     dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=shard.group)
     scale = torch.exp((_finite_or_zero(local_max) - _finite_or_zero(global_max)) * inv_t)
@@ -187,28 +202,32 @@ def _reduce_over_tp(gathered, local_max, tail_sum, shard: VocabShard, inv_t: flo
     packed = torch.cat([gathered, (tail_sum * scale).unsqueeze(1), bad.to(gathered.dtype).unsqueeze(1)], 1)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=shard.group)
     k = gathered.shape[1]
-    n_bad = int(packed[:, k + 1].sum().item()) + int(torch.isneginf(global_max).sum())
+    n_bad = packed[:, k + 1].sum().round().to(torch.int64) + torch.isneginf(global_max).sum()
     return packed[:, :k], global_max, packed[:, k], n_bad
+
+
+def raise_on_bad_rows(n_bad: int) -> None:
+    if n_bad:
+        raise StudentLogitsError(f"student logits are NaN, +inf or all -inf in {n_bad} token(s): the loss would be NaN")
 
 
 class _VocabParallelBuckets(torch.autograd.Function):
     """rows [N, V_local] -> (bucket log-probs [N, k+1] or logits/T at the ids [N, k]; then, without gradient,
-    the global max [N] and the raw logits at the ids [N, k])."""
+    the global max [N], the raw logits at the ids [N, k] and the bad-row count, 0-d int64).
+
+    Bad rows give NaN outputs rather than an error here: the caller reads the count and raises before the
+    loss is used (see `student_buckets`)."""
 
     @staticmethod
     def forward(ctx, rows, pos, owned, shard: VocabShard, temperature: float, tail: bool, chunk):
         inv_t = 1.0 / temperature
         gathered, local_max, tail_sum = _shard_pass(rows, pos, owned, shard, inv_t, tail, chunk)
         gathered, gmax, tail_sum, bad = _reduce_over_tp(gathered, local_max, tail_sum, shard, inv_t)
-        if bad:
-            raise StudentLogitsError(
-                f"student logits are NaN, +inf or all -inf in {bad} token(s): the loss would be NaN"
-            )
         ctx.shard, ctx.inv_t, ctx.tail, ctx.chunk, ctx.logits_dtype = shard, inv_t, tail, chunk, rows.dtype
-        ctx.mark_non_differentiable(gmax, gathered)
+        ctx.mark_non_differentiable(gmax, gathered, bad)
         if not tail:
             ctx.save_for_backward(pos, owned)
-            return gathered * inv_t, gmax, gathered
+            return gathered * inv_t, gmax, gathered, bad
         if pos.shape[1] < shard.vocab_size:
             # Some vocabulary lies outside the ids, so the tail is not empty even when its exps underflow
             # (a student > 87 T nats sure of its top ids): a floor at the smallest normal keeps the loss finite.
@@ -217,10 +236,10 @@ class _VocabParallelBuckets(torch.autograd.Function):
         buckets = torch.cat([(gathered - gmax.unsqueeze(1)) * inv_t, torch.log(tail_sum).unsqueeze(1)], 1)
         logp = buckets - torch.logsumexp(buckets, dim=1, keepdim=True)
         ctx.save_for_backward(rows, pos, owned, gmax, buckets[:, -1].clone(), logp)
-        return logp, gmax, gathered
+        return logp, gmax, gathered, bad
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_max, _grad_gathered):
+    def backward(ctx, grad_logp, _grad_max, _grad_gathered, _grad_bad):
         shard, inv_t = ctx.shard, ctx.inv_t
         if not ctx.tail:
             pos, owned = ctx.saved_tensors
@@ -233,26 +252,35 @@ class _VocabParallelBuckets(torch.autograd.Function):
         elsewhere = ((grad_logp[:, k] - total[:, 0] * q[:, k]) * inv_t).unsqueeze(1)
         # (z - shift) / T = z / T - LT; a row without tail mass gets shift +inf, so its tail gradient is 0.
         shift = gmax + torch.where(torch.isneginf(log_tail), float("inf"), log_tail / inv_t)
-        grad = torch.empty_like(rows)
-        in_place = rows.dtype == logp.dtype  # fp32 logits: work in the gradient itself, no extra buffer
-        work = None
-        for lo, hi in _chunks(rows.shape[0], ctx.chunk):
-            if in_place:
-                x = grad[lo:hi]
-            else:
-                if work is None or work.shape[0] != hi - lo:
-                    work = torch.empty(hi - lo, rows.shape[1], dtype=logp.dtype, device=rows.device)
-                x = work
-            _shifted_scaled(rows[lo:hi], shift[lo:hi], inv_t, shard.valid, x)
-            _remove_ids(x, pos[lo:hi], owned[lo:hi])
-            x.exp_()
-            out = grad[lo:hi]
-            if out.is_cuda or in_place:
-                torch.mul(x, elsewhere[lo:hi], out=out)  # writes the logits dtype directly
-            else:  # CPU: mixed-dtype kernels are slow, see _shifted_scaled
-                out.copy_(x.mul_(elsewhere[lo:hi]))
-            out.scatter_add_(1, pos[lo:hi], at_ids[lo:hi].to(out.dtype))
+        grad = fused_tail_grad(rows, pos, owned, shard.valid, inv_t, shift, elsewhere)
+        if grad is None:
+            grad = _tail_grad(rows, pos, owned, shard, inv_t, shift, elsewhere, ctx.chunk, logp.dtype)
+        # The tail gradient is 0 at the ids (they were -inf): adding theirs there completes it.
+        grad.scatter_add_(1, pos, at_ids.to(grad.dtype))
         return (grad,) + (None,) * 6
+
+
+def _tail_grad(rows, pos, owned, shard: VocabShard, inv_t: float, shift, elsewhere, chunk, dt):
+    """exp((z - shift) / T) * elsewhere at valid non-id columns, 0 at the ids and padding, in the logits' dtype."""
+    grad = torch.empty_like(rows)
+    in_place = rows.dtype == dt  # fp32 logits: work in the gradient itself, no extra buffer
+    work = None
+    for lo, hi in _chunks(rows.shape[0], chunk):
+        if in_place:
+            x = grad[lo:hi]
+        else:
+            if work is None or work.shape[0] != hi - lo:
+                work = torch.empty(hi - lo, rows.shape[1], dtype=dt, device=rows.device)
+            x = work
+        _shifted_scaled(rows[lo:hi], shift[lo:hi], inv_t, shard.valid, x)
+        _remove_ids(x, pos[lo:hi], owned[lo:hi])
+        x.exp_()
+        out = grad[lo:hi]
+        if out.is_cuda or in_place:
+            torch.mul(x, elsewhere[lo:hi], out=out)  # writes the logits dtype directly
+        else:  # CPU: mixed-dtype kernels are slow, see _shifted_scaled
+            out.copy_(x.mul_(elsewhere[lo:hi]))
+    return grad
 
 
 def _sparse_grad(grad_ids, pos, owned, v_local, dtype):
@@ -266,20 +294,28 @@ def _sparse_grad(grad_ids, pos, owned, v_local, dtype):
 class StudentBuckets:
     """Per token row: `logp` [N, k+1] bucket log-probs (tail=True) or logits/T at the ids [N, k] (tail=False),
     then, without gradient, `max_logit` [N], the raw global max over the true vocabulary, and `logits_at_ids`
-    [N, k], the raw logits at the ids (their comparison tells whether the student's argmax is a teacher id)."""
+    [N, k], the raw logits at the ids (their comparison tells whether the student's argmax is a teacher id);
+    `bad_rows`: 0-d int64 count of rows with NaN, +inf or only -inf logits (the same on every TP rank)."""
 
     logp: torch.Tensor
     max_logit: torch.Tensor
     logits_at_ids: torch.Tensor
+    bad_rows: torch.Tensor
 
 
 def student_buckets(
     rows: torch.Tensor, ids: torch.Tensor, *, vocab_size: int, temperature: float, tail: bool,
-    group=None, chunk_tokens: Optional[int] = None,
+    group=None, chunk_tokens: Optional[int] = None, check: bool = True,
 ) -> StudentBuckets:
-    """Student bucket log-probs for the teacher's global `ids` [N, k] from this rank's shard `rows` [N, V_local]."""
+    """Student bucket log-probs for the teacher's global `ids` [N, k] from this rank's shard `rows` [N, V_local].
+
+    check=True raises StudentLogitsError on bad rows (one host read); check=False leaves `bad_rows` to the
+    caller, who must pass it to `raise_on_bad_rows` before using the outputs.
+    """
     shard = VocabShard.of(rows.shape[1], vocab_size, group)
     pos, owned = shard.local_ids(ids)
-    logp, gmax, at_ids = _VocabParallelBuckets.apply(rows, pos, owned, shard, float(temperature), bool(tail),
-                                                     chunk_tokens)
-    return StudentBuckets(logp, gmax, at_ids)
+    logp, gmax, at_ids, bad = _VocabParallelBuckets.apply(rows, pos, owned, shard, float(temperature), bool(tail),
+                                                          chunk_tokens)
+    if check:
+        raise_on_bad_rows(int(bad))
+    return StudentBuckets(logp, gmax, at_ids, bad)
