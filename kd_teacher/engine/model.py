@@ -132,7 +132,7 @@ def transformer_config(cfg: ModelConfig):
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(cfg: ModelConfig):
+def layer_spec(cfg: ModelConfig, config=None):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -147,7 +147,57 @@ def layer_spec(cfg: ModelConfig):
                 "(pip install 'kd-teacher[te]' on a CUDA machine)"
             ) from e
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=cfg.normalization)
+    spec = get_gpt_layer_local_spec(normalization=cfg.normalization)
+    if cfg.sequence_parallel:
+        return _sequence_parallel_local_block(spec, config if config is not None else transformer_config(cfg))
+    return spec
+
+
+class SequenceParallelTorchNorm:
+    """torch LayerNorm / RMSNorm usable under sequence parallelism, for the local (non-TE) layer spec.
+
+    Megatron's WrappedTorchNorm refuses sequence parallelism because nothing marks its weights: each TP rank
+    then sees only its slice of the sequence, so the norm's weight gradients are partial sums that
+    `finalize_model_grads` must all-reduce over the TP group, which it does for parameters carrying
+    `sequence_parallel = True` (as Transformer Engine's norms set it). This sets it; the math is torch's.
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in norms:
+            raise ValueError(f"normalization {config.normalization!r} is not supported with the local spec")
+        norm = norms[config.normalization](hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = bool(config.sequence_parallel)
+        return norm
+
+
+def _sequence_parallel_local_block(layer, config):
+    """The local spec's transformer block with every torch norm swapped for `SequenceParallelTorchNorm`."""
+    import dataclasses
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlock,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    def swap(node):
+        if node is WrappedTorchNorm:
+            return SequenceParallelTorchNorm
+        if isinstance(node, ModuleSpec):
+            return dataclasses.replace(node, module=swap(node.module), submodules=swap(node.submodules))
+        if dataclasses.is_dataclass(node) and not isinstance(node, type):
+            return dataclasses.replace(node, **{f.name: swap(getattr(node, f.name)) for f in dataclasses.fields(node)
+                                                if f.init})
+        return node
+
+    layer = swap(layer)
+    block = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
+                                       layer_norm=SequenceParallelTorchNorm)
+    return ModuleSpec(module=TransformerBlock, submodules=block)
 
 
 def build_gpt_model(cfg: ModelConfig, config=None):
@@ -170,7 +220,7 @@ def build_gpt_model(cfg: ModelConfig, config=None):
         config = transformer_config(cfg)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(cfg),
+        transformer_layer_spec=layer_spec(cfg, config),
         vocab_size=cfg.padded_vocab_size,
         max_sequence_length=cfg.max_sequence_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -15,13 +15,14 @@ TEACHER_YAML = str(ROOT / "configs" / "kd_teacher_tiny.yaml")
 VOCAB, SEQ, MBS, K = 1000, 32, 2, 16
 
 
-def student_config(tp=1, pp=1, dropout=0.0):
+def student_config(tp=1, pp=1, dropout=0.0, sequence_parallel=False):
     from kd_teacher.engine.model import ModelConfig
 
     return ModelConfig(
         num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
         vocab_size=VOCAB, max_sequence_length=64, make_vocab_size_divisible_by=8, seed=99,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, hidden_dropout=dropout,
+        sequence_parallel=sequence_parallel,
     )
 
 
@@ -108,7 +109,7 @@ def dense_ce(student_full, labels):
     return -torch.gather(s_logp, -1, labels.long().unsqueeze(-1)).squeeze(-1)
 
 
-def _reported_vs_hand(alpha, num_microbatches, legacy=False):
+def _reported_vs_hand(alpha, num_microbatches, legacy=False, sequence_parallel=False):
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -118,9 +119,11 @@ def _reported_vs_hand(alpha, num_microbatches, legacy=False):
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    cfg = student_config(tp, pp)
+    cfg = student_config(tp, pp, sequence_parallel=sequence_parallel)
     torch.manual_seed(cfg.seed)
     model, _ = build_gpt_model(cfg)
+    if sequence_parallel:  # really on: Megatron scatters the sequence and the norms' grads get reduced over TP
+        assert model.config.sequence_parallel and model.decoder.final_layernorm.weight.sequence_parallel
     step = wrap_forward_step(legacy_forward_step if legacy else forward_step, kd_config(tp, pp, alpha), model=model)
     batches = micro_batches(num_microbatches, seed=100 + parallel_state.get_data_parallel_rank())
     data = step.prefetch(iter(batches), num_microbatches) if pp > 1 else iter(batches)
@@ -147,7 +150,10 @@ def _reported_vs_hand(alpha, num_microbatches, legacy=False):
     return [{k: (v.tolist() if v.dim() else v.item()) for k, v in r.items()} for r in reports], rows
 
 
-LAYOUTS = {"tp2": dict(tp=2), "pp2": dict(pp=2), "tp1_dp2_2mb": dict(tp=1)}
+# tp2_sp: sequence parallelism, where each TP rank holds a slice of the sequence until the output layer
+# all-gathers it (the local spec's norms are swapped for ones that allow it, kd_teacher.engine.model).
+LAYOUTS = {"tp2": dict(tp=2), "tp2_sp": dict(tp=2, sequence_parallel=True), "pp2": dict(pp=2),
+           "tp1_dp2_2mb": dict(tp=1)}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
