@@ -3,6 +3,10 @@
 Both losses run on the same bf16 logits [s, b, V] in the same process (TP=1); the KD loss gets them the way
 the student hook does, as a transposed view [b, s, V]. Ratios are KD / CE, measured side by side.
 
+On CUDA every KD variant that has a tail runs twice: "[fused]" with the Triton kernels of
+kd_teacher/kernels/kd_loss.py (the default there) and "[pytorch]" with the PyTorch path forced
+(KD_TEACHER_FUSED_KD_LOSS=0), interleaved in the same run. On the CPU only the PyTorch path exists.
+
 Memory is the peak of memory allocated during one forward+backward above what was allocated before it
 (the logits and the payload are not counted; the logits' gradient is). It is also given in units of one fp32
 copy of the logits, the issue's target being <= 1 such copy beyond the logits. On CUDA it is
@@ -29,11 +33,14 @@ import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import os
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from kd_teacher.kernels.kd_loss import DISABLE_ENV, kd_loss_kernel_applies  # noqa: E402
 from kd_teacher.losses import kd_loss, kd_loss_and_report  # noqa: E402
 from kd_teacher.payload import TopKPayload  # noqa: E402
 
@@ -171,11 +178,16 @@ def ce_step(logits_sbv, labels_sb):
     return step
 
 
-def kd_step(logits_sbv, payload, labels_sb, kwargs):
+def kd_step(logits_sbv, payload, labels_sb, kwargs, path: str):
     kwargs = dict(kwargs)
     alpha = kwargs.pop("alpha", None)
 
     def step():
+        # The dispatch reads the switch at every call, so both paths interleave in one process.
+        if path == "pytorch":
+            os.environ[DISABLE_ENV] = "0"
+        else:
+            os.environ.pop(DISABLE_ENV, None)
         logits = logits_sbv.transpose(0, 1)
         if alpha is None:
             loss = kd_loss(logits, payload, **kwargs).sum()
@@ -199,7 +211,15 @@ def run(preset_name: str) -> dict:
     fp32_copy = p.tokens * p.vocab * 4
     grad_bytes = logits.numel() * logits.element_size()
     steps = {"megatron_ce": ce_step(logits, labels)}
-    steps.update({name: kd_step(logits, payloads[t], labels, kw) for name, (t, kw) in VARIANTS.items()})
+    fused = kd_loss_kernel_applies(logits.view(-1, p.vocab)[:1])
+    for name, (t, kw) in VARIANTS.items():
+        # The fused kernels replace the tail's passes; without a tail (and on the CPU) there is one path.
+        paths = ["fused", "pytorch"] if fused and kw.get("tail", True) else ["pytorch"]
+        if "chunk_tokens" in kw:
+            paths = ["pytorch"]  # the fused path has no fp32 working buffer to chunk
+        for path in paths:
+            label = f"{name} [{path}]" if fused else name
+            steps[label] = kd_step(logits, payloads[t], labels, kw, path)
     all_times = measure_times(steps, device, p.warmup, p.reps)
     results = {}
     for name, step in steps.items():
@@ -217,11 +237,16 @@ def run(preset_name: str) -> dict:
         r["time_ratio_vs_ce"] = r["time_ms_min"] / base["time_ms_min"]
         r["time_ratio_vs_ce_median"] = r["time_ms_median"] / base["time_ms_median"]
         r["peak_ratio_vs_ce"] = r["extra_peak_bytes"] / base["extra_peak_bytes"]
+    for name, r in results.items():
+        if name.endswith(" [fused]") and name.replace("[fused]", "[pytorch]") in results:
+            r["time_ratio_vs_pytorch_path"] = r["time_ms_min"] / results[name.replace("[fused]", "[pytorch]")]["time_ms_min"]
+    os.environ.pop(DISABLE_ENV, None)
     return dict(
         benchmark="kd_loss", preset=preset_name, config=asdict(p), logits_dtype="bfloat16",
         device=torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'}, "
         f"{torch.get_num_threads()} threads)",
         torch=torch.__version__, megatron_core=_megatron_version(), date=datetime.date.today().isoformat(),
+        fused_kernels=fused,
         memory_method="torch.cuda.max_memory_allocated" if device.type == "cuda" else "live storage bytes "
         "(TorchDispatchMode + storage finalisers)",
         targets=dict(time_ratio_vs_ce="<= 1.5 on GPU", extra_peak_fp32_copies="<= 1 beyond the logits' gradient"),
@@ -241,10 +266,11 @@ def _megatron_version() -> str:
 def print_table(report: dict) -> None:
     print(f"kd_loss vs megatron vocab_parallel_cross_entropy: {report['config']['tokens']} x "
           f"{report['config']['vocab']} bf16, k={report['config']['k']}, {report['device']}")
-    print(f"{'variant':28} {'min ms':>9} {'x CE':>6} {'peak (fp32 copies)':>19} {'w/o grad':>9} {'x CE':>6}")
+    print(f"{'variant':38} {'min ms':>9} {'x CE':>6} {'peak (fp32 copies)':>19} {'w/o grad':>9} {'x CE':>6}")
     for name, r in report["results"].items():
-        print(f"{name:28} {r['time_ms_min']:9.1f} {r['time_ratio_vs_ce']:6.2f} {r['extra_peak_fp32_copies']:19.2f} "
-              f"{r['extra_peak_without_grad_fp32_copies']:9.2f} {r['peak_ratio_vs_ce']:6.2f}")
+        vs = f"  x{r['time_ratio_vs_pytorch_path']:.3f} of pytorch path" if "time_ratio_vs_pytorch_path" in r else ""
+        print(f"{name:38} {r['time_ms_min']:9.2f} {r['time_ratio_vs_ce']:6.3f} {r['extra_peak_fp32_copies']:19.2f} "
+              f"{r['extra_peak_without_grad_fp32_copies']:9.2f} {r['peak_ratio_vs_ce']:6.2f}{vs}")
 
 
 def main(argv=None) -> int:
