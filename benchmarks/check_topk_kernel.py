@@ -202,6 +202,8 @@ def small_cases() -> list[Case]:
         Case("nonfinite bf16", 6, 1100, 16, "bf16", 1.0, 0, 1090, seed=6, kind="nonfinite"),
         Case("k > V, k 256", 2, 200, 256, "bf16", seed=7),
         Case("padding only", 2, 600, 8, "bf16", 1.0, 0, 0, seed=8),
+        # 32-column groups: the ~100 candidate groups are re-read in two slices of 64
+        Case("sliced re-read", 2, 20000, 100, "bf16", 1.3, 20000, 19990, seed=9),
     ]
 
 

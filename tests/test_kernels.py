@@ -56,7 +56,9 @@ def test_k_beyond_the_kernel_is_declined():
     assert plan_for(100, MAX_K + 1, TopKKernelConfig()) is not None  # k' = min(k, V_local) = 100
 
 
-@pytest.mark.parametrize("bad", [dict(chunk=1000), dict(chunk=256), dict(num_warps=3), dict(row_num_warps=64)])
+@pytest.mark.parametrize(
+    "bad", [dict(chunk=1000), dict(chunk=256), dict(num_warps=3), dict(row_num_warps=64), dict(max_registers=300)]
+)
 def test_bad_kernel_config_is_refused(bad):
     with pytest.raises(ValueError, match="kernel"):
         TopKKernelConfig(**bad)
@@ -67,8 +69,8 @@ def test_bad_kernel_config_is_refused(bad):
     "config, cases",
     [
         # selection fused into the streaming launch (the default): ties take the exact path, NaN rows do not
-        ({}, ["randn multi-chunk", "ties", "nonfinite bf16"]),
-        ({"fuse_select": False}, ["padded fp32", "nonfinite"]),
+        ({}, ["randn multi-chunk", "ties", "nonfinite bf16", "sliced re-read"]),
+        ({"fuse_select": False}, ["padded fp32", "nonfinite", "sliced re-read"]),
     ],
     ids=["fused", "separate-selection"],
 )

@@ -32,21 +32,23 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @dataclasses.dataclass(frozen=True)
 class TopKKernelConfig:
-    """Tuning of the fused kernel; the defaults are the ones benchmarked (benchmarks/topk_kernel.py)."""
+    """Tuning of the fused kernel (benchmarks/topk_kernel.py sweeps these; see README for what was measured)."""
 
     chunk: int = 8192  # columns per program of the streaming pass (power of two, >= 512)
     num_warps: int = 8  # warps per program of the streaming pass
-    row_num_warps: int = 4  # warps per row of the selection pass when it is a launch of its own
-    # The last program of a row to finish streaming selects the row's top k (one launch instead of two).
+    row_num_warps: int = 8  # warps per row of the selection pass when it is a launch of its own
+    # The last program of a row to finish streaming selects the row's top k (one launch instead of two;
+    # the selection re-reads from L2, and its latency overlaps other programs' streaming).
     fuse_select: bool = True
     # CUDA's expf (as torch.exp) rather than ex2.approx.ftz: the precise one made the streaming pass
     # issue-bound (~20 instructions per logit on sm_90, against ~10); ex2.approx's ~2 ulp per term average
     # out in a sum of ~1e5 terms (benchmarks/check_topk_kernel.py measures the LSE against float64).
     precise_exp: bool = False
-    # Register cap per thread for the streaming launch (0: the compiler's choice). With the selection
-    # fused in, the compiler takes ~117 (2 programs of 8 warps per multiprocessor); 80 fits 3, at the
-    # price of a few spills on the selection side only.
-    max_registers: int = 80
+    # Register cap per thread for both launches (0: the compiler's choice). Occupancy decides the speed of
+    # both passes: 64 fits 4 programs of 8 warps per multiprocessor (the streaming pass alone takes 55)
+    # without spills for k <= 128; the compiler's 80 fits 3. On an H200 a cap (80) took the fused launch
+    # from 1.82 to 1.38 ms.
+    max_registers: int = 64
 
     def __post_init__(self):
         if self.chunk < 512 or self.chunk & (self.chunk - 1):
@@ -197,7 +199,7 @@ def launch(logits2d, k, temperature, vocab_start, valid, config=None):
                 logits2d, row_stride, v_local, valid, vocab_start, plan.kk,
                 chunk_max, chunk_sum, group_max, scratch_groups, scratch_cols, flags, *selection,
                 GROUP_SIZE=plan.group_size, CHUNK=plan.chunk, EXP_IMPL=exp_impl, **sizes,
-                num_warps=config.row_num_warps, enable_fp_fusion=False,
+                num_warps=config.row_num_warps, enable_fp_fusion=False, **registers,
             )
         redo_programs = min(_num_programs_for_redo(dev), n)
         per_program = -(-n // redo_programs)

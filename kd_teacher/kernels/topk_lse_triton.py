@@ -155,14 +155,16 @@ def _write_ranked(
     c = tl.load(scratch_ptr + j, mask=present, other=0, cache_modifier=".cg")
     key = tl.where(present, _key(_bits_at(row_ptr, c, valid, present), c), KEY_NONE)
     rank = tl.zeros([CAP], dtype=tl.int32)
-    for blk in tl.static_range(CAP // RB):
-        jb = blk * RB + tl.arange(0, RB)
+    first = 0
+    while first < count:  # blocks past `count` hold only empty slots, which are ranked last anyway
+        jb = first + tl.arange(0, RB)
         pb = jb < count
         cb = tl.load(scratch_ptr + jb, mask=pb, other=0, cache_modifier=".cg")
         kb = tl.where(pb, _key(_bits_at(row_ptr, cb, valid, pb), cb), KEY_NONE)
         # Empty slots share KEY_NONE: ties by slot keep the ranks a permutation.
         ahead = (kb[None, :] > key[:, None]) | ((kb[None, :] == key[:, None]) & (jb[None, :] < j[:, None]))
         rank += tl.sum(ahead.to(tl.int32), axis=1)
+        first += RB
     out = present & (rank < kk)
     row64 = row.to(tl.int64)
     tl.store(out_values_ptr + row64 * kk + rank, tl.load(row_ptr + c, mask=out), mask=out)
@@ -218,22 +220,29 @@ def _select_row(
     cand_group = (ob >= lo) & (gi < num_groups)
     n_groups = tl.sum(cand_group.to(tl.int32), axis=0)
     if n_groups <= GCAP:
-        # Compact the candidate groups' ids, then read those groups again.
+        # Compact the candidate groups' ids, then read those groups again, GSLICE groups at a time: a
+        # [GCAP, GROUP_SIZE] tile at once took 168 registers a thread (3 programs of 4 warps per
+        # multiprocessor), and usually half of it was empty (n_groups ~ kk, GCAP = 2 kp).
         gpos = tl.cumsum(cand_group.to(tl.int32), axis=0) - 1
         tl.store(scratch_groups_ptr + row64 * GCAP + gpos, gi, mask=cand_group)
         tl.debug_barrier()  # other threads' scratch writes must be visible before the re-read
-        slot = tl.arange(0, GCAP)
-        gid = tl.load(scratch_groups_ptr + row64 * GCAP + slot, mask=slot < n_groups, other=0, cache_modifier=".cg")
-        col = gid[:, None] * GROUP_SIZE + tl.arange(0, GROUP_SIZE)[None, :]
-        present = (slot < n_groups)[:, None] & (col < v_local)
-        cand = present & (_ordered(_bits_at(row_ptr, col, valid, present)) >= lo)
-        count = tl.sum(tl.sum(cand.to(tl.int32), axis=1), axis=0)
-        if count <= CAP:
+        GSLICE: tl.constexpr = GCAP if GCAP * GROUP_SIZE <= 2048 else 2048 // GROUP_SIZE
+        count = tl.full([], 0, tl.int32)
+        first = 0
+        while first < n_groups:
+            slot = first + tl.arange(0, GSLICE)
+            gid = tl.load(scratch_groups_ptr + row64 * GCAP + slot, mask=slot < n_groups, other=0,
+                          cache_modifier=".cg")
+            col = gid[:, None] * GROUP_SIZE + tl.arange(0, GROUP_SIZE)[None, :]
+            present = (slot < n_groups)[:, None] & (col < v_local)
+            cand = present & (_ordered(_bits_at(row_ptr, col, valid, present)) >= lo)
             ci = cand.to(tl.int32)
-            within = tl.cumsum(ci, axis=1)
             per_group = tl.sum(ci, axis=1)
-            pos = (tl.cumsum(per_group, axis=0) - per_group)[:, None] + within - 1
-            tl.store(scratch_cols_ptr + row64 * CAP + pos, col, mask=cand)
+            pos = count + (tl.cumsum(per_group, axis=0) - per_group)[:, None] + tl.cumsum(ci, axis=1) - 1
+            tl.store(scratch_cols_ptr + row64 * CAP + pos, col, mask=cand & (pos < CAP))
+            count += tl.sum(per_group, axis=0)
+            first += GSLICE
+        if count <= CAP:
             tl.debug_barrier()
             _write_ranked(row, row_ptr, scratch_cols_ptr + row64 * CAP, count, valid, vocab_start, kk,
                           out_values_ptr, out_ids_ptr, CAP)
