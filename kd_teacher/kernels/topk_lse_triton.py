@@ -1,14 +1,15 @@
 """Triton kernels for one vocabulary shard's top-k and log-sum-exp pieces, reading the logits once.
 
-Two launches in the default configuration, in data-flow order (the launcher is `kd_teacher.kernels.topk_lse`):
+Kernels in data-flow order (the launcher is `kd_teacher.kernels.topk_lse`):
 
 1. `chunk_stats_kernel`, one program per (row, chunk of CHUNK columns): streaming. From one load of the
    chunk it writes the chunk's max of logits/T, its sum of exp(logits/T - max), and the maximum of every
    group of GROUP_SIZE consecutive columns (1/GROUP_SIZE of the bytes read: 3% at 64 bf16 columns).
    With SELECT, the last of a row's programs to finish (an arrival counter per row) then does the row's
    selection (`_select_row`, below) itself: the row's group maxima and the groups it re-reads are still in
-   L2, and the selection's latency hides behind the other programs' streaming, which a separate per-row
-   launch left exposed (0.62 ms of 1.62 on an H100 at [8192, 128256] bf16).
+   L2, and the selection's latency can overlap other programs' streaming. That pays only at the streaming
+   pass's own occupancy: on an H200, at 3 programs per multiprocessor instead of 4, fused (1.38 ms) was no
+   faster than the selection as a launch of its own (1.34 ms; [8192, 128256] bf16, k=64).
 2. `_select_row` (inside 1, or as `row_topk_kernel`, one program per row). The k-th largest group maximum
    of the row (a bisection over its order-preserving bits) is a lower bound of the row's k-th largest
    logit, since k distinct elements reach it; every top-k element lies in a group whose maximum reaches
