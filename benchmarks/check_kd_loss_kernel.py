@@ -125,7 +125,10 @@ def make_inputs(case: Case, device):
 # ---- float64 references ------------------------------------------------------------------------------------
 
 def id_columns(pos, owned, v_local):
-    return torch.zeros(pos.shape[0], v_local, dtype=torch.bool, device=pos.device).scatter_(1, pos, owned)
+    # scatter_add, not scatter_: ids this shard does not own sit at column 0 too, and scatter_ of True and
+    # False to one column keeps whichever write lands last.
+    hits = torch.zeros(pos.shape[0], v_local, dtype=torch.int32, device=pos.device)
+    return hits.scatter_add_(1, pos, owned.to(torch.int32)) > 0
 
 
 def reference_stats(rows, pos, owned, valid, inv_t, chunk=1024):
@@ -267,8 +270,36 @@ def count_syncs(device) -> dict:
                 call()
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        out[name] = sum("synchroniz" in str(w.message) for w in seen)
+        messages = [str(w.message).splitlines()[0][:160] for w in seen if "synchroniz" in str(w.message)]
+        out[name] = dict(count=len(messages), messages=messages)
     return out
+
+
+def profile_loss(device) -> list[dict]:
+    """Where a forward_kl fwd+bwd's GPU time goes on the fused path ([8192, 128256] bf16, k=64): top ops."""
+    g = torch.Generator(device=device).manual_seed(9)
+    teacher = (torch.randn(2, 4096, 128256, generator=g, device=device) * 3).bfloat16()
+    payload = TopKPayload.from_logits(teacher, 64)
+    logits = (teacher + torch.randn_like(teacher)).transpose(0, 1).contiguous().requires_grad_()
+    del teacher
+
+    def step():
+        loss = kd_terms(logits.transpose(0, 1), payload).loss.sum()
+        torch.autograd.grad(loss, logits)
+
+    fused_path()
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
+        rows.append(dict(op=e.key[:100], device_us=float(us), calls=e.count))
+    rows.sort(key=lambda r: -r["device_us"])
+    return rows[:25]
 
 
 # ---- timings -----------------------------------------------------------------------------------------------
@@ -315,8 +346,9 @@ def timings(device, sweep: bool) -> dict:
                id_bitmask_ms=mask_ms, pytorch_fwd_ms=t_fwd, pytorch_bwd_ms=t_bwd,
                default_config=dataclasses.asdict(KDLossKernelConfig()))
     if sweep:
-        variants = [dict(words=64), dict(words=256), dict(stats_num_warps=4), dict(stats_num_warps=16),
-                    dict(grad_num_warps=4), dict(grad_num_warps=16), dict(precise_exp=True)]
+        variants = [dict(words=64), dict(words=256), dict(stats_num_warps=8), dict(stats_num_warps=16),
+                    dict(words=256, stats_num_warps=4),
+                    dict(grad_num_warps=4), dict(grad_num_warps=16), dict(precise_exp=True), dict(precise_exp=False)]
         out["sweep"] = []
         for v in variants:
             f, b = passes(KDLossKernelConfig(**v))
@@ -356,6 +388,11 @@ def main(argv=None) -> int:
         print("autograd, fused vs pytorch path:", report["autograd"])
         report["host_syncs_per_call"] = count_syncs(device)
         print("host syncs per call:", report["host_syncs_per_call"])
+        report["profile_forward_kl_fused"] = profile_loss(device)
+        total = sum(r["device_us"] for r in report["profile_forward_kl_fused"])
+        print(f"profile, forward_kl fwd+bwd on the fused path (top ops, {total / 1e3:.2f} ms among them):")
+        for r in report["profile_forward_kl_fused"][:15]:
+            print(f"  {r['device_us'] / 1e3:7.3f} ms  x{r['calls']:<3} {r['op']}")
         report["timings"] = timings(device, sweep=not args.no_sweep)
         t = report["timings"]
         print(f"fused fwd {t['fused_fwd_ms']:.3f} ms (x{t['fused_fwd_vs_floor']:.2f} of read floor "
