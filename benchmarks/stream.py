@@ -19,6 +19,7 @@ with a remote teacher against the CE-only step and the in-process (co-located) t
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -37,9 +39,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 PRESETS = {
     "cpu": dict(batch=2, seq=2048, k=64, vocab=8000, dtype="float32", messages=30, rounds=5, in_flight=8,
-                transports=["shm", "dist"], step_transport="shm", steps=6, warmup=2),
-    "gpu": dict(batch=2, seq=4096, k=64, vocab=128256, dtype="bfloat16", messages=50, rounds=3, in_flight=4,
-                transports=["dist"], step_transport="dist", steps=10, warmup=3),
+                transports=["shm", "dist"], step_transport="shm", teachers=["small", "large"], steps=6, warmup=2),
+    # 2 GPUs, one call: throughput, then the overlap with the student-sized teacher alone (its forward is a
+    # fraction of the student's step per micro-batch: "fast enough"; the JSON records both times).
+    "gpu": dict(batch=2, seq=4096, k=64, vocab=128256, dtype="bfloat16", messages=50, rounds=5, in_flight=4,
+                transports=["dist"], step_transport="dist", teachers=["small"], steps=10, warmup=3),
 }
 
 
@@ -75,6 +79,7 @@ def echo_server(transport: str, preset: str, where: str) -> None:
 
     from kd_teacher.payload import PayloadHeader, TopKPayload, token_hashes
     from kd_teacher.transport.protocol import Request
+    from kd_teacher.transport.dist_transport import TAG_REPLY
 
     p = PRESETS[preset]
     info = _info(p)
@@ -102,11 +107,16 @@ def echo_server(transport: str, preset: str, where: str) -> None:
             if not isinstance(item, Request):
                 continue
             if item.request_id and item.request_id.startswith("raw:"):  # the baseline: raw sends, same bytes
-                works = [server.pg.send([raw], item.student, 1) for _ in range(int(item.request_id[4:]))]
+                # Its own (error) reply first: the student posted that receive before the raw ones.
+                server.reply(item.student, item.seq, error="raw baseline follows")
+                works = [server.pg.send([raw], item.student, TAG_REPLY) for _ in range(int(item.request_id[4:]))]
                 for w in works:
                     w.wait()
+                _sync()
                 continue
-            h = replace(header, token_hashes=token_hashes(item.tokens), sample_ids=item.sample_ids)
+            # The dist server hashed the tokens on its receiving thread; shm leaves that to the teacher.
+            hashes = item.token_hashes or token_hashes(item.tokens)
+            h = replace(header, token_hashes=hashes, sample_ids=item.sample_ids)
             server.reply(item.student, item.seq, TopKPayload(values, indices, lse, h))
     server.close()
 
@@ -154,8 +164,7 @@ def throughput(transport: str, preset: str) -> dict:
             raw.append(baseline())
         rt.close()
     finally:
-        echo.terminate() if transport == "shm" else None
-        echo.wait(timeout=120)
+        _stop(echo, transport)
     t_ours, t_raw = statistics.median(ours), statistics.median(raw)
     return {"transport": transport, "payload_bytes": nbytes, "messages": n, "seconds_transport": ours,
             "seconds_raw": raw, "GBps_transport": nbytes * n / t_ours / 1e9, "GBps_raw": nbytes * n / t_raw / 1e9,
@@ -164,16 +173,27 @@ def throughput(transport: str, preset: str) -> dict:
 
 
 def _raw_dist(rt, tokens, n: int, nbytes: int):
+    """n raw receives of the payload's bytes over the same data group, all posted at once (as our transport
+    posts its receives ahead); the echo sends them back to back."""
+    from kd_teacher.transport import RequestRejectedError
+    from kd_teacher.transport.dist_transport import TAG_REPLY
+
     channel = rt.channel
-    buf = torch.empty(nbytes, dtype=torch.uint8, device=channel.device)
+    bufs = [torch.empty(nbytes, dtype=torch.uint8, device=channel.device) for _ in range(2)]
 
     def run():
         t0 = time.perf_counter()
-        channel.send(0, tokens[:1, :1], None, f"raw:{n}", 0.0)
-        for _ in range(n):
-            channel.pg.recv([buf], channel.teacher_rank, 1).wait()
+        handle = rt.submit(tokens[:1, :1], request_id=f"raw:{n}")
+        works = [channel.pg.recv([bufs[i % 2]], channel.teacher_rank, TAG_REPLY) for i in range(n)]
+        for w in works:
+            w.wait()
         _sync()
-        return time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0
+        try:
+            rt.result(handle)
+        except RequestRejectedError:
+            pass
+        return elapsed
 
     return run
 
@@ -201,7 +221,7 @@ def _raw_shm(nbytes: int, n: int):
 
 
 # ---- (b) overlap: student steps with the hook --------------------------------------------------------------------
-def overlap(preset: str, teacher: str) -> dict:
+def overlap(preset: str, teacher: str, transport: Optional[str] = None) -> dict:
     import kd_step
 
     from kd_teacher.engine.engine import EngineConfig, TeacherEngine
@@ -219,18 +239,18 @@ def overlap(preset: str, teacher: str) -> dict:
     # "large": kd_step's teacher (3x the student's compute); "small": a teacher the size of the student, fast
     # enough to hide behind the student's step when it has a core (CPU) or a GPU of its own.
     teacher_cfg = ModelConfig(**p["teacher" if teacher == "large" else "student"], precision=precision, seed=2)
-    init_distributed(1, 1, 1234)
-    model, optimizer = kd_step.build_student(student_cfg)
-    torch.manual_seed(teacher_cfg.seed)
-    engine = TeacherEngine(build_gpt_model(teacher_cfg)[0], teacher_cfg.vocab_size,
-                           EngineConfig(k=p["k"], max_tokens_per_batch=p["micro_batch_size"] * p["seq"]),
-                           model_config=teacher_cfg)
-    batches = kd_step.micro_batches(p, student_cfg.vocab_size)
-
-    transport = sp["step_transport"]
+    transport = transport or sp["step_transport"]
     where = f"bench-step-{teacher}-{os.getpid()}" if transport == "shm" else f"127.0.0.1:{free_port()}"
-    server = _start_teacher_server(teacher_cfg, p, transport, where)
+    # Started first: it builds its teacher while we build ours.
+    server, server_log = _start_teacher_server(teacher_cfg, p, transport, where)
     try:
+        init_distributed(1, 1, 1234)
+        model, optimizer = kd_step.build_student(student_cfg)
+        torch.manual_seed(teacher_cfg.seed)
+        engine = TeacherEngine(build_gpt_model(teacher_cfg)[0], teacher_cfg.vocab_size,
+                               EngineConfig(k=p["k"], max_tokens_per_batch=p["micro_batch_size"] * p["seq"]),
+                               model_config=teacher_cfg)
+        batches = kd_step.micro_batches(p, student_cfg.vocab_size)
         client = RemoteTeacher(RemoteTeacherConfig(
             transport=transport, name=where, address=where, student_rank=0, num_students=1, k=p["k"],
             vocab_size=student_cfg.vocab_size, connect_timeout_s=600, timeout_s=300, max_in_flight=4,
@@ -243,34 +263,89 @@ def overlap(preset: str, teacher: str) -> dict:
             "in_process": wrap_forward_step(kd_step.forward_step, KDConfig(source="remote", remote={}, **kd),
                                             model=model, source=InProcessSource(engine)),
         }
-        samples = kd_step.time_train_steps(steps, model, optimizer, batches, p, sp["warmup"], sp["steps"])
+        samples = kd_step.time_train_steps(steps, model, optimizer, _SameIterator(batches), p, sp["warmup"],
+                                           sp["steps"])
+        teacher_s = _teacher_forward_seconds(engine, batches[0]["tokens"])
         client.close()
-    finally:
-        server.terminate() if transport == "shm" else None
-        server.wait(timeout=120)
+    except BaseException:
+        _stop(server, "shm", server_log)  # whatever it is doing: stop it, and show its log
+        raise
+    _stop(server, transport, server_log)
     median = {name: statistics.median(v) for name, v in samples.items()}
-    return {"transport": transport, "teacher": teacher, "tokens_per_step": p["micro_batch_size"] * p["seq"] * p["num_microbatches"],
+    student_mb_s = median["ce"] / p["num_microbatches"]
+    return {"transport": transport, "teacher": teacher,
+            "teacher_params": sum(q.numel() for q in engine.model.parameters()),
+            "tokens_per_step": p["micro_batch_size"] * p["seq"] * p["num_microbatches"],
+            "teacher_seconds_per_microbatch": teacher_s, "ce_step_seconds_per_microbatch": student_mb_s,
+            # The teacher can hide behind the student only if its forward takes well under a student step.
+            "teacher_fast_enough": teacher_s < 0.5 * student_mb_s,
             "step_seconds_median": median, "samples": samples,
             "ratio_remote_over_ce": median["remote"] / median["ce"],
             "ratio_remote_over_in_process": median["remote"] / median["in_process"],
             "ratio_in_process_over_ce": median["in_process"] / median["ce"], "target_remote_over_ce": 1.05}
 
 
-def _start_teacher_server(teacher_cfg, p: dict, transport: str, where: str) -> subprocess.Popen:
+class _SameIterator:
+    """The micro-batches as one endless iterator, whichever step asks for `iter()`: Megatron's training loop
+    keeps one data iterator across steps, so the hook's read-ahead reaches into the next step."""
+
+    def __init__(self, batches):
+        self.iterator = itertools.cycle(batches)
+
+    def __iter__(self):
+        return self.iterator
+
+
+def _teacher_forward_seconds(engine, tokens, reps: int = 5) -> float:
+    """The in-process teacher's time for one micro-batch (median), on the student's device."""
+    engine.score(tokens)
+    times = []
+    for _ in range(reps):
+        _sync()
+        t0 = time.perf_counter()
+        engine.score(tokens)
+        _sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _start_teacher_server(teacher_cfg, p: dict, transport: str, where: str):
     from dataclasses import asdict
+
+    from kd_teacher.testing.distributed import free_port
 
     cfg = {"model": asdict(teacher_cfg), "engine": {"k": p["k"], "max_tokens_per_batch": p["micro_batch_size"] * p["seq"]},
            "serve": {"transport": transport, "name": where, "address": where,
                      "max_tokens_per_request": p["micro_batch_size"] * p["seq"]}}
-    path = Path(tempfile.mkdtemp(prefix="kd_stream_")) / "serve.json"
+    tmp = Path(tempfile.mkdtemp(prefix="kd_stream_"))
+    path = tmp / "serve.json"
     path.write_text(json.dumps(cfg))  # JSON is YAML
-    # Its own world: not the benchmark's (init_distributed put RANK / MASTER_PORT ... into our environment).
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    if torch.cuda.device_count() > 1:
-        env["CUDA_VISIBLE_DEVICES"] = "1"
-    return subprocess.Popen([sys.executable, "-m", "kd_teacher.cli", "serve", str(path)], env=env, cwd=ROOT)
+    # A one-rank world of its own (not the benchmark's), on the second GPU. LOCAL_RANK picks the device with
+    # both GPUs visible: NCCL then uses the direct GPU-to-GPU path, which a process seeing one GPU may not.
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), LOCAL_RANK="1" if torch.cuda.device_count() > 1 else "0")
+    log = tmp / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "kd_teacher.cli", "serve", str(path)], env=env, cwd=ROOT,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return proc, log
+
+
+def _stop(proc: subprocess.Popen, transport: str, log: Optional[Path] = None) -> None:
+    """An shm server runs until told to stop; a dist one ends when its student has said goodbye."""
+    if transport == "shm" and proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if log is not None and proc.returncode not in (0, -15):
+        print(f"teacher server exited with {proc.returncode}; the end of {log}:\n" + log.read_text()[-4000:],
+              file=sys.stderr)
 
 
 # ---- main -----------------------------------------------------------------------------------------------------
@@ -282,6 +357,10 @@ def main() -> int:
     parser.add_argument("--transport", default="shm", help=argparse.SUPPRESS)
     parser.add_argument("--where", default="", help=argparse.SUPPRESS)
     parser.add_argument("--skip-overlap", action="store_true", help="only the throughput part")
+    parser.add_argument("--teachers", default=None, help="comma list of overlap teachers, small and/or large "
+                                                         "(default: the preset's)")
+    parser.add_argument("--step-transport", choices=["shm", "dist"], default=None,
+                        help="the overlap part's transport (default: the preset's)")
     args = parser.parse_args()
     torch.set_num_threads(1) if args.preset == "cpu" else None
     if args.role == "echo":
@@ -294,7 +373,8 @@ def main() -> int:
               "load_avg_1m": os.getloadavg()[0],
               "throughput": [throughput(t, args.preset) for t in PRESETS[args.preset]["transports"]]}
     if not args.skip_overlap:
-        result["overlap"] = [overlap(args.preset, teacher) for teacher in ("small", "large")]
+        teachers = args.teachers.split(",") if args.teachers else PRESETS[args.preset]["teachers"]
+        result["overlap"] = [overlap(args.preset, teacher, args.step_transport) for teacher in teachers]
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"stream_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -304,7 +384,9 @@ def main() -> int:
     for o in result.get("overlap", []):
         print(f"step with remote {o['teacher']} teacher ({o['transport']}): x{o['ratio_remote_over_ce']:.2f} of CE-only, "
               f"x{o['ratio_remote_over_in_process']:.2f} of in-process teacher step "
-              f"(in-process x{o['ratio_in_process_over_ce']:.2f} of CE)")
+              f"(in-process x{o['ratio_in_process_over_ce']:.2f} of CE); teacher forward "
+              f"{o.get('teacher_seconds_per_microbatch', float('nan')) * 1e3:.1f} ms vs CE step "
+              f"{o.get('ce_step_seconds_per_microbatch', float('nan')) * 1e3:.1f} ms per micro-batch")
     print(f"wrote {out}")
     return 0
 

@@ -19,13 +19,14 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
 
 import torch
 
 from kd_teacher.config import from_dict
-from kd_teacher.payload import PayloadError, TopKPayload
+from kd_teacher.payload import PayloadError, TokenMismatchError, TopKPayload, token_hashes
 from kd_teacher.transport import protocol as P
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class _Pending:
     tokens: torch.Tensor
     sample_ids: Optional[list]
     shape: tuple
+    hashes: Optional[Future] = None  # the tokens' hashes, computed off the caller's thread
     done: Optional[TopKPayload] = None
     error: Optional[Exception] = None
     abandoned: bool = False
@@ -119,9 +121,10 @@ class RemoteTeacher:
                              device=cfg.device, verify_data=cfg.shm_verify_data)
         from kd_teacher.transport.dist_transport import DistClient
 
+        # Timed-out requests keep their reply receives posted until the late replies come: room for as many.
         return DistClient(cfg.address, rank, size, cfg.expectation(), backend=cfg.backend,
                           connect_timeout_s=cfg.connect_timeout_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s,
-                          device=cfg.device)
+                          device=cfg.device, max_outstanding=2 * cfg.max_in_flight)
 
     # ---- the interface the training hook uses ----------------------------------------------------------------
     @property
@@ -149,10 +152,13 @@ class RemoteTeacher:
                 )
         self._seq += 1
         seq = self._seq
-        cpu_tokens = tokens.detach().to("cpu", torch.int64)
+        # A copy: the request may be read after we return (torch.distributed sends it asynchronously, the
+        # hashes come from another thread), while the caller is free to reuse its tensor.
+        cpu_tokens = tokens.detach().to("cpu", torch.int64, copy=True)
         ids = None if sample_ids is None else [int(i) for i in sample_ids]
         self.channel.send(seq, cpu_tokens, ids, request_id, deadline)
-        self._requests[seq] = _Pending(cpu_tokens, ids, tuple(tokens.shape))
+        hashes = _hasher().submit(token_hashes, cpu_tokens)
+        self._requests[seq] = _Pending(cpu_tokens, ids, tuple(tokens.shape), hashes)
         return Handle(seq)
 
     def result(self, handle: Handle, timeout: Optional[float] = None) -> TopKPayload:
@@ -218,7 +224,7 @@ class RemoteTeacher:
         return True
 
     def _checked(self, payload: TopKPayload, pending: _Pending) -> TopKPayload:
-        payload.check_tokens(pending.tokens, pending.sample_ids)
+        _check_tokens(payload, pending.shape, pending.hashes.result(), pending.sample_ids)
         h, info = payload.header, self.info
         if (h.teacher_fingerprint, h.recipe_fingerprint) != (info.teacher_fingerprint, info.recipe_fingerprint):
             raise PayloadError("payload fingerprints differ from the teacher's at connect (another teacher answered)")
@@ -236,6 +242,34 @@ class RemoteTeacher:
         abandoned = [s for s, p in self._requests.items() if p.abandoned]
         for seq in abandoned[:max(0, len(abandoned) - _ABANDONED_KEPT)]:
             self._requests.pop(seq)
+
+
+_HASHER: Optional[ThreadPoolExecutor] = None
+
+
+def _hasher() -> ThreadPoolExecutor:
+    """One thread hashing submitted tokens while the caller goes on (hashlib lets go of the GIL): the
+    hashes are ready by the time the reply is, and the caller's thread does not spend ~10 us per 1k tokens."""
+    global _HASHER
+    if _HASHER is None:
+        _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-token-hash")
+    return _HASHER
+
+
+def _check_tokens(payload: TopKPayload, shape: tuple, hashes: list, sample_ids: Optional[list]) -> None:
+    """`TopKPayload.check_tokens` with the tokens' hashes already computed."""
+    h = payload.header
+    if (h.batch, h.seq_len) != tuple(shape):
+        raise TokenMismatchError(f"payload is for [batch, seq] = [{h.batch}, {h.seq_len}] but the micro-batch is "
+                                 f"{list(shape)}")
+    if not h.token_hashes:
+        raise TokenMismatchError("payload carries no token hashes, so it cannot be matched to the micro-batch")
+    bad = [i for i, (a, b) in enumerate(zip(hashes, h.token_hashes)) if a != b]
+    if bad:
+        raise TokenMismatchError(
+            f"payload belongs to other tokens: {len(bad)} of {len(hashes)} sequences differ (first: row {bad[0]})")
+    if sample_ids is not None and h.sample_ids is not None and list(sample_ids) != list(h.sample_ids):
+        raise TokenMismatchError(f"payload sample ids {h.sample_ids} != micro-batch sample ids {list(sample_ids)}")
 
 
 def make_client(remote: Optional[dict] = None, *, k: Optional[int] = None, temperature: Optional[float] = None,

@@ -1,49 +1,64 @@
-"""torch.distributed transport: student ranks and teacher ranks of separate launches, one KD process group.
+"""torch.distributed transport: student ranks and teacher ranks of separate launches, two KD process groups.
 
-Rank layout of the KD group (size S + R): student rank i is KD rank i (i = its rank in the student's own
+Rank layout of both KD groups (size S + R): student rank i is KD rank i (i = its rank in the student's own
 training world, 0..S-1); the head of teacher data-parallel replica r (its tensor- and pipeline-parallel rank
 0) is KD rank S + r. Student i talks only to replica i % R; students never talk to each other, and teacher
-ranks other than the heads are not in the group (their head hands them the work over the teacher's own
-model-parallel group).
+ranks other than the heads are not in the groups (their head hands them the work over the teacher's own
+model-parallel group). Each process already has a default world (its own torchrun job), so the groups are
+built directly on a TCPStore at the KD rendezvous address, hosted by student rank 0.
 
-Each process already has a default world (its own torchrun job), so the KD group is built directly on a
-TCPStore at the KD rendezvous address, hosted by student rank 0 (`ProcessGroupGloo` / `ProcessGroupNCCL` over
-a PrefixStore), and used only through its own send/recv.
+  store     handshake (server info, hellos, verdicts), one heartbeat counter per replica; nothing per message
+  requests  gloo, student -> teacher: a fixed-size request header, then the body (token ids, sample ids,
+            request id) whose size the header gives (`dist_wire`). Gloo on the GPU too: a request is host data,
+            and on its own group it cannot queue in front of replies (NCCL orders a pair's sends and receives
+            on one stream per group, so a teacher's receive posted for a student's next request would hold
+            back the replies to that student)
+  data      NCCL on GPU (payloads stay on the GPU), gloo on CPU, teacher -> student: one reply per request,
+            of a size both ends know from the request's shape and the handshake (`dist_wire.reply_layout`)
 
-Two planes:
-  control  the TCPStore: handshake keys, one request queue per replica (`kd/req/<r>`, token ids inline: 8
-           bytes a token), one reply-header queue per student (`kd/rep/<i>`), a heartbeat counter per replica
-  data     the payload (indices, lse, values packed into one buffer, one transfer) by point-to-point send/recv
-           of the KD group: on the GPU with NCCL, on the CPU with gloo; the same code
+Per message, a student posts the receive of the reply when it sends the request (at most `max_outstanding`
+posted), so transfers run back to back as the teacher sends; the reply's first block says whether it is a
+payload (its checked PayloadHeader) or an error, and for which request. The teacher answers each student's
+requests in the order they arrived, always with exactly one reply, so a student's receives stay in step.
+The teacher takes requests in on one thread (a gloo receive from any student, then the body), which also
+hashes their tokens; replies go out from the serving thread.
 
-Bounded waits: a student never posts a recv before the reply header says the data is on its way, so it only
-ever waits on the store (non-blocking pops), checking the teacher's heartbeat while it polls: a dead or frozen teacher
-stops its heartbeat and the wait fails with TeacherUnavailableError after `heartbeat_timeout_s`; a slow one
-with TeacherTimeoutError at the request's timeout. The recv itself is bounded too (gloo: the work's timeout;
-NCCL: polling, then abort). The store lives in the student job, so a hung teacher cannot hang a store call.
-A failure of the data plane leaves the channel unusable (a recv cannot be withdrawn): the student gets
-TeacherUnavailableError for this and every later request. A restarted torch.distributed teacher needs the
-students to reconnect; the shared-memory transport is the one that reattaches by itself.
+Bounded waits: nothing waits without a deadline on the student's side. A posted NCCL receive is polled
+(`is_completed`); gloo cannot be polled, and a gloo wait that times out closes its connection, so gloo
+operations are waited for by a helper thread with no effective time limit and the caller polls that.
+While it waits, a student checks the teacher's heartbeat: a dead or frozen teacher fails the wait with
+TeacherUnavailableError after `heartbeat_timeout_s`, a slow one with TeacherTimeoutError at the request's
+deadline. A timed-out request keeps its receive posted: its late reply arrives there and is discarded by
+sequence number. A reply that is not the one expected (sequence number, size, header) is a ProtocolError,
+and like a lost teacher it leaves the channel unusable (NCCL's receives are aborted): a restarted
+torch.distributed teacher needs the students to reconnect; the shared-memory transport reattaches by itself.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime
 import json
 import logging
+import queue
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from kd_teacher.payload import TopKPayload
+from kd_teacher.payload import PayloadError, PayloadHeader, TopKPayload
+from kd_teacher.transport import dist_wire as W
 from kd_teacher.transport import protocol as P
 
 log = logging.getLogger(__name__)
 
-_STORE_MESSAGE_MAX = P.MAX_HEADER_BYTES + 8 * (1 << 24)  # a request: header + up to 16M token ids
+TAG_REQUEST, TAG_BODY, TAG_REPLY = 1, 2, 3
+_UNLIMITED_S = 30 * 86400.0  # gloo waits must not time out by themselves: a timed-out gloo wait closes the pair
+_SEND_BACKLOG = 64  # replies a teacher keeps in flight before it waits for the oldest
+_SPIN_S = 0.0002  # busy polling before sleeping: a reply is usually one transfer (tens of microseconds) away
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -66,49 +81,88 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def kd_group(store, rank: int, size: int, backend: str, timeout_s: float):
-    """The KD process group, outside the default world: all S + R members call this at connect."""
+def kd_groups(store, rank: int, size: int, backend: str, timeout_s: float):
+    """(requests group, data group), outside the default world: all S + R members call this at connect."""
+    requests = dist.ProcessGroupGloo(dist.PrefixStore("kd/req", store), rank, size, _td(timeout_s))
     prefix = dist.PrefixStore("kd/pg", store)
     if backend == "gloo":
-        return dist.ProcessGroupGloo(prefix, rank, size, _td(timeout_s))
+        return requests, dist.ProcessGroupGloo(prefix, rank, size, _td(timeout_s))
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
-        opts._timeout = _td(timeout_s)
-        return dist.ProcessGroupNCCL(prefix, rank, size, opts)
+        # Our own polling bounds every wait; NCCL's watchdog would otherwise take the process down when a
+        # receive stays posted longer than this (a slow teacher's late reply).
+        opts._timeout = _td(max(timeout_s, 86400.0))
+        return requests, dist.ProcessGroupNCCL(prefix, rank, size, opts)
     raise ValueError(f"KD backend {backend!r} is not gloo or nccl")
 
 
-def _wait(work, timeout_s: float, backend: str, pg) -> None:
-    """Wait for a send/recv, bounded: gloo honours the work's timeout, NCCL is polled and aborted."""
-    if backend == "gloo":
-        work.wait(_td(timeout_s))
-        return
-    deadline = time.monotonic() + timeout_s
-    while not work.is_completed():
-        if time.monotonic() > deadline:
-            abort = getattr(pg, "abort", None)
-            if abort is not None:
-                abort()
-            raise TimeoutError(f"NCCL transfer did not complete in {timeout_s:.1f} s")
-        time.sleep(0.0002)
-
-
-def _pop(store, key: str, deadline: float, between=None, max_pause: float = 0.001) -> Optional[bytes]:
-    """The next message of queue `key`, or None at the deadline. Non-blocking pops with a growing pause:
-    a blocking pop that times out must cancel its wait on the server, which hangs if the server is frozen
-    (and c10d logs every timed-out wait)."""
-    pause = 0.00005
-    while True:
+def _abort(pg) -> None:
+    abort = getattr(pg, "abort", None)
+    if abort is not None:
         try:
-            return store.queue_pop(key, block=False)
-        except dist.QueueEmptyError:
-            pass
+            abort()
+        except Exception as e:  # noqa: BLE001 - already failing; the abort is best effort
+            log.debug("aborting the KD data group failed: %s", e)
+
+
+# ---- completion of posted operations ----------------------------------------------------------------------------
+class _Op:
+    """A posted send/recv and the tensors it uses (alive until it completed); `done()` never blocks."""
+
+    __slots__ = ("work", "keep", "event", "error")
+
+    def __init__(self, work, keep):
+        self.work, self.keep, self.event, self.error = work, keep, None, None
+
+    def done(self) -> bool:
+        return self.event.is_set() if self.event is not None else self.work.is_completed()
+
+
+class _GlooWaiter:
+    """Waits for gloo operations in the order given, on its own thread, and flags each one when done.
+    Gloo's works report completion only to `wait()`, and a timed-out wait closes the connection."""
+
+    def __init__(self, name: str):
+        self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def track(self, op: _Op) -> _Op:
+        op.event = threading.Event()
+        self.queue.put(op)
+        return op
+
+    def _run(self) -> None:
+        while True:
+            op = self.queue.get()
+            if op is None:
+                return
+            try:
+                op.work.wait(_td(_UNLIMITED_S))
+            except Exception as e:  # noqa: BLE001 - handed to whoever polls this op
+                op.error = e
+            op.event.set()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=5.0)
+
+
+def _poll(done: Callable[[], bool], deadline: float, between: Optional[Callable[[], None]] = None) -> bool:
+    """Spin briefly, then sleep in growing steps, until done() or the deadline; `between` runs while asleep."""
+    spin_until = time.monotonic() + _SPIN_S
+    pause = 0.00005
+    while not done():
+        now = time.monotonic()
+        if now >= deadline:
+            return False
+        if now < spin_until:
+            continue
         if between is not None:
             between()
-        if time.monotonic() >= deadline:
-            return None
-        time.sleep(pause)
-        pause = min(pause * 2, max_pause)
+        time.sleep(min(pause, max(deadline - now, 0.0)))
+        pause = min(pause * 2, 0.001)
+    return True
 
 
 class _Heartbeat:
@@ -117,15 +171,17 @@ class _Heartbeat:
     def __init__(self, address: str, key: str, interval_s: float, timeout_s: float):
         self.store = _store(address, False, timeout_s)
         self.key, self.interval_s = key, interval_s
+        self.lost: Optional[str] = None
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread = threading.Thread(target=self._run, name="kd-heartbeat", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         while not self.stop.wait(self.interval_s):
             try:
                 self.store.add(self.key, 1)
-            except Exception:  # noqa: BLE001 - the students' store is gone; the serve loop notices too
+            except Exception as e:  # noqa: BLE001 - the students' store is gone: they have left
+                self.lost = str(e)
                 return
 
     def close(self) -> None:
@@ -133,29 +189,52 @@ class _Heartbeat:
         self.thread.join(timeout=2)
 
 
+def _device_for(backend: str, device) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
 # ---- teacher side -----------------------------------------------------------------------------------------------
+@dataclass
+class _Expected:
+    """What the reply to one received request must look like."""
+
+    batch: int
+    seq_len: int
+    request_id_bytes: int
+    token_hashes: Optional[list]
+
+
 class DistServer:
-    """The head of teacher replica `replica`: joins the KD group as rank S + replica and serves its students."""
+    """The head of teacher replica `replica`: joins the KD groups as rank S + replica and serves its students."""
 
     def __init__(self, address: str, info: P.ServerInfo, replica: int = 0, *, backend: Optional[str] = None,
                  connect_timeout_s: float = 600.0, heartbeat_interval_s: float = 0.1, device=None):
         self.address, self.info, self.replica = address, info, replica
         self.backend = backend or default_backend()
-        self.device = torch.device(device) if device is not None else (
-            torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu"))
+        self.device = _device_for(self.backend, device)
         self.store = _store(address, False, connect_timeout_s)
         if replica == 0:
             self.store.set("kd/server", info.to_json())
         self.num_students = self._admit_students(connect_timeout_s)
         R = info.replicas
         self.students = [i for i in range(self.num_students) if i % R == replica]
-        self.pg = kd_group(self.store, self.num_students + replica, self.num_students + R, self.backend,
-                           connect_timeout_s)
-        self._queue = f"kd/req/{replica}"
-        self._sends: list = []  # (work, tensor, student): tensors stay alive until their send completed
-        self._dead: set[int] = set()
+        self.requests_pg, self.pg = kd_groups(self.store, self.num_students + replica, self.num_students + R,
+                                              self.backend, connect_timeout_s)
+        self._waiter = _GlooWaiter("kd-send-waiter") if self.backend == "gloo" else None
+        self._warm_up(connect_timeout_s)
+        self._inbox: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._order = {s: collections.deque() for s in self.students}  # seqs in arrival order, not yet answered
+        self._expected: dict = {}  # (student, seq) -> _Expected
+        self._held = {s: {} for s in self.students}  # replies ready before an earlier one of the same student
+        self._sends: collections.deque = collections.deque()  # (op, student)
+        self._dropped: set[int] = set()  # no more requests taken from these (out of step)
+        self._unreachable: set[int] = set()  # no more replies sent to these (a send failed)
         self._bye: set[int] = set()
-        self._gone = False
+        self._receiving: Optional[str] = None  # why the request thread stopped, once it has
+        self._receiver = threading.Thread(target=self._receive_requests, name="kd-requests", daemon=True)
+        self._receiver.start()
         self._beat = _Heartbeat(address, f"kd/hb/{replica}", heartbeat_interval_s, connect_timeout_s)
         log.info("KD replica %d serves students %s as KD rank %d of %d (%s)", replica, self.students,
                  self.num_students + replica, self.num_students + R, self.backend)
@@ -182,118 +261,271 @@ class DistServer:
             raise P.IncompatibleTeacherError("refused at connect, the KD group is not formed: " + " | ".join(refused))
         return S
 
-    def poll(self, timeout: float, max_requests: int = 64) -> list:
-        """Requests and (student, seq, error) pairs that arrived within `timeout` (blocking on the first)."""
-        raw = []
+    def _warm_up(self, timeout_s: float) -> None:
+        """One small message to each student, so that NCCL sets up each pair's communicator now, under the
+        connect timeout, and not inside the first request."""
+        for student in self.students:
+            ping = torch.ones(4, dtype=torch.uint8, device=self.device)
+            op = _Op(self.pg.send([ping], student, TAG_REPLY), ping)
+            if not self._wait(op, time.monotonic() + timeout_s):
+                raise P.TeacherUnavailableError(f"student {student} did not take the KD warm-up message in "
+                                                f"{timeout_s} s")
+
+    def _wait(self, op: _Op, deadline: float) -> bool:
+        if self._waiter is not None and op.event is None:
+            self._waiter.track(op)
+        return _poll(op.done, deadline) and op.error is None
+
+    # ---- taking requests in (own thread) ----------------------------------------------------------------------
+    def _receive_requests(self) -> None:
+        header = torch.empty(W.REQUEST_HEADER_BYTES, dtype=torch.uint8)
         try:
-            first = _pop(self.store, self._queue, time.monotonic() + timeout)
-            if first is not None:
-                raw.append(first)
-                while len(raw) < max_requests and self.store.queue_len(self._queue) > 0:
-                    raw.append(self.store.queue_pop(self._queue, block=False))
-        except Exception as e:  # noqa: BLE001
-            log.info("the KD store is gone (%s): the students have left", e)
-            self._gone = True
+            while not set(self.students) <= (self._bye | self._dropped | self._unreachable):
+                work = self.requests_pg.recv_anysource([header], TAG_REQUEST)
+                work.wait(_td(_UNLIMITED_S))
+                source = work._source_rank() if hasattr(work, "_source_rank") else work.source_rank()
+                item = self._take_request(source, bytes(header.numpy()))
+                if item is not None:
+                    self._inbox.put(item)
+        except Exception as e:  # noqa: BLE001 - the students' side of the group is gone
+            self._receiving = f"{type(e).__name__}: {e}"
+            log.info("KD replica %d stops taking requests: %s", self.replica, self._receiving)
+        self._inbox.put(None)  # wakes the serving thread
+
+    def _take_request(self, source: int, raw: bytes):
+        """A Request, (student, seq, error) for one to answer with an error, or None (nothing to answer)."""
+        try:
+            header = W.parse_request_header(raw)
+            if header.student != source or source not in self._order:
+                raise P.ProtocolError(f"header of student {header.student} from KD rank {source}, which replica "
+                                      f"{self.replica} serves: {source in self._order}")
+        except P.ProtocolError as e:
+            # Its body (if any) cannot be told apart from its next header: this student is out of step.
+            log.warning("KD rank %d sent a malformed request header, no more requests taken from it: %s", source, e)
+            self._dropped.add(source)
+            return None
+        if source in self._dropped:
+            return None
+        if header.kind == W.KIND_BYE:
+            self._bye.add(source)
+            return None
+        refused = W.refusal(header, self.info)
+        self._expect(header)
+        if refused is not None:
+            # An error reply it can receive (the shape is out of limits: an error-only reply), then no more:
+            # the body we refuse to take in would be read as its next header.
+            log.warning("student %d: %s; no more requests taken from it", source, refused)
+            self._dropped.add(source)
+            return source, header.seq, refused
+        body = torch.empty(header.body_bytes, dtype=torch.uint8)
+        if header.body_bytes:
+            self.requests_pg.recv([body], source, TAG_BODY).wait(_td(_UNLIMITED_S))
+        try:
+            request = W.decode_request_body(header, body, self.info)
+        except P.RequestRejectedError as e:
+            return source, header.seq, str(e)
+        self._expected[(source, header.seq)].token_hashes = request.token_hashes
+        return request
+
+    def _expect(self, header: W.RequestHeader) -> None:
+        # Recorded before the request is handed on: the serving thread may answer it at once.
+        self._expected[(header.student, header.seq)] = _Expected(header.batch, header.seq_len,
+                                                                 header.request_id_bytes, None)
+        self._order[header.student].append(header.seq)
+
+    # ---- the serving thread's interface -----------------------------------------------------------------------
+    def poll(self, timeout: float, max_requests: int = 64) -> list:
+        """Requests and (student, seq, error) triples that arrived within `timeout` (blocking on the first)."""
+        self._reap()
         out = []
-        for msg in raw:
-            item = self._parse(msg)
-            if item is not None:
+        try:
+            item = self._inbox.get(timeout=timeout)
+            while item is not None:
                 out.append(item)
+                if len(out) >= max_requests:
+                    break
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
         return out
 
-    def _parse(self, msg: bytes):
-        try:
-            header, buffers = P.decode(msg, _STORE_MESSAGE_MAX)
-            student, seq = P.request_header_ok(header)
-        except P.ProtocolError as e:
-            log.warning("dropping a malformed request: %s", e)
-            return None
-        if student not in self.students:
-            log.warning("dropping a request from student %d, which replica %d does not serve", student, self.replica)
-            return None
-        if header.get("type") == "bye":
-            self._bye.add(student)
-            return None
-        try:
-            return P.decode_request(header, buffers, self.info)
-        except P.RequestRejectedError as e:
-            return (student, seq, str(e))
-
     def reply(self, student: int, seq: int, payload: Optional[TopKPayload] = None, error: Optional[str] = None):
-        if student in self._dead or self._gone:
+        """Answer request `seq` of `student`; sent once the replies to its earlier requests are out."""
+        expected = self._expected.pop((student, seq), None)
+        if expected is None:
+            log.warning("no request %d of student %d is waiting for a reply; dropped", seq, student)
+            return
+        if student in self._unreachable:
             return
         try:
-            self.store.queue_push(f"kd/rep/{student}", P.encode(P.reply_header(seq, payload, error)))
-            if payload is None:
-                return
-            packed = P.pack_payload(payload, self.device)
-            self._sends.append((self.pg.send([packed], student, 0), packed, student))
-            self._reap(max_pending=48)
-        except Exception as e:  # noqa: BLE001 - one lost student must not stop the others
-            log.warning("student %d is unreachable, no more replies to it: %s", student, e)
-            self._dead.add(student)
+            message = self._message(seq, expected, payload, error)
+        except Exception as e:  # noqa: BLE001 - a reply that cannot be built becomes an error reply
+            log.exception("reply %d to student %d cannot be built", seq, student)
+            message = self._message(seq, expected, None, f"the teacher failed to build the reply: {e}")
+        self._held[student][seq] = message
+        self._send_in_order(student)
 
-    def _reap(self, max_pending: int) -> None:
-        while len(self._sends) > max_pending or (self._sends and self._sends[0][0].is_completed()):
-            work, _, student = self._sends.pop(0)
+    def _message(self, seq: int, expected: _Expected, payload: Optional[TopKPayload], error: Optional[str]):
+        block, total = W.reply_layout(expected.batch, expected.seq_len, expected.request_id_bytes, self.info)
+        if error is None and payload is not None:
+            error = self._mismatch(payload, expected)
+        if error is None and payload is not None:
             try:
-                _wait(work, 60.0, self.backend, self.pg)
-            except Exception as e:  # noqa: BLE001
-                log.warning("send to student %d failed: %s", student, e)
-                self._dead.add(student)
+                head = W.encode_block(seq, block, ok_json=W.payload_header_json(payload.header))
+            except ValueError as e:
+                error = str(e)
+            else:
+                parts = [payload.indices, payload.lse, payload.values]
+                return torch.cat([_host_bytes(head, self.device)] +
+                                 [t.to(self.device).contiguous().reshape(-1).view(torch.uint8) for t in parts])
+        head = W.encode_block(seq, block, error=error or "the teacher sent no payload")
+        message = torch.zeros(total, dtype=torch.uint8, device=self.device)
+        message[:block].copy_(_host_bytes(head, self.device))
+        return message
+
+    def _mismatch(self, payload: TopKPayload, expected: _Expected) -> Optional[str]:
+        """A teacher-side check before sending: the payload fits the request it answers."""
+        h = payload.header
+        if (h.batch, h.seq_len) != (expected.batch, expected.seq_len):
+            return f"teacher bug: payload [{h.batch}, {h.seq_len}] for a [{expected.batch}, {expected.seq_len}] request"
+        if expected.token_hashes is not None and list(h.token_hashes) != expected.token_hashes:
+            return "teacher bug: the payload belongs to other tokens than the request's"
+        try:
+            P.check_payload_fits(h, (expected.batch, expected.seq_len), self.info)
+        except P.ProtocolError as e:
+            return f"teacher bug: {e}"
+        return None
+
+    def _send_in_order(self, student: int) -> None:
+        order, held = self._order[student], self._held[student]
+        while order and order[0] in held:
+            message = held.pop(order.popleft())
+            if student in self._unreachable:
+                continue
+            try:
+                op = _Op(self.pg.send([message], student, TAG_REPLY), message)
+            except Exception as e:  # noqa: BLE001 - one lost student must not stop the others
+                log.warning("student %d is unreachable, no more replies to it: %s", student, e)
+                self._unreachable.add(student)
+                continue
+            if self._waiter is not None:
+                self._waiter.track(op)
+            self._sends.append((op, student))
+        self._reap()
+
+    def _reap(self, backlog: int = _SEND_BACKLOG) -> None:
+        while self._sends and (len(self._sends) > backlog or self._sends[0][0].done()):
+            op, student = self._sends.popleft()
+            if not _poll(op.done, time.monotonic() + 60.0) or op.error is not None:
+                log.warning("reply to student %d failed (%s); no more replies to it", student,
+                            op.error or "not taken in 60 s")
+                self._unreachable.add(student)
 
     def flush(self) -> None:
-        self._reap(max_pending=48)
+        self._reap()
 
     def finished(self) -> bool:
-        return self._gone or set(self.students) <= (self._bye | self._dead)
+        if self._beat.lost is not None:
+            log.info("the KD store is gone (%s): the students have left", self._beat.lost)
+            return True
+        # Replies still in flight are waited for (bounded) by close().
+        return self._receiving is not None or set(self.students) <= (self._bye | self._dropped | self._unreachable)
 
     def close(self) -> None:
         self._beat.close()
-        self._reap(max_pending=0)
+        deadline = time.monotonic() + 30.0
+        while self._sends and time.monotonic() < deadline:
+            self._reap(backlog=0) if self._sends[0][0].done() else time.sleep(0.001)
+        if self._sends and self.backend == "nccl":
+            _abort(self.pg)  # replies nobody takes in any more: let the process end
+        if self._waiter is not None:
+            self._waiter.close()
+        # A thread that still holds a finished gloo work when the interpreter shuts down aborts the process
+        # (freeing the work's tensor needs the GIL, which a finalizing interpreter no longer hands out).
+        self._receiver.join(timeout=5.0)
+
+
+def _host_bytes(raw: bytes, device: torch.device) -> torch.Tensor:
+    t = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    # From pageable memory, an asynchronous copy is staged at once and waits for no queued GPU work.
+    return t.to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 # ---- student side -----------------------------------------------------------------------------------------------
+@dataclass
+class _Posted:
+    """A request sent and the posted receive of its reply."""
+
+    seq: int
+    shape: tuple
+    block: int
+    buf: torch.Tensor
+    recv: _Op
+    sends: list  # the request's two gloo sends (their tensors stay alive until done)
+
+
 class DistClient:
-    """A student rank's end: hosts the KD store on rank 0, handshakes, joins the KD group, moves messages."""
+    """A student rank's end: hosts the KD store on rank 0, handshakes, joins the KD groups, moves messages."""
 
     def __init__(self, address: str, student: int, num_students: int, expect: P.Expectation, *,
                  backend: Optional[str] = None, connect_timeout_s: float = 600.0, heartbeat_timeout_s: float = 30.0,
-                 device=None):
+                 device=None, max_outstanding: int = 8):
         self.student, self.num_students = student, num_students
         self.backend = backend or default_backend()
-        self.device = torch.device(device) if device is not None else (
-            torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu"))
+        self.device = _device_for(self.backend, device)
         self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.max_outstanding = max(1, max_outstanding)
         self.broken: Optional[str] = None
         deadline = time.monotonic() + connect_timeout_s
         self.store = _store(address, student == 0, connect_timeout_s)
         self.store.set_timeout(_td(connect_timeout_s))
-        try:
-            self.store.wait(["kd/server"])
-        except Exception as e:  # noqa: BLE001
-            raise P.TeacherUnavailableError(f"no teacher announced itself at {address} in {connect_timeout_s} s") from e
-        self.info = P.ServerInfo.from_json(self.store.get("kd/server"))
-        problems = P.incompatibilities(self.info, expect)
-        hello = {"num_students": num_students, "expect": json.loads(expect.to_json())}
-        self.store.set(f"kd/hello/{student}", json.dumps(hello))
-        if problems:
-            raise P.IncompatibleTeacherError(f"teacher at {address} refused: " + "; ".join(problems))
-        self.store.wait([f"kd/verdict/{student}"])
-        verdict = json.loads(self.store.get(f"kd/verdict/{student}"))
-        if not verdict["ok"]:
-            raise P.IncompatibleTeacherError(f"teacher at {address} refused this student: {verdict['reason']}")
+        self.info = self._handshake(address, expect, connect_timeout_s)
         self.replica = student % self.info.replicas
         self.teacher_rank = num_students + self.replica
-        self.pg = kd_group(self.store, student, num_students + self.info.replicas, self.backend,
-                           max(deadline - time.monotonic(), 1.0))
-        self._requests_q, self._replies_q = f"kd/req/{self.replica}", f"kd/rep/{student}"
+        self.requests_pg, self.pg = kd_groups(self.store, student, num_students + self.info.replicas, self.backend,
+                                              max(deadline - time.monotonic(), 1.0))
+        self._waiter = _GlooWaiter("kd-recv-waiter") if self.backend == "gloo" else None
         self._hb_key = f"kd/hb/{self.replica}"
         self._beat = (self.store.add(self._hb_key, 0), time.monotonic())
         self._checked = 0.0
+        self._posted: collections.deque = collections.deque()
+        self._early: collections.deque = collections.deque()  # replies taken in by send() to make room
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._pinned: Optional[torch.Tensor] = None
+        self._warm_up(deadline)
+
+    def _handshake(self, address: str, expect: P.Expectation, timeout_s: float) -> P.ServerInfo:
+        try:
+            self.store.wait(["kd/server"])
+        except Exception as e:  # noqa: BLE001
+            raise P.TeacherUnavailableError(f"no teacher announced itself at {address} in {timeout_s} s") from e
+        info = P.ServerInfo.from_json(self.store.get("kd/server"))
+        problems = P.incompatibilities(info, expect)
+        hello = {"num_students": self.num_students, "expect": json.loads(expect.to_json())}
+        self.store.set(f"kd/hello/{self.student}", json.dumps(hello))
+        if problems:
+            raise P.IncompatibleTeacherError(f"teacher at {address} refused: " + "; ".join(problems))
+        self.store.wait([f"kd/verdict/{self.student}"])
+        verdict = json.loads(self.store.get(f"kd/verdict/{self.student}"))
+        if not verdict["ok"]:
+            raise P.IncompatibleTeacherError(f"teacher at {address} refused this student: {verdict['reason']}")
+        return info
+
+    def _warm_up(self, deadline: float) -> None:
+        ping = torch.empty(4, dtype=torch.uint8, device=self.device)
+        op = self._track(_Op(self.pg.recv([ping], self.teacher_rank, TAG_REPLY), ping))
+        if not _poll(op.done, deadline) or op.error is not None:
+            _abort(self.pg)
+            raise P.TeacherUnavailableError(f"teacher replica {self.replica} did not complete the KD warm-up: "
+                                            f"{op.error or 'timed out'}")
+
+    def _track(self, op: _Op) -> _Op:
+        return self._waiter.track(op) if self._waiter is not None else op
 
     def _fail(self, message: str, cls=P.TeacherUnavailableError):
         self.broken = message
+        if self.backend == "nccl" and self._posted:
+            _abort(self.pg)  # its posted receives would otherwise wait forever
         raise cls(message)
 
     def _check_teacher(self) -> None:
@@ -313,58 +545,108 @@ class DistClient:
             self._fail(f"teacher replica {self.replica} (KD rank {self.teacher_rank}) died or hangs: "
                        f"no heartbeat for {now - seen:.1f} s")
 
+    # ---- sending --------------------------------------------------------------------------------------------
     def send(self, seq: int, tokens: torch.Tensor, sample_ids, request_id, deadline: float) -> None:
         if self.broken:
             raise P.TeacherUnavailableError(f"the KD channel is unusable: {self.broken}")
-        msg = P.encode_request(self.student, seq, tokens, sample_ids, request_id)
+        rid = request_id.encode() if request_id else b""
+        b, s = tokens.shape
+        header = W.RequestHeader(W.KIND_REQUEST, self.student, seq, b, s, len(sample_ids or ()), len(rid))
+        refused = W.refusal(header, self.info)
+        if refused is not None:
+            raise P.RequestRejectedError(f"not sent: {refused}")
+        while len(self._posted) >= self.max_outstanding:
+            item = self._receive_next(deadline)
+            if item is None:
+                raise P.TeacherTimeoutError(f"{len(self._posted)} requests are still unanswered at the deadline")
+            self._early.append(item)
+        block, total = W.reply_layout(b, s, len(rid), self.info)
+        buf = torch.empty(total, dtype=torch.uint8, device=self.device)
+        head = W.encode_request_header(W.KIND_REQUEST, self.student, seq, b, s, header.num_sample_ids, len(rid))
+        body = W.encode_request_body(tokens.contiguous(), sample_ids, rid)
         try:
-            self.store.queue_push(self._requests_q, msg)
+            # The receive first: the reply's transfer can start the moment the teacher sends it.
+            recv = self._track(_Op(self.pg.recv([buf], self.teacher_rank, TAG_REPLY), buf))
+            sends = [self.requests_pg.send([head], self.teacher_rank, TAG_REQUEST),
+                     self.requests_pg.send([body], self.teacher_rank, TAG_BODY)]
         except Exception as e:  # noqa: BLE001
-            self._fail(f"the KD store is unreachable: {e}")
+            self._fail(f"sending request {seq} to teacher replica {self.replica} failed: {e}")
+        self._posted.append(_Posted(seq, (b, s), block, buf, recv, [(w, t) for w, t in zip(sends, (head, body))]))
 
-    def receive(self, deadline: float, shape_of: Callable[[int], Optional[tuple]]):
+    # ---- receiving ------------------------------------------------------------------------------------------
+    def receive(self, deadline: float, shape_of: Callable[[int], Optional[tuple]] = None):
+        """(seq, payload, None) or (seq, None, error text) of the next reply, or None at the deadline."""
+        if self._early:
+            return self._early.popleft()
+        return self._receive_next(deadline)
+
+    def _receive_next(self, deadline: float):
         if self.broken:
             raise P.TeacherUnavailableError(f"the KD channel is unusable: {self.broken}")
-        try:
-            msg = _pop(self.store, self._replies_q, deadline, between=self._check_teacher, max_pause=0.00025)
-        except P.TransportError:
-            raise
-        except Exception as e:  # noqa: BLE001
-            self._fail(f"the KD store is unreachable: {e}")
-        if msg is None:
+        if not self._posted:
+            time.sleep(max(0.0, min(deadline - time.monotonic(), 0.01)))
             return None
-        header, _ = P.decode(msg, P.MAX_HEADER_BYTES + 64)
-        seq = P.reply_seq(header)
-        if header.get("status") != "ok":
-            return seq, None, str(header.get("error"))
-        shape = shape_of(seq)
+        head = self._posted[0]
+        if not _poll(head.recv.done, deadline, self._check_teacher):
+            return None
+        self._posted.popleft()
+        if head.recv.error is not None:
+            self._fail(f"receiving the reply to request {head.seq} from teacher replica {self.replica} failed: "
+                       f"{head.recv.error}")
         try:
-            ph = P.check_payload_header(header, shape if shape is not None else _claimed_shape(header, self.info),
-                                        self.info)
+            return self._take(head)
         except P.ProtocolError as e:
-            self._fail(f"bad reply header, the channel is out of step: {e}", P.ProtocolError)
-        buf = torch.empty(sum(ph.buffer_sizes()), dtype=torch.uint8, device=self.device)
-        grace = max(deadline - time.monotonic(), 0.0) + 0.05 * self.heartbeat_timeout_s + 0.05
+            self._fail(f"bad reply, the channel is out of step: {e}", P.ProtocolError)
+
+    def _take(self, head: _Posted):
+        status, text = W.decode_block(self._block_bytes(head), head.seq, head.block)
+        self._sends_done(head)
+        if status != W.STATUS_OK:
+            return head.seq, None, W.error_text(text)
         try:
-            _wait(self.pg.recv([buf], self.teacher_rank, 0), grace, self.backend, self.pg)
-        except Exception as e:  # noqa: BLE001
-            self._fail(f"receiving the payload of request {seq} from teacher replica {self.replica} failed: {e}")
-        return seq, P.unpack_payload(buf, ph), None
+            ph = PayloadHeader.from_json(text)
+        except PayloadError as e:
+            raise P.ProtocolError(f"reply payload header: {e}") from None
+        P.check_payload_fits(ph, head.shape, self.info)
+        payload = P.unpack_payload(head.buf[head.block:], ph)
+        if self._copy_stream is not None:
+            head.recv.work.wait()  # later work on this stream reads the payload after its receive
+        return head.seq, payload, None
+
+    def _block_bytes(self, head: _Posted) -> bytes:
+        """The reply's first block on the host. On the GPU it is copied on a side stream that waits for the
+        receive alone, so the host does not wait for the student's own queued work."""
+        n = head.block
+        if self._copy_stream is None:
+            return bytes(head.buf[:n].numpy())
+        if self._pinned is None or self._pinned.numel() < n:
+            self._pinned = torch.empty(max(n, 4096), dtype=torch.uint8, pin_memory=True)
+        with torch.cuda.stream(self._copy_stream):
+            head.recv.work.wait()
+            self._pinned[:n].copy_(head.buf[:n], non_blocking=True)
+        self._copy_stream.synchronize()
+        return bytes(self._pinned[:n].numpy())
+
+    def _sends_done(self, head: _Posted) -> None:
+        # The teacher answered, so it took both messages in: these waits return at once.
+        for work, _ in head.sends:
+            work.wait(_td(_UNLIMITED_S))
+        head.sends = []
 
     def close(self) -> None:
         if not self.broken:
             try:
-                self.store.queue_push(self._requests_q, P.encode({"type": "bye", "student": self.student,
-                                                                  "seq": -1}))
-            except Exception:  # noqa: BLE001
-                pass
+                bye = W.encode_request_header(W.KIND_BYE, self.student, 0)
+                self.requests_pg.send([bye], self.teacher_rank, TAG_REQUEST).wait(_td(10.0))
+                # Late replies to timed-out requests are still on their way: take them in, briefly.
+                deadline = time.monotonic() + 5.0
+                while self._posted and _poll(self._posted[0].recv.done, deadline):
+                    self._posted.popleft()
+            except Exception as e:  # noqa: BLE001
+                log.debug("closing the KD channel: %s", e)
+        if self._posted and self.backend == "nccl":
+            _abort(self.pg)
+        self._posted.clear()
+        if self._waiter is not None:
+            self._waiter.close()
         self.broken = self.broken or "closed"
-
-
-def _claimed_shape(header: dict, info: P.ServerInfo) -> tuple:
-    """A stale reply's own shape, bounded by the handshake, so that its data can be drained."""
-    ph = header.get("payload") or {}
-    b, s = ph.get("batch"), ph.get("seq_len")
-    if not isinstance(b, int) or not isinstance(s, int) or b * s > info.max_tokens_per_request:
-        raise P.ProtocolError(f"stale reply claims an absurd shape [{b}, {s}]")
-    return b, s

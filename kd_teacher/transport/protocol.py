@@ -211,6 +211,7 @@ class Request:
     tokens: torch.Tensor  # [b, s] int64, CPU
     sample_ids: Optional[list] = None
     request_id: Optional[str] = None
+    token_hashes: Optional[list] = None  # set by transports that hash on receipt (torch.distributed)
 
 
 def encode_request(student: int, seq: int, tokens: torch.Tensor, sample_ids=None, request_id=None) -> bytes:
@@ -286,6 +287,11 @@ def check_payload_header(header: dict, shape: Sequence[int], info: ServerInfo) -
         ph = PayloadHeader.from_json(json.dumps(header.get("payload")))
     except PayloadError as e:
         raise ProtocolError(f"reply payload header: {e}") from None
+    return check_payload_fits(ph, shape, info)
+
+
+def check_payload_fits(ph: PayloadHeader, shape: Sequence[int], info: ServerInfo) -> PayloadHeader:
+    """A reply's payload header against the request's [batch, seq] and the handshake's k / vocab / T / dtype."""
     if [ph.batch, ph.seq_len] != list(shape):
         raise ProtocolError(f"reply is for [batch, seq] = [{ph.batch}, {ph.seq_len}], the request was {list(shape)}")
     got = (ph.k, ph.vocab_size, float(ph.temperature), ph.values_dtype)

@@ -179,6 +179,31 @@ def _bad_requests() -> list:
     return out
 
 
+def _far_too_large_is_not_sent() -> str:
+    """A request the server could not even take in is refused by the client, before anything is sent."""
+    try:
+        _CLIENT["rt"].submit(torch.zeros(64, 4096, dtype=torch.long))
+    except P.RequestRejectedError as e:
+        return str(e)
+    return ""
+
+
+def _stale_reply_discarded() -> dict:
+    """A request given up at once (timeout 0) leaves its receive posted: the late reply lands there and is
+    discarded by sequence number, and the requests after it get their own payloads."""
+    rt = _CLIENT["rt"]
+    tokens = batches(9, 3)
+    stale = rt.submit(tokens[0])
+    try:
+        rt.result(stale, timeout=0.0)
+        timed_out = False
+    except P.TeacherTimeoutError:
+        timed_out = True
+    fresh = [rt.score(t) for t in tokens[1:]]
+    return {"timed_out": timed_out, "discarded": rt.stale_discarded,
+            "matched": [p.header.token_hashes == token_hashes(t) for p, t in zip(fresh, tokens[1:])]}
+
+
 def _close() -> bool:
     rt = _CLIENT.pop("rt", None)
     if rt is not None:
@@ -201,7 +226,8 @@ def assert_failed_in_time(reports: list):
 
 
 # ---- torch.distributed ------------------------------------------------------------------------------------------
-def test_dist_teacher_tp2_students_tp1_bitwise_thousand_requests_then_killed_teacher_fails_students_in_time(tmp_path):
+def test_dist_teacher_tp2_students_tp1_bitwise_thousand_requests_bad_and_stale_then_killed_teacher_fails_in_time(
+        tmp_path):
     address = f"127.0.0.1:{free_port()}"
     teacher = start_teacher("dist", 2, ["model.tensor_model_parallel_size=2", f"serve.address={address}"],
                             tmp_path / "teacher")
@@ -211,6 +237,11 @@ def test_dist_teacher_tp2_students_tp1_bitwise_thousand_requests_then_killed_tea
         for got in run_distributed(_score_batches, 2, 11, 6, tp=1):
             assert_bitwise(got, ref)
         assert_all_matched(run_distributed(_many_requests, 2, 500, 5, tp=1))
+        for reasons in run_distributed(_bad_requests, 2, tp=1):  # error replies; the server goes on
+            assert "out of range" in reasons[0] and "exceeds the teacher's maximum" in reasons[1]
+        assert all("not sent" in r for r in run_distributed(_far_too_large_is_not_sent, 2, tp=1))
+        for r in run_distributed(_stale_reply_discarded, 2, tp=1):
+            assert r == {"timed_out": True, "discarded": 1, "matched": [True, True]}, r
         signal_later(teacher[:1], signal.SIGKILL, 1.0)
         assert_failed_in_time(run_distributed(_score_until_failure, 2, tp=1))
     finally:
