@@ -3,7 +3,7 @@
 Files (all created 0600 under a temporary name, then renamed into place, so nobody maps a half-written one;
 a segment that is not ours or not 0600 is refused):
   kdt-<name>.s<r>           one per teacher replica r: magic, generation, pid, heartbeat, ServerInfo JSON
-  kdt-<name>.c<i>-<pid>     one per student (i = its rank): the hello / verdict handshake and two rings of
+  kdt-<name>.c<i>-<pid>-<r> one per student channel (i = its rank): the hello / verdict handshake, two rings of
                             fixed-size slots, requests (student -> server) and replies (server -> student)
 
 A ring has `slots` slots and two counters, written (by the producer) and consumed (by the consumer); slot
@@ -490,15 +490,18 @@ class ShmServer:
                 self._drop(ch)
                 return
             seq, payload, error = ch.outbox.pop(0)
-            header = P.reply_header(seq, payload, error)
-            # indices, lse, values: each starts 4-byte aligned, so the student views one buffer as all three
-            buffers = [payload.indices, payload.lse, payload.values] if payload is not None else []
-            meta = _meta(header, [t.numel() * t.element_size() for t in buffers])
-            if not ch.rep.fits(meta, [t.numel() * t.element_size() for t in buffers]):
-                # cannot happen for requests within max_tokens_per_request
-                error = f"reply of {len(meta)} + {sum(t.numel() * t.element_size() for t in buffers)} bytes does " \
-                        f"not fit the {ch.rep.slot_bytes}-byte slot"
+            if payload is None:
                 meta, buffers = _meta(P.reply_header(seq, error=error), []), []
+            else:
+                # protocol.reply_header's fields; the payload header's dict as it is (its to_json() costs 20 us)
+                header = {"type": "reply", "seq": seq, "status": "ok", "payload": vars(payload.header)}
+                # indices, lse, values: each starts 4-byte aligned, so the student views one buffer as all three
+                buffers = [payload.indices, payload.lse, payload.values]
+                sizes = [t.numel() * t.element_size() for t in buffers]
+                meta = _meta(header, sizes)
+                if not ch.rep.fits(meta, sizes):  # cannot happen for requests within max_tokens_per_request
+                    error = f"reply of {len(meta) + sum(sizes)} bytes does not fit the {ch.rep.slot_bytes}-byte slot"
+                    meta, buffers = _meta(P.reply_header(seq, error=error), []), []
             ch.rep.put(meta, buffers)
 
     def flush(self) -> None:
@@ -535,7 +538,9 @@ class ShmClient:
         self.verify_data = default_verify_data() if verify_data is None else verify_data
         self.connect_timeout_s, self.heartbeat_timeout_s = connect_timeout_s, heartbeat_timeout_s
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.path = SHM_DIR / f"kdt-{name}.c{student}-{os.getpid()}"
+        # A fresh file name per channel: a server that still holds this process's previous channel (closed,
+        # not yet noticed) must see a new one, not the name it already attached.
+        self.path = SHM_DIR / f"kdt-{name}.c{student}-{os.getpid()}-{secrets.token_hex(4)}"
         self.mm: Optional[mmap.mmap] = None
         self._server = None  # (map, inode, generation, pid) of the server we are attached to
         self._beat = (0, 0.0)

@@ -274,3 +274,18 @@ def test_student_expecting_another_k_is_refused_at_connect(teacher):
 def test_second_server_with_a_live_name_is_refused(teacher):
     with pytest.raises(RuntimeError, match="another teacher server"):
         shm.ShmServer(teacher.server.name, INFO)
+
+
+def test_student_reconnecting_from_the_same_process_is_attached_again(teacher):
+    """A closed channel and its successor (same rank, same pid) are different files: the server, which may not
+    have noticed the close yet, attaches the new one."""
+    for attempt in range(3):
+        client = _client(teacher.server.name)
+        try:
+            tokens = torch.randint(0, 1000, (1, 3))
+            client.send(1, tokens, None, None, deadline=1e18)
+            seq, payload, error = client.receive(float("inf"), lambda s: (1, 3))
+            assert (seq, error) == (1, None)
+            payload.check_tokens(tokens)
+        finally:
+            client.close()
