@@ -198,6 +198,103 @@ def _raw_dist(rt, tokens, n: int, nbytes: int):
     return run
 
 
+def shm_in_flight_sweep(preset: str, in_flights=(1, 2, 4, 8)) -> dict:
+    """The shm ratio against the same raw copies at several max_in_flight: the reply ring has that many slots,
+    so it says how much of the gap is payloads going cold in the cache while they wait in the ring."""
+    from kd_teacher.transport import RemoteTeacher, RemoteTeacherConfig
+
+    p = PRESETS[preset]
+    where = f"bench-sweep-{os.getpid()}"
+    echo = _start_echo("shm", preset, where)
+    out = {}
+    try:
+        tokens = torch.randint(0, p["vocab"], (p["batch"], p["seq"]))
+        nbytes = sum(t.numel() * t.element_size() for t in _payload_tensors(p, torch.device("cpu")))
+        n = p["messages"]
+        baseline = _raw_shm(nbytes, n)
+        for in_flight in in_flights:
+            rt = RemoteTeacher(RemoteTeacherConfig(transport="shm", name=where, max_in_flight=in_flight,
+                                                   student_rank=0, num_students=1, connect_timeout_s=300,
+                                                   timeout_s=120))
+            ours, raw = [], []
+            for i in range(p["rounds"] + 1):  # the first is a warm-up
+                handles, t0 = [], time.perf_counter()
+                for _ in range(n):
+                    handles.append(rt.submit(tokens))
+                    if len(handles) >= in_flight:
+                        rt.result(handles.pop(0))
+                for h in handles:
+                    rt.result(h)
+                ours.append(time.perf_counter() - t0)
+                raw.append(baseline())
+            rt.close()
+            t_ours, t_raw = statistics.median(ours[1:]), statistics.median(raw[1:])
+            out[str(in_flight)] = {"us_per_message": t_ours / n * 1e6, "raw_us_per_message": t_raw / n * 1e6,
+                                   "ratio_raw_over_transport_time": t_raw / t_ours}
+    finally:
+        echo.terminate()
+        echo.wait(timeout=120)
+    return out
+
+
+def shm_cost_breakdown(preset: str, n: int = 200) -> dict:
+    """Microseconds of CPU work per message on each side of the shm transport (medians), measured in one
+    process with a one-slot ring (cache-hot, no waiting), next to the two raw copies of the baseline. The
+    transport's two processes work in parallel, so raw / max(server, student) bounds the ratio on two idle
+    cores; medians, because this machine's other load comes and goes."""
+    import threading
+    from dataclasses import replace
+
+    from kd_teacher.payload import PayloadHeader, TopKPayload, token_hashes
+    from kd_teacher.transport import protocol as P
+    from kd_teacher.transport.shm import ShmClient, ShmServer
+
+    p = PRESETS[preset]
+    where = f"bench-parts-{os.getpid()}"
+    server = ShmServer(where, _info(p))
+    box = []
+    connect = threading.Thread(target=lambda: box.append(ShmClient(where, 0, P.Expectation(), slots=1,
+                                                                   connect_timeout_s=60, heartbeat_timeout_s=60)))
+    connect.start()
+    while connect.is_alive():
+        server.poll(0.01)
+    client = box[0]
+    values, indices, lse = _payload_tensors(p, torch.device("cpu"))
+    header = PayloadHeader(k=p["k"], temperature=1.0, vocab_size=p["vocab"], batch=p["batch"], seq_len=p["seq"],
+                           values_dtype=p["dtype"], teacher_fingerprint="bench", recipe_fingerprint="bench")
+    tokens = torch.randint(0, p["vocab"], (p["batch"], p["seq"]))
+    parts = {key: [] for key in ("student_send", "server_take_request", "server_token_hashes", "server_reply",
+                                 "student_receive", "student_check_tokens")}
+    try:
+        for i in range(n + 20):
+            t = [time.perf_counter()]
+            client.send(i + 1, tokens, None, None, time.monotonic() + 60)
+            t.append(time.perf_counter())
+            (req,) = server.poll(60)
+            t.append(time.perf_counter())
+            h = replace(header, token_hashes=token_hashes(req.tokens))
+            t.append(time.perf_counter())
+            server.reply(req.student, req.seq, TopKPayload(values, indices, lse, h))
+            t.append(time.perf_counter())
+            _, payload, _ = client.receive(time.monotonic() + 60, lambda seq: tuple(tokens.shape))
+            t.append(time.perf_counter())
+            payload.check_tokens(tokens)
+            t.append(time.perf_counter())
+            for key, a, b in zip(parts, t, t[1:]):
+                parts[key].append(b - a)
+    finally:
+        client.close()
+        server.close()
+    us = {key: statistics.median(v[20:]) * 1e6 for key, v in parts.items()}  # the first 20: warm-up
+    nbytes = sum(x.numel() * x.element_size() for x in (values, indices, lse))
+    raw = _raw_shm(nbytes, 1)
+    raw_us = statistics.median(raw() for _ in range(n + 20)) * 1e6
+    server_us = us["server_take_request"] + us["server_token_hashes"] + us["server_reply"]
+    student_us = us["student_send"] + us["student_receive"] + us["student_check_tokens"]
+    return {"us_per_message": us, "server_us": server_us, "student_us": student_us, "raw_copy_in_out_us": raw_us,
+            "ratio_bound_two_idle_cores": raw_us / max(server_us, student_us)}
+
+
 def _raw_shm(nbytes: int, n: int):
     import mmap
 
@@ -361,6 +458,9 @@ def main() -> int:
                                                          "(default: the preset's)")
     parser.add_argument("--step-transport", choices=["shm", "dist"], default=None,
                         help="the overlap part's transport (default: the preset's)")
+    parser.add_argument("--transports", default=None,
+                        help="comma list of throughput transports (default: the preset's); the others' entries and "
+                             "the overlap part of an existing --out file are kept")
     args = parser.parse_args()
     torch.set_num_threads(1) if args.preset == "cpu" else None
     if args.role == "echo":
@@ -368,14 +468,25 @@ def main() -> int:
         return 0
     if torch.cuda.is_available():
         torch.cuda.set_device(0)
+    transports = args.transports.split(",") if args.transports else PRESETS[args.preset]["transports"]
     result = {"benchmark": "stream", "preset": args.preset, "torch": torch.__version__,
               "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
               "load_avg_1m": os.getloadavg()[0],
-              "throughput": [throughput(t, args.preset) for t in PRESETS[args.preset]["transports"]]}
+              "throughput": [dict(throughput(t, args.preset), date=time.strftime("%Y-%m-%d %H:%M"),
+                                  load_avg_1m=os.getloadavg()[0]) for t in transports]}
+    for r in result["throughput"]:
+        if r["transport"] == "shm":
+            r["in_flight_sweep"] = shm_in_flight_sweep(args.preset)
+            r["cost_breakdown"] = shm_cost_breakdown(args.preset)
     if not args.skip_overlap:
         teachers = args.teachers.split(",") if args.teachers else PRESETS[args.preset]["teachers"]
         result["overlap"] = [overlap(args.preset, teacher, args.step_transport) for teacher in teachers]
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"stream_{args.preset}.json")
+    if args.transports and out.exists():  # a partial run: keep what it did not measure
+        kept = json.loads(out.read_text())
+        result["throughput"] += [r for r in kept.get("throughput", []) if r["transport"] not in transports]
+        if "overlap" not in result and "overlap" in kept:
+            result["overlap"] = kept["overlap"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     for r in result["throughput"]:
