@@ -57,13 +57,14 @@ def _mpu():
 
 
 @contextlib.contextmanager
-def teacher_mode(model: torch.nn.Module):
+def teacher_mode(model: torch.nn.Module, modules: Optional[list] = None):
     """eval() and no_grad for the duration; restores the module's train flags afterwards.
 
     no_grad rather than inference_mode: Megatron modules cache tensors (rotary tables, TE weight casts)
-    that a later training forward of the same model must be able to use in autograd.
+    that a later training forward of the same model must be able to use in autograd. `modules`: the model's
+    `list(model.modules())`, if the caller keeps one (walking the module tree is most of this context's cost).
     """
-    flags = _train_flags(model)
+    flags = _train_flags(model, modules)
     _set_training(flags, False)
     try:
         # FP8 delayed scaling: a teacher pass must leave no amax behind for a later training step.
@@ -73,8 +74,8 @@ def teacher_mode(model: torch.nn.Module):
         _restore_train_flags(flags)
 
 
-def _train_flags(model: torch.nn.Module) -> list:
-    return [(m, m.training) for m in model.modules()]
+def _train_flags(model: torch.nn.Module, modules: Optional[list] = None) -> list:
+    return [(m, m.training) for m in (model.modules() if modules is None else modules)]
 
 
 def _set_training(flags: list, mode: bool) -> None:
@@ -160,6 +161,7 @@ class TeacherEngine:
         fingerprint: Optional[str] = None,
     ):
         self.model = model
+        self._modules = list(model.modules())  # the tree does not change; teacher mode walks this list
         self.tconfig = model.config
         self.vocab_size = int(vocab_size)
         config = config or EngineConfig()
@@ -248,18 +250,19 @@ class TeacherEngine:
 
     def score_many(self, requests: list[ScoreRequest]) -> list[TopKPayload]:
         """Payloads for many requests, batched by the scheduler; one payload per request, in order."""
-        hashes = []
+        hosts = []
         for req in requests:
             req.tokens, host = self._checked_tokens(req.tokens)
-            hashes.append(token_hashes(host))
+            hosts.append(host)
         out: list[list] = [[None] * req.tokens.shape[0] for req in requests]
         for batch in self.scheduler.plan(requests):
             tokens = TokenBudgetScheduler.gather_tokens(requests, batch)
-            with teacher_mode(self.model):
+            with teacher_mode(self.model, self._modules):
                 values, indices, lse = self._forward_topk(tokens)
             for j, (i, r, length) in enumerate(batch.rows):
                 out[i][r] = (values[j, :length], indices[j, :length], lse[j, :length])
-        payloads = [self._payload(req, rows, h) for req, rows, h in zip(requests, out, hashes)]
+        # Hashed once the forwards are queued: the host works while the GPU runs them.
+        payloads = [self._payload(req, rows, token_hashes(h)) for req, rows, h in zip(requests, out, hosts)]
         check_finite_lse([p.lse for p in payloads])
         return payloads
 

@@ -68,6 +68,10 @@ class TokenBudgetScheduler:
 
     @staticmethod
     def gather_tokens(requests: list[ScoreRequest], batch: PlannedBatch, pad_id: int = 0) -> torch.Tensor:
+        first = requests[batch.rows[0][0]].tokens
+        if [(i, r) for i, r, _ in batch.rows] == [(batch.rows[0][0], r) for r in range(first.shape[0])] \
+                and first.shape[1] == batch.seq_len:
+            return first  # one whole request, rows in order, no padding: nothing to copy
         out = torch.full((len(batch.rows), batch.seq_len), pad_id, dtype=torch.long,
                          device=requests[0].tokens.device)
         for j, (i, r, length) in enumerate(batch.rows):
