@@ -117,7 +117,8 @@ def compare(case: Case, fused, ref, lse64: torch.Tensor) -> dict:
     }
     same_max = (_bits(m) == _bits(rm)) | (torch.isnan(m) & torch.isnan(rm)) | ((m == 0) & (rm == 0))
     out["max_bitwise"] = bool(same_max.all())
-    lse, rlse = m + torch.log(s), rm + torch.log(rs)
+    # As vocab_parallel_topk combines them: max + log(sum) in float64, rounded once to fp32.
+    lse, rlse = (m.double() + torch.log(s.double())).float(), (rm.double() + torch.log(rs.double())).float()
     fin, rfin = torch.isfinite(lse), torch.isfinite(rlse)
     same_nonfinite = torch.equal(fin, rfin) and torch.equal(torch.isnan(lse), torch.isnan(rlse))
     both = fin & rfin

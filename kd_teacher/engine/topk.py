@@ -198,7 +198,8 @@ def vocab_parallel_topk(
         values, indices = merge_candidates(cand_v, cand_i, k)
     else:  # one shard: its candidates are already the top-k, in (value desc, id asc) order
         values, indices = cand_v, cand_i
-    lse = m + torch.log(s)
+    # In float64, rounded once: an fp32 `m + log(s)` rounds twice and cost up to 3 ulp of the result.
+    lse = (m.double() + torch.log(s.double())).float()
     if check_finite:
         check_finite_lse([lse])
     return values.reshape(*lead, k), indices.reshape(*lead, k), lse.reshape(lead)
