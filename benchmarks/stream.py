@@ -74,7 +74,7 @@ def _payload_tensors(p: dict, device):
 
 
 # ---- (a) the echo endpoint (runs as its own process) ---------------------------------------------------------
-def echo_server(transport: str, preset: str, where: str) -> None:
+def echo_server(transport: str, preset: str, where: str, stats_path: str = "") -> None:
     from dataclasses import replace
 
     from kd_teacher.payload import PayloadHeader, TopKPayload, token_hashes
@@ -102,8 +102,11 @@ def echo_server(transport: str, preset: str, where: str) -> None:
 
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # leave through close(): segments removed
+    reply_s, batch_sizes = [], []  # the serving thread's time per reply, and requests per poll
     while not server.finished() and not stop:
-        for item in server.poll(0.2):
+        items = server.poll(0.2)
+        batch_sizes.append(len(items)) if items else None
+        for item in items:
             if not isinstance(item, Request):
                 continue
             if item.request_id and item.request_id.startswith("raw:"):  # the baseline: raw sends, same bytes
@@ -115,16 +118,23 @@ def echo_server(transport: str, preset: str, where: str) -> None:
                 _sync()
                 continue
             # The dist server hashed the tokens on its receiving thread; shm leaves that to the teacher.
+            t0 = time.perf_counter()
             hashes = item.token_hashes or token_hashes(item.tokens)
             h = replace(header, token_hashes=hashes, sample_ids=item.sample_ids)
             server.reply(item.student, item.seq, TopKPayload(values, indices, lse, h))
+            reply_s.append(time.perf_counter() - t0)
     server.close()
+    if stats_path and reply_s:
+        Path(stats_path).write_text(json.dumps({
+            "replies": len(reply_s), "reply_us_median": statistics.median(reply_s) * 1e6,
+            "reply_us_p90": sorted(reply_s)[int(0.9 * len(reply_s))] * 1e6,
+            "requests_per_poll_mean": statistics.mean(batch_sizes)}))
 
 
-def _start_echo(transport: str, preset: str, where: str) -> subprocess.Popen:
+def _start_echo(transport: str, preset: str, where: str, stats_path: str = "") -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, __file__, "--role", "echo", "--transport", transport, "--preset", preset,
-                             "--where", where], env=env, cwd=ROOT)
+                             "--where", where, "--stats", stats_path], env=env, cwd=ROOT)
 
 
 def throughput(transport: str, preset: str) -> dict:
@@ -133,7 +143,9 @@ def throughput(transport: str, preset: str) -> dict:
 
     p = PRESETS[preset]
     where = f"bench-{os.getpid()}" if transport == "shm" else f"127.0.0.1:{free_port()}"
-    echo = _start_echo(transport, preset, where)
+    stats_path = tempfile.mkdtemp(prefix="kd_stream_echo_") + "/stats.json" if transport == "dist" else ""
+    echo = _start_echo(transport, preset, where, stats_path)
+    costs = {}
     try:
         cfg = RemoteTeacherConfig(transport=transport, name=where, address=where, max_in_flight=p["in_flight"],
                                   student_rank=0, num_students=1, connect_timeout_s=300, timeout_s=120,
@@ -162,14 +174,45 @@ def throughput(transport: str, preset: str) -> dict:
         for _ in range(p["rounds"]):
             ours.append(transport_round())
             raw.append(baseline())
+        if transport == "dist":
+            costs = dist_student_costs(rt, tokens)
         rt.close()
     finally:
         _stop(echo, transport)
     t_ours, t_raw = statistics.median(ours), statistics.median(raw)
-    return {"transport": transport, "payload_bytes": nbytes, "messages": n, "seconds_transport": ours,
-            "seconds_raw": raw, "GBps_transport": nbytes * n / t_ours / 1e9, "GBps_raw": nbytes * n / t_raw / 1e9,
-            "ratio_raw_over_transport_time": t_raw / t_ours,
-            "baseline": "raw send/recv, same KD group" if transport == "dist" else "raw /dev/shm copy in + out"}
+    out = {"transport": transport, "payload_bytes": nbytes, "messages": n, "seconds_transport": ours,
+           "seconds_raw": raw, "GBps_transport": nbytes * n / t_ours / 1e9, "GBps_raw": nbytes * n / t_raw / 1e9,
+           "ratio_raw_over_transport_time": t_raw / t_ours,
+           "baseline": "raw send/recv, same KD group" if transport == "dist" else "raw /dev/shm copy in + out"}
+    if costs:
+        if Path(stats_path).exists():
+            costs["teacher"] = json.loads(Path(stats_path).read_text())
+        raw_us = t_raw / n * 1e6
+        student_us = costs["student_submit_us"] + costs["student_result_us"]
+        teacher_us = costs.get("teacher", {}).get("reply_us_median", 0.0)
+        costs.update(raw_transfer_us=raw_us, transport_us_per_message=t_ours / n * 1e6,
+                     # Each side's serving thread does its per-message work one message after another: the
+                     # slower one bounds the ratio, however many requests are in flight.
+                     ratio_bound_by_per_message_work=raw_us / max(raw_us, student_us, teacher_us))
+        out["cost_breakdown"] = costs
+    return out
+
+
+def dist_student_costs(rt, tokens, n: int = 100) -> dict:
+    """The student thread's own time per message (medians): submit, and result() once the reply is in."""
+    sub, res = [], []
+    for i in range(n + 10):
+        t0 = time.perf_counter()
+        handle = rt.submit(tokens)
+        t1 = time.perf_counter()
+        time.sleep(0.005)  # the reply is in by then: result() times its own work, not the wait
+        t2 = time.perf_counter()
+        rt.result(handle)
+        t3 = time.perf_counter()
+        if i >= 10:
+            sub.append(t1 - t0)
+            res.append(t3 - t2)
+    return {"student_submit_us": statistics.median(sub) * 1e6, "student_result_us": statistics.median(res) * 1e6}
 
 
 def _raw_dist(rt, tokens, n: int, nbytes: int):
@@ -453,6 +496,7 @@ def main() -> int:
     parser.add_argument("--role", choices=["main", "echo"], default="main", help=argparse.SUPPRESS)
     parser.add_argument("--transport", default="shm", help=argparse.SUPPRESS)
     parser.add_argument("--where", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--stats", default="", help=argparse.SUPPRESS)
     parser.add_argument("--skip-overlap", action="store_true", help="only the throughput part")
     parser.add_argument("--teachers", default=None, help="comma list of overlap teachers, small and/or large "
                                                          "(default: the preset's)")
@@ -464,7 +508,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.set_num_threads(1) if args.preset == "cpu" else None
     if args.role == "echo":
-        echo_server(args.transport, args.preset, args.where)
+        echo_server(args.transport, args.preset, args.where, args.stats)
         return 0
     if torch.cuda.is_available():
         torch.cuda.set_device(0)

@@ -159,7 +159,7 @@ def block_bytes(batch: int, request_id_bytes: int, info: P.ServerInfo) -> int:
 
 
 def payload_bytes(batch: int, seq_len: int, info: P.ServerInfo) -> int:
-    value_bytes = torch.empty((), dtype=DTYPES[info.values_dtype]).element_size()
+    value_bytes = DTYPES[info.values_dtype].itemsize
     n = batch * seq_len
     return n * info.k * (value_bytes + 4) + 4 * n
 
