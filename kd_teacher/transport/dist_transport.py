@@ -435,7 +435,7 @@ class DistServer:
         self._beat.close()
         deadline = time.monotonic() + 30.0
         while self._sends and time.monotonic() < deadline:
-            self._reap(backlog=0) if self._sends[0][0].done() else time.sleep(0.001)
+            self._reap() if self._sends[0][0].done() else time.sleep(0.001)
         if self._sends and self.backend == "nccl":
             _abort(self.pg)  # replies nobody takes in any more: let the process end
         if self._waiter is not None:

@@ -8,6 +8,9 @@ world of their own, with Megatron's parallel state), over torch.distributed and 
   TeacherUnavailableError within timeout + 10%; a restarted shm teacher is reconnected without restarting
   the students
 - 1000 requests of random lengths from two students: none lost, none duplicated, all matched by hash
+- bad requests get error replies and the server goes on (both transports); over torch.distributed, a request
+  far over the server's limit is refused before it is sent, and a reply that comes after its request timed
+  out is discarded while the requests after it get their own payloads
 """
 
 from __future__ import annotations
