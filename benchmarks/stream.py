@@ -19,6 +19,7 @@ with a remote teacher against the CE-only step and the in-process (co-located) t
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import os
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -103,13 +105,26 @@ def echo_server(transport: str, preset: str, where: str, stats_path: str = "") -
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # leave through close(): segments removed
     reply_s, batch_sizes = [], []  # the serving thread's time per reply, and requests per poll
+    # dist: the echo hashes each request's tokens on helper threads while it answers the ones before, as a
+    # teacher hashes while its forward runs (one thread hashes 8k tokens in ~80 us: longer than a transfer).
+    hasher = ThreadPoolExecutor(4) if transport == "dist" else None
+    pending: collections.deque = collections.deque()  # (request, its hashes to come)
+
+    def answer(item, hashes):
+        t0 = time.perf_counter()
+        h = replace(header, token_hashes=hashes, sample_ids=item.sample_ids)
+        server.reply(item.student, item.seq, TopKPayload(values, indices, lse, h))
+        reply_s.append(time.perf_counter() - t0)
+
     while not server.finished() and not stop:
-        items = server.poll(0.2)
+        items = server.poll(0.0002 if pending else 0.2)
         batch_sizes.append(len(items)) if items else None
         for item in items:
             if not isinstance(item, Request):
                 continue
             if item.request_id and item.request_id.startswith("raw:"):  # the baseline: raw sends, same bytes
+                while pending:
+                    answer(pending[0][0], pending.popleft()[1].result())
                 # Its own (error) reply first: the student posted that receive before the raw ones.
                 server.reply(item.student, item.seq, error="raw baseline follows")
                 works = [server.pg.send([raw], item.student, TAG_REPLY) for _ in range(int(item.request_id[4:]))]
@@ -117,12 +132,12 @@ def echo_server(transport: str, preset: str, where: str, stats_path: str = "") -
                     w.wait()
                 _sync()
                 continue
-            # The dist server hashed the tokens on its receiving thread; shm leaves that to the teacher.
-            t0 = time.perf_counter()
-            hashes = item.token_hashes or token_hashes(item.tokens)
-            h = replace(header, token_hashes=hashes, sample_ids=item.sample_ids)
-            server.reply(item.student, item.seq, TopKPayload(values, indices, lse, h))
-            reply_s.append(time.perf_counter() - t0)
+            if hasher is None:
+                answer(item, token_hashes(item.tokens))
+            else:
+                pending.append((item, hasher.submit(token_hashes, item.tokens)))
+        while pending and pending[0][1].done():
+            answer(pending[0][0], pending.popleft()[1].result())
     server.close()
     if stats_path and reply_s:
         Path(stats_path).write_text(json.dumps({

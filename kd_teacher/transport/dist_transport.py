@@ -20,8 +20,9 @@ Per message, a student posts the receive of the reply when it sends the request 
 posted), so transfers run back to back as the teacher sends; the reply's first block says whether it is a
 payload (its checked PayloadHeader) or an error, and for which request. The teacher answers each student's
 requests in the order they arrived, always with exactly one reply, so a student's receives stay in step.
-The teacher takes requests in on one thread (a gloo receive from any student, then the body), which also
-hashes their tokens; replies go out from the serving thread.
+The teacher takes requests in on one thread (a gloo receive from any student, then the body); replies go
+out from the serving thread. (Token hashes are the teacher's work, not the transport's: the engine computes
+them while the forward runs.)
 
 Bounded waits: nothing waits without a deadline on the student's side. A posted NCCL receive is polled
 (`is_completed`); gloo cannot be polled, and a gloo wait that times out closes its connection, so gloo
@@ -203,7 +204,6 @@ class _Expected:
     batch: int
     seq_len: int
     request_id_bytes: int
-    token_hashes: Optional[list]
 
 
 class DistServer:
@@ -321,16 +321,14 @@ class DistServer:
         if header.body_bytes:
             self.requests_pg.recv([body], source, TAG_BODY).wait(_td(_UNLIMITED_S))
         try:
-            request = W.decode_request_body(header, body, self.info)
+            return W.decode_request_body(header, body, self.info)
         except P.RequestRejectedError as e:
             return source, header.seq, str(e)
-        self._expected[(source, header.seq)].token_hashes = request.token_hashes
-        return request
 
     def _expect(self, header: W.RequestHeader) -> None:
         # Recorded before the request is handed on: the serving thread may answer it at once.
         self._expected[(header.student, header.seq)] = _Expected(header.batch, header.seq_len,
-                                                                 header.request_id_bytes, None)
+                                                                 header.request_id_bytes)
         self._order[header.student].append(header.seq)
 
     # ---- the serving thread's interface -----------------------------------------------------------------------
@@ -388,8 +386,6 @@ class DistServer:
         h = payload.header
         if (h.batch, h.seq_len) != (expected.batch, expected.seq_len):
             return f"teacher bug: payload [{h.batch}, {h.seq_len}] for a [{expected.batch}, {expected.seq_len}] request"
-        if expected.token_hashes is not None and list(h.token_hashes) != expected.token_hashes:
-            return "teacher bug: the payload belongs to other tokens than the request's"
         try:
             P.check_payload_fits(h, (expected.batch, expected.seq_len), self.info)
         except P.ProtocolError as e:

@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from kd_teacher.payload import DTYPES, PayloadHeader, token_hashes
+from kd_teacher.payload import DTYPES, PayloadHeader
 from kd_teacher.transport import protocol as P
 
 VERSION = 1
@@ -120,7 +120,7 @@ def encode_request_body(tokens: torch.Tensor, sample_ids: Optional[Sequence[int]
 
 
 def decode_request_body(header: RequestHeader, body: torch.Tensor, info: P.ServerInfo) -> P.Request:
-    """The request (with its token hashes), or RequestRejectedError naming what is wrong with it."""
+    """The request, or RequestRejectedError naming what is wrong with it."""
     b, s = header.batch, header.seq_len
     if b < 1 or s < 1:
         raise P.RequestRejectedError(f"empty request: shape [{b}, {s}]")
@@ -142,9 +142,7 @@ def decode_request_body(header: RequestHeader, body: torch.Tensor, info: P.Serve
         request_id = bytes(body[ids_end:].numpy()).decode() if header.request_id_bytes else None
     except UnicodeDecodeError:
         raise P.RequestRejectedError("request id is not UTF-8") from None
-    # Hashed here, on the server's receiving thread (hashlib lets go of the GIL): the reply is checked
-    # against them before it is sent.
-    return P.Request(header.student, header.seq, tokens, sample_ids, request_id, token_hashes(tokens))
+    return P.Request(header.student, header.seq, tokens, sample_ids, request_id)
 
 
 # ---- replies ----------------------------------------------------------------------------------------------------

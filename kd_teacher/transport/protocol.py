@@ -211,7 +211,6 @@ class Request:
     tokens: torch.Tensor  # [b, s] int64, CPU
     sample_ids: Optional[list] = None
     request_id: Optional[str] = None
-    token_hashes: Optional[list] = None  # set by transports that hash on receipt (torch.distributed)
 
 
 def encode_request(student: int, seq: int, tokens: torch.Tensor, sample_ids=None, request_id=None) -> bytes:
