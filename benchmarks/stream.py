@@ -97,7 +97,7 @@ def echo_server(transport: str, preset: str, where: str, stats_path: str = "") -
 
         server = ShmServer(where, info)
     else:
-        from kd_teacher.transport.dist_transport import DistServer
+        from kd_teacher.transport.dist_server import DistServer
 
         server = DistServer(where, info, backend="nccl" if device.type == "cuda" else "gloo", device=device)
     import signal

@@ -132,7 +132,7 @@ def _endpoint(opts: ServeOptions, info: P.ServerInfo, replica: int):
         from kd_teacher.transport.shm import ShmServer
 
         return ShmServer(opts.name, info, replica, heartbeat_interval_s=opts.heartbeat_interval_s)
-    from kd_teacher.transport.dist_transport import DistServer
+    from kd_teacher.transport.dist_server import DistServer
 
     return DistServer(opts.address, info, replica, backend=opts.backend, connect_timeout_s=opts.connect_timeout_s,
                       heartbeat_interval_s=opts.heartbeat_interval_s)

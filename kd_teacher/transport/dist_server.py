@@ -1,0 +1,290 @@
+"""The teacher's end of the torch.distributed transport (`dist_transport` describes the design): the head of
+one teacher data-parallel replica takes its students' requests in on a thread of its own and answers each
+student's requests in the order they came, always with exactly one reply of the size the student expects.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from kd_teacher.payload import TopKPayload
+from kd_teacher.transport import dist_wire as W
+from kd_teacher.transport import protocol as P
+from kd_teacher.transport.dist_transport import (
+    _SEND_BACKLOG,
+    _UNLIMITED_S,
+    TAG_REPLY,
+    TAG_REQUEST,
+    TAG_BODY,
+    _abort,
+    _device_for,
+    _GlooWaiter,
+    _Heartbeat,
+    _Op,
+    _poll,
+    _store,
+    _td,
+    default_backend,
+    kd_groups,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Expected:
+    """What the reply to one received request must look like."""
+
+    batch: int
+    seq_len: int
+    request_id_bytes: int
+
+
+class DistServer:
+    """The head of teacher replica `replica`: joins the KD groups as rank S + replica and serves its students."""
+
+    def __init__(self, address: str, info: P.ServerInfo, replica: int = 0, *, backend: Optional[str] = None,
+                 connect_timeout_s: float = 600.0, heartbeat_interval_s: float = 0.1, device=None):
+        self.address, self.info, self.replica = address, info, replica
+        self.backend = backend or default_backend()
+        self.device = _device_for(self.backend, device)
+        self.store = _store(address, False, connect_timeout_s)
+        if replica == 0:
+            self.store.set("kd/server", info.to_json())
+        self.num_students = self._admit_students(connect_timeout_s)
+        R = info.replicas
+        self.students = [i for i in range(self.num_students) if i % R == replica]
+        self.requests_pg, self.pg = kd_groups(self.store, self.num_students + replica, self.num_students + R,
+                                              self.backend, connect_timeout_s)
+        self._waiter = _GlooWaiter("kd-send-waiter") if self.backend == "gloo" else None
+        self._warm_up(connect_timeout_s)
+        self._inbox: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._order = {s: collections.deque() for s in self.students}  # seqs in arrival order, not yet answered
+        self._expected: dict = {}  # (student, seq) -> _Expected
+        self._held = {s: {} for s in self.students}  # replies ready before an earlier one of the same student
+        self._sends: collections.deque = collections.deque()  # (op, student)
+        self._dropped: set[int] = set()  # no more requests taken from these (out of step)
+        self._unreachable: set[int] = set()  # no more replies sent to these (a send failed)
+        self._bye: set[int] = set()
+        self._receiving: Optional[str] = None  # why the request thread stopped, once it has
+        self._receiver = threading.Thread(target=self._receive_requests, name="kd-requests", daemon=True)
+        self._receiver.start()
+        self._beat = _Heartbeat(address, f"kd/hb/{replica}", heartbeat_interval_s, connect_timeout_s)
+        log.info("KD replica %d serves students %s as KD rank %d of %d (%s)", replica, self.students,
+                 self.num_students + replica, self.num_students + R, self.backend)
+
+    def _admit_students(self, timeout_s: float) -> int:
+        """Read every student's hello, judge it (replica 0 writes the verdicts), return S."""
+        self.store.set_timeout(_td(timeout_s))
+        self.store.wait(["kd/hello/0"])
+        first = json.loads(self.store.get("kd/hello/0"))
+        S = int(first["num_students"])
+        keys = [f"kd/hello/{i}" for i in range(S)]
+        self.store.wait(keys)
+        refused = []
+        for i, key in enumerate(keys):
+            hello = json.loads(self.store.get(key))
+            problems = P.incompatibilities(self.info, P.Expectation(**hello["expect"]))
+            if int(hello["num_students"]) != S:
+                problems.append(f"num_students {hello['num_students']} != {S} (student 0's)")
+            if self.replica == 0:
+                self.store.set(f"kd/verdict/{i}", json.dumps({"ok": not problems, "reason": "; ".join(problems)}))
+            if problems:
+                refused.append(f"student {i}: " + "; ".join(problems))
+        if refused:
+            raise P.IncompatibleTeacherError("refused at connect, the KD group is not formed: " + " | ".join(refused))
+        return S
+
+    def _warm_up(self, timeout_s: float) -> None:
+        """One small message to each student, so that NCCL sets up each pair's communicator now, under the
+        connect timeout, and not inside the first request."""
+        for student in self.students:
+            ping = torch.ones(4, dtype=torch.uint8, device=self.device)
+            op = _Op(self.pg.send([ping], student, TAG_REPLY), ping)
+            if not self._wait(op, time.monotonic() + timeout_s):
+                raise P.TeacherUnavailableError(f"student {student} did not take the KD warm-up message in "
+                                                f"{timeout_s} s")
+
+    def _wait(self, op: _Op, deadline: float) -> bool:
+        if self._waiter is not None and op.event is None:
+            self._waiter.track(op)
+        return _poll(op.done, deadline) and op.error is None
+
+    # ---- taking requests in (own thread) ----------------------------------------------------------------------
+    def _receive_requests(self) -> None:
+        header = torch.empty(W.REQUEST_HEADER_BYTES, dtype=torch.uint8)
+        try:
+            while not set(self.students) <= (self._bye | self._dropped | self._unreachable):
+                work = self.requests_pg.recv_anysource([header], TAG_REQUEST)
+                work.wait(_td(_UNLIMITED_S))
+                source = work._source_rank() if hasattr(work, "_source_rank") else work.source_rank()
+                item = self._take_request(source, bytes(header.numpy()))
+                if item is not None:
+                    self._inbox.put(item)
+        except Exception as e:  # noqa: BLE001 - the students' side of the group is gone
+            self._receiving = f"{type(e).__name__}: {e}"
+            log.info("KD replica %d stops taking requests: %s", self.replica, self._receiving)
+        self._inbox.put(None)  # wakes the serving thread
+
+    def _take_request(self, source: int, raw: bytes):
+        """A Request, (student, seq, error) for one to answer with an error, or None (nothing to answer)."""
+        try:
+            header = W.parse_request_header(raw)
+            if header.student != source or source not in self._order:
+                raise P.ProtocolError(f"header of student {header.student} from KD rank {source}, which replica "
+                                      f"{self.replica} serves: {source in self._order}")
+        except P.ProtocolError as e:
+            # Its body (if any) cannot be told apart from its next header: this student is out of step.
+            log.warning("KD rank %d sent a malformed request header, no more requests taken from it: %s", source, e)
+            self._dropped.add(source)
+            return None
+        if source in self._dropped:
+            return None
+        if header.kind == W.KIND_BYE:
+            self._bye.add(source)
+            return None
+        refused = W.refusal(header, self.info)
+        self._expect(header)
+        if refused is not None:
+            # An error reply it can receive (the shape is out of limits: an error-only reply), then no more:
+            # the body we refuse to take in would be read as its next header.
+            log.warning("student %d: %s; no more requests taken from it", source, refused)
+            self._dropped.add(source)
+            return source, header.seq, refused
+        body = torch.empty(header.body_bytes, dtype=torch.uint8)
+        if header.body_bytes:
+            self.requests_pg.recv([body], source, TAG_BODY).wait(_td(_UNLIMITED_S))
+        try:
+            return W.decode_request_body(header, body, self.info)
+        except P.RequestRejectedError as e:
+            return source, header.seq, str(e)
+
+    def _expect(self, header: W.RequestHeader) -> None:
+        # Recorded before the request is handed on: the serving thread may answer it at once.
+        self._expected[(header.student, header.seq)] = _Expected(header.batch, header.seq_len,
+                                                                 header.request_id_bytes)
+        self._order[header.student].append(header.seq)
+
+    # ---- the serving thread's interface -----------------------------------------------------------------------
+    def poll(self, timeout: float, max_requests: int = 64) -> list:
+        """Requests and (student, seq, error) triples that arrived within `timeout` (blocking on the first)."""
+        self._reap()
+        out = []
+        try:
+            item = self._inbox.get(timeout=timeout)
+            while item is not None:
+                out.append(item)
+                if len(out) >= max_requests:
+                    break
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+        return out
+
+    def reply(self, student: int, seq: int, payload: Optional[TopKPayload] = None, error: Optional[str] = None):
+        """Answer request `seq` of `student`; sent once the replies to its earlier requests are out."""
+        expected = self._expected.pop((student, seq), None)
+        if expected is None:
+            log.warning("no request %d of student %d is waiting for a reply; dropped", seq, student)
+            return
+        if student in self._unreachable:
+            return
+        try:
+            message = self._message(seq, expected, payload, error)
+        except Exception as e:  # noqa: BLE001 - a reply that cannot be built becomes an error reply
+            log.exception("reply %d to student %d cannot be built", seq, student)
+            message = self._message(seq, expected, None, f"the teacher failed to build the reply: {e}")
+        self._held[student][seq] = message
+        self._send_in_order(student)
+
+    def _message(self, seq: int, expected: _Expected, payload: Optional[TopKPayload], error: Optional[str]):
+        block, total = W.reply_layout(expected.batch, expected.seq_len, expected.request_id_bytes, self.info)
+        if error is None and payload is not None:
+            error = self._mismatch(payload, expected)
+        if error is None and payload is not None:
+            try:
+                head = W.encode_block(seq, block, ok_json=W.payload_header_json(payload.header))
+            except ValueError as e:
+                error = str(e)
+            else:
+                parts = [payload.indices, payload.lse, payload.values]
+                return torch.cat([_host_bytes(head, self.device)] +
+                                 [t.to(self.device).contiguous().reshape(-1).view(torch.uint8) for t in parts])
+        head = W.encode_block(seq, block, error=error or "the teacher sent no payload")
+        message = torch.zeros(total, dtype=torch.uint8, device=self.device)
+        message[:block].copy_(_host_bytes(head, self.device))
+        return message
+
+    def _mismatch(self, payload: TopKPayload, expected: _Expected) -> Optional[str]:
+        """A teacher-side check before sending: the payload fits the request it answers."""
+        h = payload.header
+        if (h.batch, h.seq_len) != (expected.batch, expected.seq_len):
+            return f"teacher bug: payload [{h.batch}, {h.seq_len}] for a [{expected.batch}, {expected.seq_len}] request"
+        try:
+            P.check_payload_fits(h, (expected.batch, expected.seq_len), self.info)
+        except P.ProtocolError as e:
+            return f"teacher bug: {e}"
+        return None
+
+    def _send_in_order(self, student: int) -> None:
+        order, held = self._order[student], self._held[student]
+        while order and order[0] in held:
+            message = held.pop(order.popleft())
+            if student in self._unreachable:
+                continue
+            try:
+                op = _Op(self.pg.send([message], student, TAG_REPLY), message)
+            except Exception as e:  # noqa: BLE001 - one lost student must not stop the others
+                log.warning("student %d is unreachable, no more replies to it: %s", student, e)
+                self._unreachable.add(student)
+                continue
+            if self._waiter is not None:
+                self._waiter.track(op)
+            self._sends.append((op, student))
+        self._reap()
+
+    def _reap(self, backlog: int = _SEND_BACKLOG) -> None:
+        while self._sends and (len(self._sends) > backlog or self._sends[0][0].done()):
+            op, student = self._sends.popleft()
+            if not _poll(op.done, time.monotonic() + 60.0) or op.error is not None:
+                log.warning("reply to student %d failed (%s); no more replies to it", student,
+                            op.error or "not taken in 60 s")
+                self._unreachable.add(student)
+
+    def flush(self) -> None:
+        self._reap()
+
+    def finished(self) -> bool:
+        if self._beat.lost is not None:
+            log.info("the KD store is gone (%s): the students have left", self._beat.lost)
+            return True
+        # Replies still in flight are waited for (bounded) by close().
+        return self._receiving is not None or set(self.students) <= (self._bye | self._dropped | self._unreachable)
+
+    def close(self) -> None:
+        self._beat.close()
+        deadline = time.monotonic() + 30.0
+        while self._sends and time.monotonic() < deadline:
+            self._reap() if self._sends[0][0].done() else time.sleep(0.001)
+        if self._sends and self.backend == "nccl":
+            _abort(self.pg)  # replies nobody takes in any more: let the process end
+        if self._waiter is not None:
+            self._waiter.close()
+        # A thread that still holds a finished gloo work when the interpreter shuts down aborts the process
+        # (freeing the work's tensor needs the GIL, which a finalizing interpreter no longer hands out).
+        self._receiver.join(timeout=5.0)
+
+
+def _host_bytes(raw: bytes, device: torch.device) -> torch.Tensor:
+    t = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    # From pageable memory, an asynchronous copy is staged at once and waits for no queued GPU work.
+    return t.to(device, non_blocking=True) if device.type == "cuda" else t
