@@ -153,16 +153,17 @@ class DistServer:
             self._bye.add(source)
             return None
         refused = W.refusal(header, self.info)
-        self._expect(header)
         if refused is not None:
             # An error reply it can receive (the shape is out of limits: an error-only reply), then no more:
             # the body we refuse to take in would be read as its next header.
             log.warning("student %d: %s; no more requests taken from it", source, refused)
             self._dropped.add(source)
+            self._expect(header)
             return source, header.seq, refused
         body = torch.empty(header.body_bytes, dtype=torch.uint8)
         if header.body_bytes:
             self.requests_pg.recv([body], source, TAG_BODY).wait(_td(_UNLIMITED_S))
+        self._expect(header)
         try:
             return W.decode_request_body(header, body, self.info)
         except P.RequestRejectedError as e:
@@ -267,8 +268,10 @@ class DistServer:
         if self._beat.lost is not None:
             log.info("the KD store is gone (%s): the students have left", self._beat.lost)
             return True
-        # Replies still in flight are waited for (bounded) by close().
-        return self._receiving is not None or set(self.students) <= (self._bye | self._dropped | self._unreachable)
+        # Requests taken in are answered first (a student may say goodbye before its last replies are out);
+        # replies still in flight are waited for (bounded) by close().
+        gone = self._receiving is not None or set(self.students) <= (self._bye | self._dropped | self._unreachable)
+        return gone and not self._expected
 
     def close(self) -> None:
         self._beat.close()
