@@ -150,6 +150,60 @@ class _GlooWaiter:
         self.thread.join(timeout=5.0)
 
 
+class _Sent:
+    """One request's messages handed to the sending thread; `wait()` until they are out."""
+
+    __slots__ = ("messages", "works", "error", "posted")
+
+    def __init__(self, messages: list):
+        self.messages, self.works, self.error = messages, [], None
+        self.posted = threading.Lock()
+        self.posted.acquire()  # released by the sending thread once it has posted them
+
+    def wait(self, timeout_s: float) -> None:
+        if not self.posted.acquire(timeout=timeout_s):
+            raise TimeoutError(f"the request was not posted in {timeout_s} s")
+        self.posted.release()
+        if self.error is not None:
+            raise self.error
+        for work in self.works:
+            work.wait(_td(timeout_s))
+        self.messages = self.works = ()
+
+
+class _RequestSender:
+    """Posts requests (header, then body) to the teacher from a thread of its own, in order. Gloo writes a
+    small message into the socket inside `send`: tens of microseconds a request that the student's thread
+    need not spend."""
+
+    def __init__(self, pg, teacher_rank: int):
+        self.pg, self.teacher_rank = pg, teacher_rank
+        self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="kd-request-sender", daemon=True)
+        self.thread.start()
+
+    def submit(self, messages: list) -> _Sent:
+        job = _Sent(messages)
+        self.queue.put(job)
+        return job
+
+    def _run(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            try:
+                job.works = [self.pg.send([tensor], self.teacher_rank, tag) for tensor, tag in job.messages]
+            except Exception as e:  # noqa: BLE001 - handed to whoever waits for this request
+                job.error = e
+            job.posted.release()
+            job = None  # holds no work while it waits for the next
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=5.0)
+
+
 def _poll(done: Callable[[], bool], deadline: float, between: Optional[Callable[[], None]] = None) -> bool:
     """Spin briefly, then sleep in growing steps, until done() or the deadline; `between` runs while asleep."""
     spin_until = time.monotonic() + _SPIN_S
@@ -207,7 +261,7 @@ class _Posted:
     block: int
     buf: torch.Tensor
     recv: _Op
-    sends: list  # the request's two gloo sends (their tensors stay alive until done)
+    sent: Optional[_Sent]  # the request's two messages (their tensors stay alive until they are out)
 
 
 class DistClient:
@@ -231,6 +285,7 @@ class DistClient:
         self.requests_pg, self.pg = kd_groups(self.store, student, num_students + self.info.replicas, self.backend,
                                               max(deadline - time.monotonic(), 1.0))
         self._waiter = _GlooWaiter("kd-recv-waiter") if self.backend == "gloo" else None
+        self._sender = _RequestSender(self.requests_pg, self.teacher_rank)
         self._hb_key = f"kd/hb/{self.replica}"
         self._beat = (self.store.add(self._hb_key, 0), time.monotonic())
         self._checked = 0.0
@@ -313,11 +368,10 @@ class DistClient:
         try:
             # The receive first: the reply's transfer can start the moment the teacher sends it.
             recv = self._track(_Op(self.pg.recv([buf], self.teacher_rank, TAG_REPLY), buf))
-            sends = [self.requests_pg.send([head], self.teacher_rank, TAG_REQUEST),
-                     self.requests_pg.send([body], self.teacher_rank, TAG_BODY)]
         except Exception as e:  # noqa: BLE001
-            self._fail(f"sending request {seq} to teacher replica {self.replica} failed: {e}")
-        self._posted.append(_Posted(seq, (b, s), block, buf, recv, [(w, t) for w, t in zip(sends, (head, body))]))
+            self._fail(f"posting the receive of reply {seq} from teacher replica {self.replica} failed: {e}")
+        sent = self._sender.submit([(head, TAG_REQUEST), (body, TAG_BODY)])
+        self._posted.append(_Posted(seq, (b, s), block, buf, recv, sent))
 
     # ---- receiving ------------------------------------------------------------------------------------------
     def receive(self, deadline: float, shape_of: Callable[[int], Optional[tuple]] = None):
@@ -374,16 +428,18 @@ class DistClient:
         return bytes(self._pinned[:n].numpy())
 
     def _sends_done(self, head: _Posted) -> None:
-        # The teacher answered, so it took both messages in: these waits return at once.
-        for work, _ in head.sends:
-            work.wait(_td(_UNLIMITED_S))
-        head.sends = []
+        # The teacher answered, so it took both messages in: this returns at once.
+        try:
+            head.sent.wait(60.0)
+        except Exception as e:  # noqa: BLE001
+            self._fail(f"request {head.seq} was answered but its sending failed: {e}")
+        head.sent = None
 
     def close(self) -> None:
         if not self.broken:
             try:
                 bye = W.encode_request_header(W.KIND_BYE, self.student, 0)
-                self.requests_pg.send([bye], self.teacher_rank, TAG_REQUEST).wait(_td(10.0))
+                self._sender.submit([(bye, TAG_REQUEST)]).wait(10.0)
                 # Late replies to timed-out requests are still on their way: take them in, briefly.
                 deadline = time.monotonic() + 5.0
                 while self._posted and _poll(self._posted[0].recv.done, deadline):
@@ -393,6 +449,7 @@ class DistClient:
         if self._posted and self.backend == "nccl":
             _abort(self.pg)
         self._posted.clear()
+        self._sender.close()
         if self._waiter is not None:
             self._waiter.close()
         self.broken = self.broken or "closed"
