@@ -17,7 +17,8 @@ built directly on a TCPStore at the KD rendezvous address, hosted by student ran
             of a size both ends know from the request's shape and the handshake (`dist_wire.reply_layout`)
 
 Per message, a student posts the receive of the reply when it sends the request (at most `max_outstanding`
-posted), so transfers run back to back as the teacher sends; the reply's first block says whether it is a
+posted; the request's own messages go out from a sending thread), so transfers run back to back as the
+teacher sends; the reply's first block says whether it is a
 payload (its checked PayloadHeader) or an error, and for which request. The teacher answers each student's
 requests in the order they arrived, always with exactly one reply, so a student's receives stay in step.
 The teacher (`dist_server.DistServer`) takes requests in on one thread (a gloo receive from any student, then
