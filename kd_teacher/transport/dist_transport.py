@@ -18,9 +18,9 @@ built directly on a TCPStore at the KD rendezvous address, hosted by student ran
 
 Per message, a student posts the receive of the reply when it sends the request (at most `max_outstanding`
 posted; the request's own messages go out from a sending thread), so transfers run back to back as the
-teacher sends; the reply's first block says whether it is a
-payload (its checked PayloadHeader) or an error, and for which request. The teacher answers each student's
-requests in the order they arrived, always with exactly one reply, so a student's receives stay in step.
+teacher sends; the reply's first block says whether it is a payload (its checked PayloadHeader) or an error,
+and for which request. The teacher answers each student's requests in the order they arrived, always with
+exactly one reply, so a student's receives stay in step.
 The teacher (`dist_server.DistServer`) takes requests in on one thread (a gloo receive from any student, then
 the body); replies go out from the serving thread. (Token hashes are the teacher's work, not the transport's:
 the engine computes them while the forward runs.) This module has the student's end (`DistClient`) and what
