@@ -165,7 +165,7 @@ def throughput(transport: str, preset: str) -> dict:
         cfg = RemoteTeacherConfig(transport=transport, name=where, address=where, max_in_flight=p["in_flight"],
                                   student_rank=0, num_students=1, connect_timeout_s=300, timeout_s=120,
                                   device=str(_device(0)))
-        rt = RemoteTeacher(cfg)
+        rt = _connect(echo, lambda: RemoteTeacher(cfg))
         tokens = torch.randint(0, p["vocab"], (p["batch"], p["seq"]))
         values, indices, lse = _payload_tensors(p, _device(0))
         nbytes = sum(t.numel() * t.element_size() for t in (values, indices, lse))
@@ -268,6 +268,30 @@ def _timed(fn, samples: list):
         finally:
             samples.append(time.perf_counter() - t0)
     return call
+
+
+def _connect(proc: subprocess.Popen, make):
+    """make() (a RemoteTeacher, which waits for its teacher to connect), failing at once if the teacher
+    process has died instead of waiting out the connect timeout."""
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["client"] = make()
+        except BaseException as e:  # noqa: BLE001 - re-raised on the calling thread
+            box["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+        if thread.is_alive() and proc.poll() is not None:
+            raise RuntimeError(f"the teacher process exited with {proc.returncode} before the student connected")
+    if "error" in box:
+        raise box["error"]
+    return box["client"]
 
 
 def _raw_dist(rt, tokens, n: int, nbytes: int):
@@ -446,10 +470,10 @@ def overlap(preset: str, teacher: str, transport: Optional[str] = None) -> dict:
                                EngineConfig(k=p["k"], max_tokens_per_batch=p["micro_batch_size"] * p["seq"]),
                                model_config=teacher_cfg)
         batches = kd_step.micro_batches(p, student_cfg.vocab_size)
-        client = RemoteTeacher(RemoteTeacherConfig(
+        client = _connect(server, lambda: RemoteTeacher(RemoteTeacherConfig(
             transport=transport, name=where, address=where, student_rank=0, num_students=1, k=p["k"],
             vocab_size=student_cfg.vocab_size, connect_timeout_s=600, timeout_s=300, max_in_flight=4,
-            teacher_fingerprint=engine.fingerprint, device=str(_device(0))))
+            teacher_fingerprint=engine.fingerprint, device=str(_device(0)))))
         kd = dict(k=p["k"], alpha=0.9, vocab_size=student_cfg.vocab_size)
         steps = {
             "ce": kd_step.forward_step,
