@@ -243,7 +243,9 @@ class KDForwardStep:
 
     def _checked(self, payload: TopKPayload, tokens: torch.Tensor) -> TopKPayload:
         """Everything the loss relies on, before it is used; the payload ends up on the student's device."""
-        payload.validate()  # on the host for offline payloads; one read of the device for in-process/remote ones
+        # Values of a host payload (offline) are checked here, off the device; those of a device payload
+        # (in-process, remote over NCCL) by the KD loss, in the one device read it makes per micro-batch.
+        payload.validate(values=not payload.values.is_cuda)
         payload.check_tokens(tokens)
         h, cfg = payload.header, self.cfg
         if h.k != cfg.k:

@@ -166,24 +166,42 @@ class OfflineSource(TeacherSource):
 
 
 class RemoteSource(TeacherSource):
-    """The streaming transport's client; requests go out on `submit` and are awaited on `result`."""
+    """The streaming transport's client; requests go out on `submit` and are awaited on `result`.
+
+    Every call into the client runs on one background thread, in the hook's order (so the client stays
+    single-threaded). Submitting needs the ids on the host: the thread reads them from the hook's
+    `HostTokens` copy, so the training thread never waits for a device-to-host copy queued behind its own
+    forward and backward; it waits only when it needs a payload that has not arrived.
+    """
 
     asynchronous = True
+    takes_host_tokens = True
 
     def __init__(self, client):
         self.client = client
         self.info = _reader_info(client)
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def _run(self, fn, *args) -> Future:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-remote")
+        return self._pool.submit(fn, *args)
 
     def score(self, tokens, *, sample_ids=None, request_id=None) -> TopKPayload:
-        return self.client.score(tokens, sample_ids=sample_ids, request_id=request_id)
+        return self.result(self.submit(tokens, sample_ids, request_id))
 
-    def submit(self, tokens, sample_ids=None, request_id=None):
-        return self.client.submit(tokens, sample_ids)
+    def submit(self, tokens, sample_ids=None, request_id=None) -> Future:
+        host = tokens if isinstance(tokens, HostTokens) else HostTokens(tokens)
+        return self._run(lambda: self.client.submit(host.get(), sample_ids, request_id))
 
-    def result(self, handle) -> TopKPayload:
-        return self.client.result(handle)
+    def result(self, handle: Future) -> TopKPayload:
+        # The submit's own error (a refused request), if any, surfaces here, in the training thread.
+        return self._run(lambda: self.client.result(handle.result())).result()
 
     def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
         close = getattr(self.client, "close", None)
         if close is not None:
             close()
