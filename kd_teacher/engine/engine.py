@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from kd_teacher.engine.fp8_state import preserved_fp8_state, reset_fp8_weight_caches
 from kd_teacher.engine.model import ModelConfig, build_gpt_model
-from kd_teacher.engine.scheduler import PlannedBatch, ScoreRequest, TokenBudgetScheduler
+from kd_teacher.engine.scheduler import ScoreRequest, TokenBudgetScheduler
 from kd_teacher.engine.topk import check_finite_lse, vocab_parallel_topk
 from kd_teacher.payload import INDEX_DTYPE, DTYPE_NAMES, PayloadError, PayloadHeader, TopKPayload, token_hashes
 from kd_teacher.precision import PrecisionRecipe, require_fp8_support, serving_policy

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import logging
 import os
 from typing import Optional
 
 import torch
 
-log = logging.getLogger("kd-teacher.kernels")
+from kd_teacher.kernels.triton_support import interpreting, kernels_module
+
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 DISABLE_ENV = "KD_TEACHER_FUSED_KD_LOSS"
@@ -55,18 +54,11 @@ DEFAULT_CONFIG = KDLossKernelConfig()
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreting()
 
 
-@functools.lru_cache(maxsize=1)
 def _kernels():
-    """The Triton kernels module, or None where Triton is not installed."""
-    try:
-        from kd_teacher.kernels import kd_loss_triton
-    except ImportError as e:
-        log.debug("fused KD-loss kernels unavailable: %s", e)
-        return None
-    return kd_loss_triton
+    return kernels_module("kd_loss_triton")
 
 
 def kd_loss_kernel_applies(rows: torch.Tensor) -> bool:

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
-import logging
-import os
 from typing import Optional
 
 import numpy as np
 import torch
 
-log = logging.getLogger("kd-teacher.kernels")
+from kd_teacher.kernels.triton_support import interpreting, kernels_module
+
 
 MAX_K = 256
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -98,18 +96,11 @@ def plan_for(v_local: int, k: int, config: TopKKernelConfig) -> Optional[KernelP
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return interpreting()
 
 
-@functools.lru_cache(maxsize=1)
 def _kernels():
-    """The Triton kernels module, or None where Triton is not installed."""
-    try:
-        from kd_teacher.kernels import topk_lse_triton
-    except ImportError as e:
-        log.debug("fused top-k kernel unavailable: %s", e)
-        return None
-    return topk_lse_triton
+    return kernels_module("topk_lse_triton")
 
 
 def kernel_available(device: torch.device) -> bool:

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from kd_teacher.losses.divergences import KINDS, divergence, log1mexp, renormalised, teacher_bucket_logp
-from kd_teacher.losses.student import StudentLogitsError, raise_on_bad_rows, student_buckets, token_rows
+from kd_teacher.losses.student import raise_on_bad_rows, student_buckets, token_rows
 from kd_teacher.payload import PayloadError, TopKPayload
 
 
