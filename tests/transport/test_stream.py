@@ -33,7 +33,10 @@ from kd_teacher.transport import IncompatibleTeacherError, RemoteTeacher, Remote
 from kd_teacher.transport import protocol as P
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT_S, HEARTBEAT_S = 3.0, 1.5
+# A dead or frozen teacher is detected by its heartbeat (HEARTBEAT_S), well inside TIMEOUT_S; TIMEOUT_S itself
+# bounds every ordinary request, so it leaves room for a CPU teacher sharing 2 loaded cores with its students
+# (at 3 s one of the 1000 requests timed out under a full CI run).
+TIMEOUT_S, HEARTBEAT_S = 10.0, 1.5
 _CLIENT: dict = {}  # the RemoteTeacher of a student worker, kept across run_distributed jobs
 
 
