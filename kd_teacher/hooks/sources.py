@@ -58,6 +58,11 @@ class HostTokens:
         else:
             self._host = tokens.detach()
 
+    @classmethod
+    def of(cls, tokens) -> "HostTokens":
+        """`tokens` itself if it already is one, else a copy started now."""
+        return tokens if isinstance(tokens, cls) else cls(tokens)
+
     def get(self) -> torch.Tensor:
         if self._ready is not None:
             self._ready.synchronize()
@@ -121,7 +126,33 @@ class InProcessSource(TeacherSource):
         return self.engine.score_many([ScoreRequest(t) for t in tokens_list])
 
 
-class OfflineSource(TeacherSource):
+class _OnBackgroundThread(TeacherSource):
+    """A source whose work runs on one background thread, in call order; `backend` is its reader or client."""
+
+    asynchronous = True
+    takes_host_tokens = True
+    thread_name = "kd-source"
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.info = _reader_info(backend)
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    def _run(self, fn, *args) -> Future:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self.thread_name)
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+
+class OfflineSource(_OnBackgroundThread):
     """Payloads looked up in a `kd-teacher dump` directory by the token hash of each sequence.
 
     A lookup is host work (hash the tokens, read and unpack the rows, verify their checksums): on the critical
@@ -133,39 +164,24 @@ class OfflineSource(TeacherSource):
     student's work).
     """
 
-    asynchronous = True
-    takes_host_tokens = True
+    thread_name = "kd-offline"
 
-    def __init__(self, reader):
-        self.reader = reader
-        self.info = _reader_info(reader)
-        self._pool: Optional[ThreadPoolExecutor] = None
+    @property
+    def reader(self):
+        return self.backend
 
     def score(self, tokens, *, sample_ids=None, request_id=None) -> TopKPayload:
         return self.reader.score(tokens, sample_ids=sample_ids, request_id=request_id)
 
     def submit(self, tokens, sample_ids=None, request_id=None) -> Future:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-offline")
-        host = tokens if isinstance(tokens, HostTokens) else HostTokens(tokens)
-        return self._pool.submit(self._lookup, host, sample_ids, request_id)
-
-    def _lookup(self, host: HostTokens, sample_ids, request_id) -> TopKPayload:
-        return self.score(host.get(), sample_ids=sample_ids, request_id=request_id).pin_memory()
+        host = HostTokens.of(tokens)
+        return self._run(lambda: self.score(host.get(), sample_ids=sample_ids, request_id=request_id).pin_memory())
 
     def result(self, handle: Future) -> TopKPayload:
         return handle.result()
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        close = getattr(self.reader, "close", None)
-        if close is not None:
-            close()
 
-
-class RemoteSource(TeacherSource):
+class RemoteSource(_OnBackgroundThread):
     """The streaming transport's client; requests go out on `submit` and are awaited on `result`.
 
     Every call into the client runs on one background thread, in the hook's order (so the client stays
@@ -174,37 +190,22 @@ class RemoteSource(TeacherSource):
     forward and backward; it waits only when it needs a payload that has not arrived.
     """
 
-    asynchronous = True
-    takes_host_tokens = True
+    thread_name = "kd-remote"
 
-    def __init__(self, client):
-        self.client = client
-        self.info = _reader_info(client)
-        self._pool: Optional[ThreadPoolExecutor] = None
-
-    def _run(self, fn, *args) -> Future:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-remote")
-        return self._pool.submit(fn, *args)
+    @property
+    def client(self):
+        return self.backend
 
     def score(self, tokens, *, sample_ids=None, request_id=None) -> TopKPayload:
         return self.result(self.submit(tokens, sample_ids, request_id))
 
     def submit(self, tokens, sample_ids=None, request_id=None) -> Future:
-        host = tokens if isinstance(tokens, HostTokens) else HostTokens(tokens)
+        host = HostTokens.of(tokens)
         return self._run(lambda: self.client.submit(host.get(), sample_ids, request_id))
 
     def result(self, handle: Future) -> TopKPayload:
         # The submit's own error (a refused request), if any, surfaces here, in the training thread.
         return self._run(lambda: self.client.result(handle.result())).result()
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
-        close = getattr(self.client, "close", None)
-        if close is not None:
-            close()
 
 
 def _reader_info(obj) -> TeacherInfo:
