@@ -81,12 +81,9 @@ def _train_flags(model: torch.nn.Module, modules: Optional[list] = None) -> list
 def _set_training(flags: list, mode: bool) -> None:
     # What model.train(mode) does, without nn.Module.__setattr__'s checks on every one of a GPT's few hundred
     # modules: entering and leaving teacher mode cost ~1.7 ms of CPU per pass that way, time in which the GPU
-    # waits for the forward to be launched. A module that overrides train() still gets its own call.
+    # waits for the forward to be launched.
     for m, _ in flags:
-        if type(m).train is torch.nn.Module.train:
-            m.__dict__["training"] = mode
-        else:
-            m.train(mode)
+        _set_module_training(m, mode)
 
 
 def _restore_train_flags(flags: list) -> None:
@@ -94,10 +91,14 @@ def _restore_train_flags(flags: list) -> None:
     # TE model's flags cost ~9 ms of CPU per teacher pass (quadratic in depth x modules). Modules come in
     # pre-order, so a parent's own train() runs before its children get their own flags back.
     for m, f in flags:
-        if type(m).train is torch.nn.Module.train:
-            m.__dict__["training"] = f
-        else:
-            m.train(f)
+        _set_module_training(m, f)
+
+
+def _set_module_training(m: torch.nn.Module, mode: bool) -> None:
+    if type(m).train is torch.nn.Module.train:
+        m.__dict__["training"] = mode
+    else:  # a module that overrides train() still gets its own call
+        m.train(mode)
 
 
 def _fp8_state_guard(model: torch.nn.Module):
