@@ -25,7 +25,6 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
 import warnings
 from pathlib import Path
@@ -33,6 +32,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import time_ms  # noqa: E402
 
 from kd_teacher.kernels import kd_loss as launcher  # noqa: E402
 from kd_teacher.kernels.kd_loss import KDLossKernelConfig, fused_tail_grad, fused_tail_stats  # noqa: E402
@@ -304,20 +305,6 @@ def profile_loss(device) -> list[dict]:
 
 # ---- timings -----------------------------------------------------------------------------------------------
 
-def time_ms(fn, reps=20, warmup=3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
-
-
 def timings(device, sweep: bool) -> dict:
     case = Case("timing", 8192, 128256, 128256, 0, 128256, 64, 1.0, "bf16")
     rows, shard, pos, owned = make_inputs(case, device)
@@ -336,9 +323,9 @@ def timings(device, sweep: bool) -> dict:
     fwd, bwd = passes(None)
     mask_ms = time_ms(lambda: launcher.id_bitmask(pos, owned, case.v_local))
     pytorch_path()
-    t_fwd = time_ms(lambda: student._shard_pass(rows, pos, owned, shard, 1.0, True, None), reps=5)
+    t_fwd = time_ms(lambda: student._shard_pass(rows, pos, owned, shard, 1.0, True, None), iters=5)
     t_bwd = time_ms(lambda: student._tail_grad(rows, pos, owned, shard, 1.0, shift, scale, None, torch.float32),
-                    reps=5)
+                    iters=5)
     fused_path()
     out = dict(shape=[case.rows, case.v_local], dtype="bf16", k=case.k, copy_ms=copy_ms,
                copy_bandwidth_gb_s=bandwidth / 1e9, floor_fwd_ms=floor_fwd, floor_bwd_ms=floor_bwd,

@@ -30,6 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from timing import sync  # noqa: E402
+
 PRESETS = {
     # A small model with a real 128256 vocabulary (17-bit ids) so that bytes/token are the real ones.
     # On two CPU cores the reference top-k over 128256 columns dominates (~5 us a token), so few tokens.
@@ -80,24 +82,19 @@ def write_corpus(prefix: Path, preset: dict) -> str:
     return str(prefix)
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def teacher_mode_pass(engine, source, per_shard: int) -> tuple[float, float]:
     """Wall and process CPU seconds to score every sample in the dump's micro-batches, payloads kept on the device."""
     from kd_teacher.engine.scheduler import ScoreRequest
     from kd_teacher.offline.writer import plan_chunks
 
-    _sync()
+    sync()
     t0, c0 = time.perf_counter(), time.process_time()
     n = len(source)
     for lo in range(0, n, per_shard):
         tokens = [source.tokens(i) for i in range(lo, min(lo + per_shard, n))]
         for chunk in plan_chunks([len(t) for t in tokens], engine.config.max_tokens_per_batch):
             engine.score_many([ScoreRequest(torch.stack([tokens[c] for c in chunk]))])
-    _sync()
+    sync()
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -105,10 +102,10 @@ def dump_pass(cfg, engine, source) -> tuple[float, float, dict]:
     from kd_teacher.offline.writer import DumpWriter
 
     shutil.rmtree(cfg.output.dir, ignore_errors=True)
-    _sync()
+    sync()
     t0, c0 = time.perf_counter(), time.process_time()
     manifest = DumpWriter(cfg, engine, source).run()
-    _sync()
+    sync()
     return time.perf_counter() - t0, time.process_time() - c0, dict(tokens=manifest.total_tokens, bytes=manifest.total_bytes)
 
 

@@ -29,6 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import sync  # noqa: E402
+
 from kd_teacher.engine.model import ModelConfig, PrecisionConfig, build_gpt_model  # noqa: E402
 from kd_teacher.runtime import init_distributed  # noqa: E402
 
@@ -51,11 +53,6 @@ PRESETS = {
         dtype="bfloat16", micro_batch_size=2, seq=4096, num_microbatches=4, k=64, steps=10, warmup=3,
     ),
 }
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _device():
@@ -135,13 +132,13 @@ def time_train_steps(steps: dict, model, optimizer, batches, p: dict, warmup: in
     for _ in range(warmup):
         for fn in steps.values():
             train_step(fn)
-    _sync()
+    sync()
     samples = {name: [] for name in steps}
     for _ in range(iters):
         for name, fn in steps.items():
             t0 = time.perf_counter()
             train_step(fn)
-            _sync()
+            sync()
             samples[name].append(time.perf_counter() - t0)
     return samples
 

@@ -39,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from timing import sync  # noqa: E402
+
 PRESETS = {
     "cpu": dict(batch=2, seq=2048, k=64, vocab=8000, dtype="float32", messages=30, rounds=5, in_flight=8,
                 transports=["shm", "dist"], step_transport="shm", teachers=["small", "large"], steps=6, warmup=2),
@@ -51,11 +53,6 @@ PRESETS = {
 
 def _device(index: int = 0) -> torch.device:
     return torch.device("cuda", index) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _info(p: dict):
@@ -130,7 +127,7 @@ def echo_server(transport: str, preset: str, where: str, stats_path: str = "") -
                 works = [server.pg.send([raw], item.student, TAG_REPLY) for _ in range(int(item.request_id[4:]))]
                 for w in works:
                     w.wait()
-                _sync()
+                sync()
                 continue
             if hasher is None:
                 answer(item, token_hashes(item.tokens))
@@ -179,7 +176,7 @@ def throughput(transport: str, preset: str) -> dict:
                     rt.result(handles.pop(0))
             for h in handles:
                 rt.result(h)
-            _sync()
+            sync()
             return time.perf_counter() - t0
 
         baseline = _raw_dist(rt, tokens, n, nbytes) if transport == "dist" else _raw_shm(nbytes, n)
@@ -309,7 +306,7 @@ def _raw_dist(rt, tokens, n: int, nbytes: int):
         works = [channel.pg.recv([bufs[i % 2]], channel.teacher_rank, TAG_REPLY) for i in range(n)]
         for w in works:
             w.wait()
-        _sync()
+        sync()
         elapsed = time.perf_counter() - t0
         try:
             rt.result(handle)
@@ -520,10 +517,10 @@ def _teacher_forward_seconds(engine, tokens, reps: int = 5) -> float:
     engine.score(tokens)
     times = []
     for _ in range(reps):
-        _sync()
+        sync()
         t0 = time.perf_counter()
         engine.score(tokens)
-        _sync()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

@@ -24,6 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import sync  # noqa: E402
+
 from kd_teacher.engine.engine import EngineConfig, TeacherEngine  # noqa: E402
 from kd_teacher.engine.model import ModelConfig, PrecisionConfig, build_gpt_model  # noqa: E402
 from kd_teacher.runtime import init_distributed  # noqa: E402
@@ -42,23 +44,18 @@ PRESETS = {
 }
 
 
-def _sync():
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _time_interleaved(fns: dict, iters: int, warmup: int) -> dict:
     """Median seconds per call of each fn, calls interleaved so that drifting machine load hits all alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    _sync()
+    sync()
     samples = {name: [] for name in fns}
     for _ in range(iters):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
-            _sync()
+            sync()
             samples[name].append(time.perf_counter() - t0)
     return {name: statistics.median(v) for name, v in samples.items()}
 

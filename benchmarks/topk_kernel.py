@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import time_ms  # noqa: E402
 
 import kd_teacher.kernels as kernels  # noqa: E402
 from kd_teacher.engine.topk import local_topk_stats, vocab_parallel_topk  # noqa: E402
@@ -56,22 +57,6 @@ def kernel_times_us(fn) -> dict:
         if t:
             out[e.key[:60]] = round(float(t), 1)
     return out
-
-
-def time_ms(fn, iters: int = 20, warmup: int = 3) -> float:
-    """Median wall time of fn on the GPU, by CUDA events around each call."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def floor_ms(x: torch.Tensor) -> dict:
