@@ -284,6 +284,9 @@ def run_recipe(args, recipe: str, tp: int, data, ckpt_root: Path) -> dict:
     if delayed_checks and args.checkpoint_check:
         out["delayed"]["checkpoint"] = guarded(delayed_checkpoint_round_trip, args, engine, mc, data, ckpt_root)
     out["checks_s"] = round(time.perf_counter() - t0, 1)
+    # "output_layer" unless the engine's first-forward check found the tapped top-k differing from the top-k of
+    # the returned logits under this recipe (then it serves from the returned logits, still bitwise).
+    out["extraction_site"] = engine.extraction_site
     same_alone_mixed = out["batch_dependence"].get("payload", {}).get("bitwise_equal")
     out["ok"] = (
         bool(report is None or report.payload_bitwise_equal)

@@ -4,7 +4,8 @@ The data path, top to bottom (`score_many`):
   schedule  - pack requests into micro-batches up to a token budget (only when the recipe allows repacking)
   execute   - the model's own forward through Megatron-Core's pipeline schedule, forward-only, in teacher
               mode (eval, no grad; the FP8 context is the one `TransformerBlock` applies from the config)
-  top-k     - on the last pipeline stage, vocab-parallel top-k + LSE over the TP group
+  top-k     - on the last pipeline stage, vocab-parallel top-k + LSE over the TP group, run on the output
+              layer's logits inside the forward (`output_tap`: GPTModel's own [b, s, V] copy is never made)
   payload   - split back per request, header with token hashes and fingerprints; broadcast over the
               pipeline group so every stage can hand it to its caller
 
@@ -27,6 +28,7 @@ import torch.distributed as dist
 
 from kd_teacher.engine.fp8_state import preserved_fp8_state, reset_fp8_weight_caches
 from kd_teacher.engine.model import ModelConfig, build_gpt_model
+from kd_teacher.engine.output_tap import OutputLayerTap
 from kd_teacher.engine.scheduler import ScoreRequest, TokenBudgetScheduler
 from kd_teacher.engine.topk import check_finite_lse, vocab_parallel_topk
 from kd_teacher.payload import INDEX_DTYPE, DTYPE_NAMES, PayloadError, PayloadHeader, TopKPayload, token_hashes
@@ -48,6 +50,10 @@ class EngineConfig:
     # FP8 delayed scaling: serve a checkpoint that carries no FP8 scales with the initial ones (1.0).
     # Off by default: teacher passes never update scales, so such a teacher is not the one that trained.
     accept_initial_fp8_scales: bool = False
+    # Take the top-k from the output layer's logits inside the forward, so GPTModel's [b, s, V] copy of them is
+    # never made (`output_tap`; checked against the untapped forward on the first call). Off: from the logits
+    # the model returns.
+    extract_at_output_layer: bool = True
 
 
 def _mpu():
@@ -65,6 +71,8 @@ def teacher_mode(model: torch.nn.Module, modules: Optional[list] = None):
     `list(model.modules())`, if the caller keeps one (walking the module tree is most of this context's cost).
     """
     flags = _train_flags(model, modules)
+    if not any(f for _, f in flags):
+        flags = []  # already in eval (a served teacher): nothing to set, nothing to restore
     _set_training(flags, False)
     try:
         # FP8 delayed scaling: a teacher pass must leave no amax behind for a later training step.
@@ -151,6 +159,16 @@ def teacher_fingerprint(model: torch.nn.Module, model_config: Optional[dict] = N
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
 
 
+def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit, NaNs included (torch.equal says NaN != NaN)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        a, b = a.contiguous().view(as_int), b.contiguous().view(as_int)
+    return torch.equal(a, b)
+
+
 class TeacherEngine:
     def __init__(
         self,
@@ -179,6 +197,14 @@ class TeacherEngine:
             model, asdict(model_config) if model_config is not None else None
         )
         self.recipe_fingerprint = self.recipe.fingerprint()
+        self._tap = OutputLayerTap.for_model(self._modules) if config.extract_at_output_layer else None
+        self._tap_checked = False
+
+    @property
+    def extraction_site(self) -> str:
+        """Where teacher mode takes the top-k: "output_layer" (inside the forward, see `output_tap`) or
+        "returned_logits" (from what the model's forward returns)."""
+        return "output_layer" if self._tap is not None else "returned_logits"
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
@@ -259,7 +285,10 @@ class TeacherEngine:
         for batch in self.scheduler.plan(requests):
             tokens = TokenBudgetScheduler.gather_tokens(requests, batch)
             with teacher_mode(self.model, self._modules):
-                values, indices, lse = self._forward_topk(tokens)
+                results = self._forward_topk(tokens)
+            if self._tap is not None and not self._tap_checked:
+                results = self._first_forward_checked(tokens, results)
+            values, indices, lse = results
             for j, (i, r, length) in enumerate(batch.rows):
                 out[i][r] = (values[j, :length], indices[j, :length], lse[j, :length])
         # Hashed once the forwards are queued: the host works while the GPU runs them.
@@ -267,7 +296,7 @@ class TeacherEngine:
         check_finite_lse([p.lse for p in payloads])
         return payloads
 
-    def _forward_topk(self, tokens: torch.Tensor):
+    def _forward_topk(self, tokens: torch.Tensor, tapped: bool = True):
         """Forward through the pipeline schedule; top-k on the last stage; result on every PP stage."""
         cfg = self.config
         group = _mpu().get_tensor_model_parallel_group()
@@ -278,8 +307,32 @@ class TeacherEngine:
                 check_finite=False,  # checked once per score_many, after all its host work is queued
             )
 
-        results = self._run_schedule(tokens, extract)
+        if self._tap is not None and tapped:
+            results = self._tap.run(lambda: self._run_schedule(tokens, lambda empty: None), extract)
+        else:
+            results = self._run_schedule(tokens, extract)
         return self._broadcast_from_last_stage(results, tokens.shape)
+
+    def _first_forward_checked(self, tokens: torch.Tensor, tapped: tuple) -> tuple:
+        """The output-layer tap checked once, on the engine's first forward, against the untapped forward of the
+        same tokens: kept only if the two agree bit for bit on every rank (a Megatron-Core version that changes
+        the logits after the output layer would make them differ). Returns the results to serve."""
+        # A teacher_mode of its own: FP8 delayed-scaling state is restored between the two forwards, so both
+        # run under the same scales.
+        with teacher_mode(self.model, self._modules):
+            plain = self._forward_topk(tokens, tapped=False)
+        same = torch.tensor([float(all(_bitwise_equal(a, b) for a, b in zip(tapped, plain)))],
+                            device=next(self.model.parameters()).device)
+        mpu = _mpu()
+        if dist.is_initialized() and mpu.model_parallel_is_initialized():
+            dist.all_reduce(same, op=dist.ReduceOp.MIN, group=mpu.get_model_parallel_group())
+        self._tap_checked = True
+        if same.item() == 1.0:
+            return tapped
+        log.warning("top-k taken at the output layer differs from top-k of the model's returned logits with this "
+                    "model/Megatron-Core version: teacher mode extracts from the returned logits from now on")
+        self._tap = None
+        return plain
 
     def _payload(self, req: ScoreRequest, rows: list, hashes: list) -> TopKPayload:
         values = torch.stack([r[0] for r in rows])
@@ -366,6 +419,8 @@ class TeacherEngine:
                 torch.empty(b, s, k, dtype=torch.int64, device=device),
                 torch.empty(b, s, dtype=torch.float32, device=device),
             )
+        else:
+            results = tuple(t.contiguous() for t in results)  # the tap's are transposed views
         src = mpu.get_pipeline_model_parallel_last_rank()
         group = mpu.get_pipeline_model_parallel_group()
         for t in results:

@@ -1,65 +1,94 @@
 """TeacherEngine on real Megatron-Core GPTModels: teacher mode equals the training-path forward bit for bit at
-TP=1, TP=2 and PP=2; a dist_checkpointing checkpoint scores like the in-process model; bad input is refused."""
+TP=1, TP=2 (with and without sequence parallelism) and PP=2, with the top-k taken at the output layer; a model
+that changes its logits after the output layer is served from its returned logits; a dist_checkpointing
+checkpoint scores like the in-process model; bad input is refused."""
 
 import pytest
 import torch
 
+from kd_teacher.engine.topk import vocab_parallel_topk
 from kd_teacher.testing.distributed import run_distributed
 
 VOCAB = 1000
 
 
-def _model_config(tp=1, pp=1, dtype="float32", layers=2):
+def _model_config(tp=1, pp=1, dtype="float32", layers=2, sp=False):
     from kd_teacher.engine.model import ModelConfig, PrecisionConfig
 
     return ModelConfig(
         num_layers=layers, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
         vocab_size=VOCAB, max_sequence_length=64, make_vocab_size_divisible_by=48,  # padded to 1008 / 1056
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, hidden_dropout=0.1, attention_dropout=0.1,
-        precision=PrecisionConfig(params_dtype=dtype),
+        sequence_parallel=sp, precision=PrecisionConfig(params_dtype=dtype),
     )
 
 
-def _engine(tp=1, pp=1, dtype="float32", k=16, temperature=1.0):
+def _engine(tp=1, pp=1, dtype="float32", k=16, temperature=1.0, sp=False):
     from kd_teacher.engine.engine import EngineConfig, TeacherEngine
     from kd_teacher.engine.model import build_gpt_model
 
-    cfg = _model_config(tp, pp, dtype)
+    cfg = _model_config(tp, pp, dtype, sp=sp)
     torch.manual_seed(cfg.seed)
     model, _ = build_gpt_model(cfg)
     return TeacherEngine(model, VOCAB, EngineConfig(k=k, temperature=temperature), model_config=cfg)
 
 
-def _batches():
+def _batches(second_len=17):
     g = torch.Generator().manual_seed(7)
-    return [torch.randint(0, VOCAB, (2, 24), generator=g), torch.randint(0, VOCAB, (3, 17), generator=g)]
+    return [torch.randint(0, VOCAB, (2, 24), generator=g), torch.randint(0, VOCAB, (3, second_len), generator=g)]
 
 
-def _consistency(tp, pp, dtype, temperature):
+def _consistency(tp, pp, dtype, temperature, sp=False):
     from kd_teacher.engine.consistency import check_consistency
 
-    engine = _engine(tp, pp, dtype, temperature=temperature)
-    report = check_consistency(engine, _batches())
+    engine = _engine(tp, pp, dtype, temperature=temperature, sp=sp)
+    # sequence parallelism splits the sequence over TP ranks: lengths must divide by TP
+    report = check_consistency(engine, _batches(18 if sp else 17))
     payload = engine.score(_batches()[0], sample_ids=[5, 6])
-    return report, payload
+    return report, payload, engine.extraction_site
 
 
-@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2)])
-def test_teacher_mode_equals_training_forward_bitwise(tp, pp):
+@pytest.mark.parametrize("tp, pp, sp", [(1, 1, False), (2, 1, False), (2, 1, True), (1, 2, False)],
+                         ids=["tp1", "tp2", "tp2_sp", "pp2"])
+def test_teacher_mode_equals_training_forward_bitwise(tp, pp, sp):
     for dtype, temperature in (("float32", 1.0), ("bfloat16", 2.0)):
-        results = run_distributed(_consistency, tp * pp, tp, pp, dtype, temperature, tp=tp, pp=pp)
-        reports = [r for r, _ in results if r is not None]
+        results = run_distributed(_consistency, tp * pp, tp, pp, dtype, temperature, sp, tp=tp, pp=pp)
+        # the top-k is taken at the output layer (no [b, s, V] copy), and still equals the training path's
+        assert [site for _, _, site in results] == ["output_layer"] * (tp * pp)
+        reports = [r for r, _, _ in results if r is not None]
         assert len(reports) == tp  # one per rank of the last pipeline stage
         for report in reports:
             assert report.batches == 2
             assert report.bitwise_equal and report.payload_bitwise_equal, report.to_json()
             assert report.max_abs_logit_diff == 0.0 and report.topk_index_agreement == 1.0
-        payloads = [p for _, p in results]
+        payloads = [p for _, p, _ in results]
         for p in payloads:  # PP: the payload reaches every stage; TP: every rank holds the same payload
             p.validate()
             assert torch.equal(p.values, payloads[0].values) and torch.equal(p.indices, payloads[0].indices)
             p.check_tokens(_batches()[0], sample_ids=[5, 6])
             assert p.header.temperature == temperature and p.header.vocab_size == VOCAB
+
+
+def _logits_changed_after_output_layer(tp):
+    """A forward hook that rescales GPTModel's returned logits: a change after the output layer that no
+    configuration flag announces. The engine's first-forward check must catch it and serve the returned logits."""
+    from megatron.core import parallel_state as mpu
+
+    engine = _engine(tp, 1, "float32", k=8)
+    engine.model.register_forward_hook(lambda module, args, logits: logits * 0.5)
+    tokens = _batches()[0]
+    assert engine.extraction_site == "output_layer"  # nothing in the config says otherwise
+    first, second = engine.score(tokens), engine.score(tokens)
+    v, i, lse = vocab_parallel_topk(engine.teacher_logits(tokens), 8, vocab_size=VOCAB,
+                                    group=mpu.get_tensor_model_parallel_group())
+    return engine.extraction_site, first, second, (v, i, lse)
+
+
+def test_logits_changed_after_output_layer_are_served_as_returned():
+    for site, first, second, (v, i, lse) in run_distributed(_logits_changed_after_output_layer, 2, 2, tp=2):
+        assert site == "returned_logits"
+        for p in (first, second):
+            assert torch.equal(p.values, v) and torch.equal(p.indices.long(), i) and torch.equal(p.lse, lse)
 
 
 def _dense_payload_check(tp):
@@ -166,7 +195,6 @@ def test_bad_input_is_named():
 
 
 def _score_many_vs_score():
-    from kd_teacher.engine.engine import TeacherEngine
     from kd_teacher.engine.scheduler import ScoreRequest
 
     engine = _engine(k=8)
