@@ -19,7 +19,6 @@ with a remote teacher against the CE-only step and the in-process (co-located) t
 from __future__ import annotations
 
 import argparse
-import collections
 import itertools
 import json
 import os
@@ -29,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -101,27 +99,22 @@ def echo_server(transport: str, preset: str, where: str, stats_path: str = "") -
 
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # leave through close(): segments removed
-    reply_s, batch_sizes = [], []  # the serving thread's time per reply, and requests per poll
-    # dist: the echo hashes each request's tokens on helper threads while it answers the ones before, as a
-    # teacher hashes while its forward runs (one thread hashes 8k tokens in ~80 us: longer than a transfer).
-    hasher = ThreadPoolExecutor(4) if transport == "dist" else None
-    pending: collections.deque = collections.deque()  # (request, its hashes to come)
+    reply_s, batch_sizes = [], []  # the serving thread's time per reply (hashing included), requests per poll
 
-    def answer(item, hashes):
+    def answer(item):
+        # Hashes on the serving thread, as TeacherEngine.score does for the requests of a batch.
         t0 = time.perf_counter()
-        h = replace(header, token_hashes=hashes, sample_ids=item.sample_ids)
+        h = replace(header, token_hashes=token_hashes(item.tokens), sample_ids=item.sample_ids)
         server.reply(item.student, item.seq, TopKPayload(values, indices, lse, h))
         reply_s.append(time.perf_counter() - t0)
 
     while not server.finished() and not stop:
-        items = server.poll(0.0002 if pending else 0.2)
+        items = server.poll(0.2)
         batch_sizes.append(len(items)) if items else None
         for item in items:
             if not isinstance(item, Request):
                 continue
             if item.request_id and item.request_id.startswith("raw:"):  # the baseline: raw sends, same bytes
-                while pending:
-                    answer(pending[0][0], pending.popleft()[1].result())
                 # Its own (error) reply first: the student posted that receive before the raw ones.
                 server.reply(item.student, item.seq, error="raw baseline follows")
                 works = [server.pg.send([raw], item.student, TAG_REPLY) for _ in range(int(item.request_id[4:]))]
@@ -129,12 +122,7 @@ def echo_server(transport: str, preset: str, where: str, stats_path: str = "") -
                     w.wait()
                 sync()
                 continue
-            if hasher is None:
-                answer(item, token_hashes(item.tokens))
-            else:
-                pending.append((item, hasher.submit(token_hashes, item.tokens)))
-        while pending and pending[0][1].done():
-            answer(pending[0][0], pending.popleft()[1].result())
+            answer(item)
     server.close()
     if stats_path and reply_s:
         Path(stats_path).write_text(json.dumps({
@@ -212,13 +200,13 @@ def throughput(transport: str, preset: str) -> dict:
 
 def dist_student_costs(rt, tokens, n: int = 100) -> dict:
     """The student thread's own time per message (medians): submit, and result() once the reply is in; inside
-    them, the reply receive posted and the read of the reply's first block; and the two request sends, which
+    them, the reply receive posted and the read of the reply's first block; and the request's send, which
     the client's sending thread does."""
     channel = rt.channel
-    parts = {"post_reply_recv_us": [], "request_sends_us_on_sender_thread": [], "read_reply_block_us": []}
+    parts = {"post_reply_recv_us": [], "request_send_us_on_sender_thread": [], "read_reply_block_us": []}
     originals = channel.pg, channel._sender.pg, channel._block_bytes
     channel.pg = _Timed(channel.pg, "recv", parts["post_reply_recv_us"])
-    channel._sender.pg = _Timed(channel._sender.pg, "send", parts["request_sends_us_on_sender_thread"])
+    channel._sender.pg = _Timed(channel._sender.pg, "send", parts["request_send_us_on_sender_thread"])
     channel._block_bytes = _timed(channel._block_bytes, parts["read_reply_block_us"])
     sub, res = [], []
     try:
@@ -242,7 +230,7 @@ def dist_student_costs(rt, tokens, n: int = 100) -> dict:
     out = {"student_submit_us": statistics.median(sub) * 1e6, "student_result_us": statistics.median(res) * 1e6}
     for key, samples in parts.items():
         per_call = statistics.median(samples[-n:]) * 1e6
-        out[key] = 2 * per_call if key.startswith("request_sends") else per_call  # two sends a request
+        out[key] = per_call
     return out
 
 

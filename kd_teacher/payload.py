@@ -48,8 +48,9 @@ def token_hashes(tokens: torch.Tensor) -> list[str]:
     """One hash per sequence of a [b, s] batch."""
     if tokens.dim() != 2:
         raise PayloadError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
-    host = tokens.detach().to(device="cpu", dtype=torch.int64)  # one device-to-host copy, not one per row
-    return [token_hash(row) for row in host]
+    host = tokens.detach().to(device="cpu", dtype=torch.int64).contiguous()  # one device-to-host copy
+    # token_hash of each row, hashing the rows in place (no per-row tensor or bytes copy)
+    return [hashlib.blake2b(row, digest_size=16).hexdigest() for row in host.numpy()]
 
 
 @dataclass

@@ -19,18 +19,18 @@ import torch
 from kd_teacher.payload import TopKPayload
 from kd_teacher.transport import dist_wire as W
 from kd_teacher.transport import protocol as P
+from kd_teacher.transport import reply_block as RB
 from kd_teacher.transport.dist_transport import (
     _SEND_BACKLOG,
-    _UNLIMITED_S,
+    _UNLIMITED,
     TAG_REPLY,
     TAG_REQUEST,
-    TAG_BODY,
     _abort,
     _device_for,
     _GlooWaiter,
     _Heartbeat,
+    _HostBuffers,
     _Op,
-    _poll,
     _store,
     _td,
     default_backend,
@@ -39,6 +39,8 @@ from kd_teacher.transport.dist_transport import (
 
 log = logging.getLogger(__name__)
 
+_REQUESTS_POSTED = 16  # request receives the teacher keeps posted
+
 
 @dataclass
 class _Expected:
@@ -46,7 +48,6 @@ class _Expected:
 
     batch: int
     seq_len: int
-    request_id_bytes: int
 
 
 class DistServer:
@@ -66,6 +67,7 @@ class DistServer:
         self.requests_pg, self.pg = kd_groups(self.store, self.num_students + replica, self.num_students + R,
                                               self.backend, connect_timeout_s)
         self._waiter = _GlooWaiter("kd-send-waiter") if self.backend == "gloo" else None
+        self._buffers = _HostBuffers(self.device)
         self._warm_up(connect_timeout_s)
         self._inbox: "queue.SimpleQueue" = queue.SimpleQueue()
         self._order = {s: collections.deque() for s in self.students}  # seqs in arrival order, not yet answered
@@ -115,19 +117,25 @@ class DistServer:
                                                 f"{timeout_s} s")
 
     def _wait(self, op: _Op, deadline: float) -> bool:
-        if self._waiter is not None and op.event is None:
+        if self._waiter is not None and op.finished is None:
             self._waiter.track(op)
-        return _poll(op.done, deadline) and op.error is None
+        return op.wait(deadline - time.monotonic()) and op.error is None
 
     # ---- taking requests in (own thread) ----------------------------------------------------------------------
     def _receive_requests(self) -> None:
-        header = torch.empty(W.REQUEST_HEADER_BYTES, dtype=torch.uint8)
+        # Several receives stay posted: a request that arrives while this thread waits for the GIL lands in one
+        # of them at once (with none posted, gloo's event loop spins on the unread socket until one is).
+        capacity = W.request_capacity(self.info)
+        ring = [torch.empty(capacity, dtype=torch.uint8) for _ in range(_REQUESTS_POSTED)]
+        posted = collections.deque((buf, self.requests_pg.recv_anysource([buf], TAG_REQUEST)) for buf in ring)
         try:
             while not set(self.students) <= (self._bye | self._dropped | self._unreachable):
-                work = self.requests_pg.recv_anysource([header], TAG_REQUEST)
-                work.wait(_td(_UNLIMITED_S))
+                buf, work = posted.popleft()
+                work.wait(_UNLIMITED)
                 source = work._source_rank() if hasattr(work, "_source_rank") else work.source_rank()
-                item = self._take_request(source, bytes(header.numpy()))
+                work = None
+                item = self._take_request(source, buf)  # copies out what it keeps
+                posted.append((buf, self.requests_pg.recv_anysource([buf], TAG_REQUEST)))
                 if item is not None:
                     self._inbox.put(item)
         except Exception as e:  # noqa: BLE001 - the students' side of the group is gone
@@ -135,15 +143,15 @@ class DistServer:
             log.info("KD replica %d stops taking requests: %s", self.replica, self._receiving)
         self._inbox.put(None)  # wakes the serving thread
 
-    def _take_request(self, source: int, raw: bytes):
+    def _take_request(self, source: int, message: torch.Tensor):
         """A Request, (student, seq, error) for one to answer with an error, or None (nothing to answer)."""
         try:
-            header = W.parse_request_header(raw)
+            header = W.parse_request_header(bytes(message[:W.REQUEST_HEADER_BYTES].numpy()))
             if header.student != source or source not in self._order:
                 raise P.ProtocolError(f"header of student {header.student} from KD rank {source}, which replica "
                                       f"{self.replica} serves: {source in self._order}")
         except P.ProtocolError as e:
-            # Its body (if any) cannot be told apart from its next header: this student is out of step.
+            # Without a sequence number we trust, no reply can be matched to it: this student is out of step.
             log.warning("KD rank %d sent a malformed request header, no more requests taken from it: %s", source, e)
             self._dropped.add(source)
             return None
@@ -152,27 +160,20 @@ class DistServer:
         if header.kind == W.KIND_BYE:
             self._bye.add(source)
             return None
-        refused = W.refusal(header, self.info)
-        if refused is not None:
-            # An error reply it can receive (the shape is out of limits: an error-only reply), then no more:
-            # the body we refuse to take in would be read as its next header.
-            log.warning("student %d: %s; no more requests taken from it", source, refused)
-            self._dropped.add(source)
-            self._expect(header)
-            return source, header.seq, refused
-        body = torch.empty(header.body_bytes, dtype=torch.uint8)
-        if header.body_bytes:
-            self.requests_pg.recv([body], source, TAG_BODY).wait(_td(_UNLIMITED_S))
         self._expect(header)
+        refused = W.refusal(header, self.info)
+        if refused is not None:  # the claimed body does not even fit the message: an error-only reply
+            log.warning("student %d: %s", source, refused)
+            return source, header.seq, refused
         try:
+            body = message[W.REQUEST_HEADER_BYTES:W.REQUEST_HEADER_BYTES + header.body_bytes]
             return W.decode_request_body(header, body, self.info)
         except P.RequestRejectedError as e:
             return source, header.seq, str(e)
 
     def _expect(self, header: W.RequestHeader) -> None:
         # Recorded before the request is handed on: the serving thread may answer it at once.
-        self._expected[(header.student, header.seq)] = _Expected(header.batch, header.seq_len,
-                                                                 header.request_id_bytes)
+        self._expected[(header.student, header.seq)] = _Expected(header.batch, header.seq_len)
         self._order[header.student].append(header.seq)
 
     # ---- the serving thread's interface -----------------------------------------------------------------------
@@ -208,21 +209,26 @@ class DistServer:
         self._send_in_order(student)
 
     def _message(self, seq: int, expected: _Expected, payload: Optional[TopKPayload], error: Optional[str]):
-        block, total = W.reply_layout(expected.batch, expected.seq_len, expected.request_id_bytes, self.info)
+        block, total = W.reply_layout(expected.batch, expected.seq_len, self.info)
         if error is None and payload is not None:
             error = self._mismatch(payload, expected)
         if error is None and payload is not None:
             try:
-                head = W.encode_block(seq, block, ok_json=W.payload_header_json(payload.header))
+                head = RB.encode_ok(seq, block, payload.header)
             except ValueError as e:
                 error = str(e)
             else:
+                # One copy of the payload, into a (reused, on the CPU) buffer right behind the block.
+                message = self._buffers.take(total)
+                # From pageable memory an asynchronous copy is staged at once and waits for no queued GPU work.
+                message[:block].copy_(torch.frombuffer(head, dtype=torch.uint8), non_blocking=True)
                 parts = [payload.indices, payload.lse, payload.values]
-                return torch.cat([_host_bytes(head, self.device)] +
-                                 [t.to(self.device).contiguous().reshape(-1).view(torch.uint8) for t in parts])
-        head = W.encode_block(seq, block, error=error or "the teacher sent no payload")
+                torch.cat([t.to(self.device).contiguous().reshape(-1).view(torch.uint8) for t in parts],
+                          out=message[block:])
+                return message
+        head = RB.encode_error(seq, block, error or "the teacher sent no payload")
         message = torch.zeros(total, dtype=torch.uint8, device=self.device)
-        message[:block].copy_(_host_bytes(head, self.device))
+        message[:block].copy_(torch.frombuffer(head, dtype=torch.uint8))
         return message
 
     def _mismatch(self, payload: TopKPayload, expected: _Expected) -> Optional[str]:
@@ -256,10 +262,12 @@ class DistServer:
     def _reap(self, backlog: int = _SEND_BACKLOG) -> None:
         while self._sends and (len(self._sends) > backlog or self._sends[0][0].done()):
             op, student = self._sends.popleft()
-            if not _poll(op.done, time.monotonic() + 60.0) or op.error is not None:
+            if not op.wait(60.0) or op.error is not None:
                 log.warning("reply to student %d failed (%s); no more replies to it", student,
                             op.error or "not taken in 60 s")
                 self._unreachable.add(student)
+            else:
+                self._buffers.give(op.keep)
 
     def flush(self) -> None:
         self._reap()
@@ -285,9 +293,3 @@ class DistServer:
         # A thread that still holds a finished gloo work when the interpreter shuts down aborts the process
         # (freeing the work's tensor needs the GIL, which a finalizing interpreter no longer hands out).
         self._receiver.join(timeout=5.0)
-
-
-def _host_bytes(raw: bytes, device: torch.device) -> torch.Tensor:
-    t = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    # From pageable memory, an asynchronous copy is staged at once and waits for no queued GPU work.
-    return t.to(device, non_blocking=True) if device.type == "cuda" else t

@@ -8,8 +8,9 @@ model-parallel group). Each process already has a default world (its own torchru
 built directly on a TCPStore at the KD rendezvous address, hosted by student rank 0.
 
   store     handshake (server info, hellos, verdicts), one heartbeat counter per replica; nothing per message
-  requests  gloo, student -> teacher: a fixed-size request header, then the body (token ids, sample ids,
-            request id) whose size the header gives (`dist_wire`). Gloo on the GPU too: a request is host data,
+  requests  gloo, student -> teacher: one message per request, a fixed-size header and the body (token ids,
+            sample ids, request id) (`dist_wire`), into receives the teacher keeps posted. Gloo on the GPU
+            too: a request is host data,
             and on its own group it cannot queue in front of replies (NCCL orders a pair's sends and receives
             on one stream per group, so a teacher's receive posted for a student's next request would hold
             back the replies to that student)
@@ -17,18 +18,30 @@ built directly on a TCPStore at the KD rendezvous address, hosted by student ran
             of a size both ends know from the request's shape and the handshake (`dist_wire.reply_layout`)
 
 Per message, a student posts the receive of the reply when it sends the request (at most `max_outstanding`
-posted; the request's own messages go out from a sending thread), so transfers run back to back as the
-teacher sends; the reply's first block says whether it is a payload (its checked PayloadHeader) or an error,
-and for which request. The teacher answers each student's requests in the order they arrived, always with
-exactly one reply, so a student's receives stay in step.
-The teacher (`dist_server.DistServer`) takes requests in on one thread (a gloo receive from any student, then
-the body); replies go out from the serving thread. (Token hashes are the teacher's work, not the transport's:
-the engine computes them while the forward runs.) This module has the student's end (`DistClient`) and what
-both ends share.
+posted; the request goes out from a sending thread), so transfers run back to back as the teacher sends; the
+reply's first block (`reply_block`, fixed binary) says whether it is a payload or an error, and for which
+request. The teacher answers each student's requests in the order they arrived, always with exactly one
+reply, so a student's receives stay in step.
+The teacher (`dist_server.DistServer`) takes requests in on one thread (gloo receives from any student);
+replies go out from the serving thread. (Token hashes are the teacher's work, not the transport's: the engine
+computes them with the forward.) This module has the student's end (`DistClient`) and what both ends share.
+
+Per-message cost (what throughput is made of; measured with benchmarks/stream.py's cost breakdown and perf):
+  - a request is one gloo message into one of several receives the teacher keeps posted: with a header and a
+    body, the body waited in the socket until the teacher's thread got the GIL to post its receive, and
+    gloo's event loop spun on the unread socket meanwhile (~0.7 ms of CPU a request on 2 cores);
+  - the reply block is binary (no JSON PayloadHeader to write, parse and re-check); the student rebuilds
+    the PayloadHeader from its request and the handshake, and compares the token hashes it computed at
+    submit with the block's;
+  - on the CPU, reply and receive buffers are reused (`_HostBuffers`): a fresh 2 MB buffer a message cost
+    page faults on both sides; the teacher copies the payload once, straight behind the block;
+  - waiting blocks: a gloo op's waiter thread releases a lock that the student blocks on (between heartbeat
+    checks), instead of the student's thread spinning on a flag and taking a core from the transfer.
 
 Bounded waits: nothing waits without a deadline on the student's side. A posted NCCL receive is polled
 (`is_completed`); gloo cannot be polled, and a gloo wait that times out closes its connection, so gloo
-operations are waited for by a helper thread with no effective time limit and the caller polls that.
+operations are waited for by a helper thread with no effective time limit and the caller blocks on that
+thread's lock in slices.
 While it waits, a student checks the teacher's heartbeat: a dead or frozen teacher fails the wait with
 TeacherUnavailableError after `heartbeat_timeout_s`, a slow one with TeacherTimeoutError at the request's
 deadline. A timed-out request keeps its receive posted: its late reply arrives there and is discarded by
@@ -52,14 +65,16 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from kd_teacher.payload import PayloadError, PayloadHeader
 from kd_teacher.transport import dist_wire as W
 from kd_teacher.transport import protocol as P
+from kd_teacher.transport import reply_block as RB
 
 log = logging.getLogger(__name__)
 
-TAG_REQUEST, TAG_BODY, TAG_REPLY = 1, 2, 3
+TAG_REQUEST, TAG_REPLY = 1, 3
 _UNLIMITED_S = 30 * 86400.0  # gloo waits must not time out by themselves: a timed-out gloo wait closes the pair
+_UNLIMITED = datetime.timedelta(seconds=_UNLIMITED_S)
+_HEARTBEAT_CHECK_S = 0.02  # a waiting student looks at the teacher's heartbeat this often
 _SEND_BACKLOG = 64  # replies a teacher keeps in flight before it waits for the oldest
 _SPIN_S = 0.0002  # busy polling before sleeping: a reply is usually one transfer (tens of microseconds) away
 
@@ -110,15 +125,24 @@ def _abort(pg) -> None:
 
 # ---- completion of posted operations ----------------------------------------------------------------------------
 class _Op:
-    """A posted send/recv and the tensors it uses (alive until it completed); `done()` never blocks."""
+    """A posted send/recv and the tensors it uses (alive until it completed). A gloo op is finished by a waiter
+    thread, which releases `finished` (so that waiting for it blocks instead of spinning); an NCCL op is polled."""
 
-    __slots__ = ("work", "keep", "event", "error")
+    __slots__ = ("work", "keep", "finished", "complete", "error")
 
     def __init__(self, work, keep):
-        self.work, self.keep, self.event, self.error = work, keep, None, None
+        self.work, self.keep, self.finished, self.complete, self.error = work, keep, None, False, None
 
     def done(self) -> bool:
-        return self.event.is_set() if self.event is not None else self.work.is_completed()
+        return self.complete or (self.finished is None and self.work.is_completed())
+
+    def wait(self, timeout_s: float) -> bool:
+        """Done within timeout_s? (Never an error: see `error`.)"""
+        if self.finished is None:
+            return _poll(self.done, time.monotonic() + timeout_s)
+        if self.finished.acquire(timeout=max(timeout_s, 0.0)):
+            self.finished.release()
+        return self.complete
 
 
 class _GlooWaiter:
@@ -131,7 +155,8 @@ class _GlooWaiter:
         self.thread.start()
 
     def track(self, op: _Op) -> _Op:
-        op.event = threading.Event()
+        op.finished = threading.Lock()
+        op.finished.acquire()  # released by the waiter thread
         self.queue.put(op)
         return op
 
@@ -141,10 +166,12 @@ class _GlooWaiter:
             if op is None:
                 return
             try:
-                op.work.wait(_td(_UNLIMITED_S))
+                op.work.wait(_UNLIMITED)
             except Exception as e:  # noqa: BLE001 - handed to whoever polls this op
                 op.error = e
-            op.event.set()
+            op.complete = True
+            op.finished.release()
+            op = None  # holds no work while it waits for the next
 
     def close(self) -> None:
         self.queue.put(None)
@@ -154,28 +181,25 @@ class _GlooWaiter:
 class _Sent:
     """One request's messages handed to the sending thread; `wait()` until they are out."""
 
-    __slots__ = ("messages", "works", "error", "posted")
+    __slots__ = ("messages", "error", "out")
 
     def __init__(self, messages: list):
-        self.messages, self.works, self.error = messages, [], None
-        self.posted = threading.Lock()
-        self.posted.acquire()  # released by the sending thread once it has posted them
+        self.messages, self.error = messages, None
+        self.out = threading.Lock()
+        self.out.acquire()  # released by the sending thread once its sends completed
 
     def wait(self, timeout_s: float) -> None:
-        if not self.posted.acquire(timeout=timeout_s):
-            raise TimeoutError(f"the request was not posted in {timeout_s} s")
-        self.posted.release()
+        if not self.out.acquire(timeout=timeout_s):
+            raise TimeoutError(f"the request was not sent in {timeout_s} s")
+        self.out.release()
         if self.error is not None:
             raise self.error
-        for work in self.works:
-            work.wait(_td(timeout_s))
-        self.messages = self.works = ()
 
 
 class _RequestSender:
-    """Posts requests (header, then body) to the teacher from a thread of its own, in order. Gloo writes a
-    small message into the socket inside `send`: tens of microseconds a request that the student's thread
-    need not spend."""
+    """Posts requests to the teacher from a thread of its own, in order, and waits for
+    those sends there. Gloo writes a small message into the socket inside `send`: tens of microseconds a
+    request that the student's thread need not spend."""
 
     def __init__(self, pg, teacher_rank: int):
         self.pg, self.teacher_rank = pg, teacher_rank
@@ -194,15 +218,54 @@ class _RequestSender:
             if job is None:
                 return
             try:
-                job.works = [self.pg.send([tensor], self.teacher_rank, tag) for tensor, tag in job.messages]
+                for work in [self.pg.send([tensor], self.teacher_rank, tag) for tensor, tag in job.messages]:
+                    work.wait(_UNLIMITED)  # a written socket: at once, unless the teacher stopped reading
             except Exception as e:  # noqa: BLE001 - handed to whoever waits for this request
                 job.error = e
-            job.posted.release()
-            job = None  # holds no work while it waits for the next
+            job.messages = None
+            job.out.release()
+            job = None
 
     def close(self) -> None:
         self.queue.put(None)
         self.thread.join(timeout=5.0)
+
+
+class _HostBuffers:
+    """Reused host buffers for messages of one size (CPU only: there, a fresh 2 MB buffer a message costs page
+    faults, and on the GPU the caching allocator already reuses memory with stream safety). A buffer comes
+    back by `give()` once no operation uses it; it is handed out again only when no tensor but ours views its
+    storage (a payload that a student still holds keeps its buffer)."""
+
+    _KEEP = 16
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reuse = device.type == "cpu" and _storage_use_count is not None
+        self.free: dict = collections.defaultdict(list)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        for i, buf in enumerate(self.free.get(nbytes, ())):
+            if _storage_use_count(buf.untyped_storage()._cdata) == _UNSHARED:
+                return self.free[nbytes].pop(i)
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+
+    def give(self, buf: torch.Tensor) -> None:
+        if self.reuse and len(self.free[buf.numel()]) < self._KEEP:
+            self.free[buf.numel()].append(buf)
+
+
+def _unshared_use_count():
+    """The use count of a storage that one tensor holds, as seen through a storage object of its own (2 in the
+    torch versions we know; measured, not assumed)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:
+        return None, None
+    one = torch.empty(1)
+    return count, count(one.untyped_storage()._cdata)
+
+
+_storage_use_count, _UNSHARED = _unshared_use_count()
 
 
 def _poll(done: Callable[[], bool], deadline: float, between: Optional[Callable[[], None]] = None) -> bool:
@@ -259,10 +322,11 @@ class _Posted:
 
     seq: int
     shape: tuple
+    request_id: Optional[str]
     block: int
     buf: torch.Tensor
     recv: _Op
-    sent: Optional[_Sent]  # the request's two messages (their tensors stay alive until they are out)
+    sent: Optional[_Sent]  # the request's message (its tensor stays alive until it is out)
 
 
 class DistClient:
@@ -294,6 +358,7 @@ class DistClient:
         self._early: collections.deque = collections.deque()  # replies taken in by send() to make room
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._pinned: Optional[torch.Tensor] = None
+        self._buffers = _HostBuffers(self.device)
         self._warm_up(deadline)
 
     def _handshake(self, address: str, expect: P.Expectation, timeout_s: float) -> P.ServerInfo:
@@ -316,7 +381,7 @@ class DistClient:
     def _warm_up(self, deadline: float) -> None:
         ping = torch.empty(4, dtype=torch.uint8, device=self.device)
         op = self._track(_Op(self.pg.recv([ping], self.teacher_rank, TAG_REPLY), ping))
-        if not _poll(op.done, deadline) or op.error is not None:
+        if not op.wait(deadline - time.monotonic()) or op.error is not None:
             _abort(self.pg)
             raise P.TeacherUnavailableError(f"teacher replica {self.replica} did not complete the KD warm-up: "
                                             f"{op.error or 'timed out'}")
@@ -362,17 +427,16 @@ class DistClient:
             if item is None:
                 raise P.TeacherTimeoutError(f"{len(self._posted)} requests are still unanswered at the deadline")
             self._early.append(item)
-        block, total = W.reply_layout(b, s, len(rid), self.info)
-        buf = torch.empty(total, dtype=torch.uint8, device=self.device)
-        head = W.encode_request_header(W.KIND_REQUEST, self.student, seq, b, s, header.num_sample_ids, len(rid))
-        body = W.encode_request_body(tokens.contiguous(), sample_ids, rid)
+        block, total = W.reply_layout(b, s, self.info)
+        buf = self._buffers.take(total)
+        message = W.encode_request(self.student, seq, tokens.contiguous(), sample_ids, rid)
         try:
             # The receive first: the reply's transfer can start the moment the teacher sends it.
             recv = self._track(_Op(self.pg.recv([buf], self.teacher_rank, TAG_REPLY), buf))
         except Exception as e:  # noqa: BLE001
             self._fail(f"posting the receive of reply {seq} from teacher replica {self.replica} failed: {e}")
-        sent = self._sender.submit([(head, TAG_REQUEST), (body, TAG_BODY)])
-        self._posted.append(_Posted(seq, (b, s), block, buf, recv, sent))
+        sent = self._sender.submit([(message, TAG_REQUEST)])
+        self._posted.append(_Posted(seq, (b, s), request_id, block, buf, recv, sent))
 
     # ---- receiving ------------------------------------------------------------------------------------------
     def receive(self, deadline: float, shape_of: Callable[[int], Optional[tuple]] = None):
@@ -388,8 +452,11 @@ class DistClient:
             time.sleep(max(0.0, min(deadline - time.monotonic(), 0.01)))
             return None
         head = self._posted[0]
-        if not _poll(head.recv.done, deadline, self._check_teacher):
-            return None
+        # Blocks (gloo) or polls (NCCL) in slices, looking at the teacher's heartbeat in between.
+        while not head.recv.wait(min(deadline - time.monotonic(), _HEARTBEAT_CHECK_S)):
+            self._check_teacher()
+            if time.monotonic() >= deadline:
+                return None
         self._posted.popleft()
         if head.recv.error is not None:
             self._fail(f"receiving the reply to request {head.seq} from teacher replica {self.replica} failed: "
@@ -400,36 +467,32 @@ class DistClient:
             self._fail(f"bad reply, the channel is out of step: {e}", P.ProtocolError)
 
     def _take(self, head: _Posted):
-        status, text = W.decode_block(self._block_bytes(head), head.seq, head.block)
+        ph, error = RB.decode(self._block_bytes(head), head.seq, head.shape, self.info, head.request_id)
         self._sends_done(head)
-        if status != W.STATUS_OK:
-            return head.seq, None, W.error_text(text)
-        try:
-            ph = PayloadHeader.from_json(text)
-        except PayloadError as e:
-            raise P.ProtocolError(f"reply payload header: {e}") from None
-        P.check_payload_fits(ph, head.shape, self.info)
+        self._buffers.give(head.buf)  # handed out again once the payload's views are gone
+        if error is not None:
+            return head.seq, None, error
         payload = P.unpack_payload(head.buf[head.block:], ph)
         if self._copy_stream is not None:
             head.recv.work.wait()  # later work on this stream reads the payload after its receive
         return head.seq, payload, None
 
-    def _block_bytes(self, head: _Posted) -> bytes:
+    def _block_bytes(self, head: _Posted):
         """The reply's first block on the host. On the GPU it is copied on a side stream that waits for the
         receive alone, so the host does not wait for the student's own queued work."""
         n = head.block
         if self._copy_stream is None:
-            return bytes(head.buf[:n].numpy())
+            return memoryview(head.buf[:n].numpy())
         if self._pinned is None or self._pinned.numel() < n:
             self._pinned = torch.empty(max(n, 4096), dtype=torch.uint8, pin_memory=True)
         with torch.cuda.stream(self._copy_stream):
             head.recv.work.wait()
             self._pinned[:n].copy_(head.buf[:n], non_blocking=True)
         self._copy_stream.synchronize()
-        return bytes(self._pinned[:n].numpy())
+        return memoryview(self._pinned[:n].numpy())
 
     def _sends_done(self, head: _Posted) -> None:
-        # The teacher answered, so it took both messages in: this returns at once.
+        # The teacher answered, so it took the request in: this returns at once.
         try:
             head.sent.wait(60.0)
         except Exception as e:  # noqa: BLE001
@@ -443,7 +506,7 @@ class DistClient:
                 self._sender.submit([(bye, TAG_REQUEST)]).wait(10.0)
                 # Late replies to timed-out requests are still on their way: take them in, briefly.
                 deadline = time.monotonic() + 5.0
-                while self._posted and _poll(self._posted[0].recv.done, deadline):
+                while self._posted and self._posted[0].recv.wait(deadline - time.monotonic()):
                     self._posted.popleft()
             except Exception as e:  # noqa: BLE001
                 log.debug("closing the KD channel: %s", e)

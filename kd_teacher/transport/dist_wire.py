@@ -1,57 +1,45 @@
-"""Message formats of the torch.distributed transport: fixed-size binary request headers and self-describing
-replies whose size both ends know in advance.
+"""Message formats of the torch.distributed transport: fixed-size binary request headers and replies whose
+size both ends know in advance.
 
 Why sizes known in advance: a student posts the receive of a reply when it sends the request, so the
 transfer runs as soon as the teacher sends, with no control message in between. For that, the reply to a
-request of shape [b, s] (with an r-byte request id) is always `reply_layout(b, s, r, info)` bytes, ok or not:
+request of shape [b, s] is always `reply_layout(b, s, info)` bytes, ok or not:
 
-    reply   = block | payload                  (payload: indices, lse, values as `protocol.pack_payload`)
-    block   = prefix | JSON | zero padding     (block_bytes(b, r, info): room for b token hashes and sample ids)
-    prefix  = magic "KDTR", version, status (0 ok / 1 error), seq, JSON length, block length
-    JSON    = the PayloadHeader (ok) or {"error": text} (error; the payload bytes are zeros)
+    reply   = block | payload     (payload: indices, lse, values as `protocol.pack_payload`)
+    block   = `reply_block`: a fixed binary prefix (seq, status, shape, k, vocab, T, dtype, fingerprint digest),
+              then the token hashes and sample ids (ok) or the error text (error; the payload bytes are zeros)
 
 A request whose shape is outside the handshake's limits gets an error-only reply (ERROR_BLOCK_BYTES, no
 payload part), so neither side ever sizes a buffer from an unchecked shape.
 
-A request is two messages: a REQUEST_HEADER_BYTES header (magic, version, kind, student, seq, batch, seq_len,
-number of sample ids, request-id bytes) and a body (token ids int64, sample ids int64, request id UTF-8). The
-teacher reads the header first and refuses a body larger than `max_body_bytes` before allocating anything.
+A request is one message: a REQUEST_HEADER_BYTES header (magic, version, kind, student, seq, batch, seq_len,
+number of sample ids, request-id bytes), then its body (token ids int64, sample ids int64, request id UTF-8).
+The teacher keeps a few receives of `request_capacity(info)` bytes posted (gloo takes a message shorter than the
+buffer) and reuses them, so nothing is allocated per request and nothing is sized from a header; a header that
+claims a body over `max_body_bytes` gets an error reply. One message, not a header and a body: a body waiting
+in the socket for its receive to be posted made gloo's event loop spin (~0.7 ms of CPU a request).
 """
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-from kd_teacher.payload import DTYPES, PayloadHeader
+from kd_teacher.payload import DTYPES
 from kd_teacher.transport import protocol as P
+from kd_teacher.transport import reply_block as RB
 
-VERSION = 1
+VERSION = 2  # 2: binary reply blocks (`reply_block`); 1 had JSON payload headers
 KIND_REQUEST, KIND_BYE = 1, 2
 REQUEST_HEADER_BYTES = 64
 MAX_REQUEST_ID_BYTES = 256
-ERROR_BLOCK_BYTES = 1024
-STATUS_OK, STATUS_ERROR = 0, 1
+ERROR_BLOCK_BYTES = RB.MIN_BLOCK_BYTES
 
 _REQUEST = struct.Struct("<4sBBHIQIIIH")  # magic, version, kind, -, student, seq, batch, seq_len, n_ids, rid bytes
 _REQUEST_MAGIC = b"KDTQ"
-_REPLY = struct.Struct("<4sBBHQII")  # magic, version, status, -, seq, JSON length, block length
-_REPLY_MAGIC = b"KDTR"
-_PREFIX_BYTES = 32
-_ALIGN = 64  # the payload after the block stays aligned for int32 / float32 / bf16 views
-# Room in the JSON per sequence: a 32-hex-digit hash in quotes with a comma, and an int64 sample id with a comma.
-_PER_SEQUENCE_BYTES = 35 + 21
-_FIXED_JSON_BYTES = 1024  # the other PayloadHeader fields and keys
-
-
-def _round_up(n: int, to: int = _ALIGN) -> int:
-    return (n + to - 1) // to * to
-
-
 # ---- requests ---------------------------------------------------------------------------------------------------
 @dataclass
 class RequestHeader:
@@ -96,14 +84,28 @@ def max_body_bytes(info: P.ServerInfo) -> int:
     return 8 * 2 * 2 * info.max_tokens_per_request + MAX_REQUEST_ID_BYTES
 
 
+def request_capacity(info: P.ServerInfo) -> int:
+    """Bytes of the buffers a teacher receives requests into: the largest request message it takes."""
+    return REQUEST_HEADER_BYTES + max_body_bytes(info)
+
+
 def refusal(header: RequestHeader, info: P.ServerInfo) -> Optional[str]:
-    """Why the body of this request cannot even be received (None: it can); checked before allocating it."""
+    """Why this request is refused from its header alone (None: its body is read). A student checks it before
+    sending: a message larger than the teacher's receive buffers would end the teacher's process (gloo)."""
     if header.request_id_bytes > MAX_REQUEST_ID_BYTES:
         return f"request id of {header.request_id_bytes} bytes exceeds {MAX_REQUEST_ID_BYTES}"
     if header.body_bytes > max_body_bytes(info):
         return (f"request of {header.batch}x{header.seq_len} tokens ({header.body_bytes} bytes) is far over the "
                 f"server's max_tokens_per_request {info.max_tokens_per_request}; not received")
     return None
+
+
+def encode_request(student: int, seq: int, tokens: torch.Tensor, sample_ids: Optional[Sequence[int]],
+                   request_id: bytes) -> torch.Tensor:
+    """A request's one message: its header, then its body."""
+    b, s = tokens.shape
+    head = encode_request_header(KIND_REQUEST, student, seq, b, s, len(sample_ids or ()), len(request_id))
+    return torch.cat([head, encode_request_body(tokens, sample_ids, request_id)])
 
 
 def encode_request_body(tokens: torch.Tensor, sample_ids: Optional[Sequence[int]], request_id: bytes) -> torch.Tensor:
@@ -132,7 +134,7 @@ def decode_request_body(header: RequestHeader, body: torch.Tensor, info: P.Serve
     if header.num_sample_ids not in (0, b):
         raise P.RequestRejectedError(f"request has {header.num_sample_ids} sample ids for {b} sequences")
     n = b * s * 8
-    tokens = body[:n].view(torch.int64).view(b, s)
+    tokens = body[:n].view(torch.int64).view(b, s).clone()  # the body is a receive buffer that is reused
     lo, hi = (int(x) for x in torch.aminmax(tokens))
     if lo < 0 or hi >= info.vocab_size:
         raise P.RequestRejectedError(f"token ids out of range: [{lo}, {hi}] for vocabulary size {info.vocab_size}")
@@ -150,74 +152,15 @@ def payload_fits(batch: int, seq_len: int, info: P.ServerInfo) -> bool:
     return 1 <= batch and 1 <= seq_len <= info.max_seq_len and batch * seq_len <= info.max_tokens_per_request
 
 
-def block_bytes(batch: int, request_id_bytes: int, info: P.ServerInfo) -> int:
-    """Room for the reply's PayloadHeader JSON (JSON escapes take at most 6 bytes per byte of text)."""
-    text = 6 * (len(info.teacher_fingerprint) + len(info.recipe_fingerprint) + request_id_bytes)
-    return _round_up(_PREFIX_BYTES + _FIXED_JSON_BYTES + text + batch * _PER_SEQUENCE_BYTES)
-
-
 def payload_bytes(batch: int, seq_len: int, info: P.ServerInfo) -> int:
     value_bytes = DTYPES[info.values_dtype].itemsize
     n = batch * seq_len
     return n * info.k * (value_bytes + 4) + 4 * n
 
 
-def reply_layout(batch: int, seq_len: int, request_id_bytes: int, info: P.ServerInfo) -> tuple[int, int]:
+def reply_layout(batch: int, seq_len: int, info: P.ServerInfo) -> tuple[int, int]:
     """(block bytes, total bytes) of the reply to a request of this shape: what both ends agree on."""
     if not payload_fits(batch, seq_len, info):
         return ERROR_BLOCK_BYTES, ERROR_BLOCK_BYTES
-    block = block_bytes(batch, request_id_bytes, info)
+    block = RB.block_bytes(batch)
     return block, block + payload_bytes(batch, seq_len, info)
-
-
-def payload_header_json(header: PayloadHeader) -> bytes:
-    return json.dumps(vars(header), separators=(",", ":")).encode()
-
-
-def encode_block(seq: int, size: int, ok_json: Optional[bytes] = None, error: Optional[str] = None) -> bytes:
-    """A reply block of exactly `size` bytes; an error text is cut to fit. ValueError if ok_json does not fit
-    (the server then answers with an error instead)."""
-    room = size - _PREFIX_BYTES
-    if ok_json is not None:
-        if len(ok_json) > room:
-            raise ValueError(f"payload header of {len(ok_json)} bytes does not fit a {size}-byte reply block")
-        status, text = STATUS_OK, ok_json
-    else:
-        status, text = STATUS_ERROR, _error_json(error or "unknown error", room)
-    out = bytearray(size)
-    _REPLY.pack_into(out, 0, _REPLY_MAGIC, VERSION, status, 0, seq, len(text), size)
-    out[_PREFIX_BYTES:_PREFIX_BYTES + len(text)] = text
-    return bytes(out)
-
-
-def _error_json(error: str, room: int) -> bytes:
-    text = json.dumps({"error": error}).encode()
-    while len(text) > room:
-        error = error[:max(0, len(error) - (len(text) - room) - 8)] + "..."
-        text = json.dumps({"error": error}).encode()
-    return text
-
-
-def decode_block(raw: bytes, seq: int, size: int) -> tuple[int, str]:
-    """(status, JSON text) of the reply block to request `seq`; ProtocolError if it is not that reply."""
-    if len(raw) < _PREFIX_BYTES:
-        raise P.ProtocolError(f"reply block of {len(raw)} bytes is shorter than its prefix")
-    magic, version, status, _, got_seq, text_len, got_size = _REPLY.unpack_from(raw, 0)
-    if magic != _REPLY_MAGIC or version != VERSION:
-        raise P.ProtocolError(f"not a kd-teacher reply (magic {magic!r}, version {version})")
-    if got_seq != seq:
-        raise P.ProtocolError(f"reply is for request {got_seq}, the next one expected is {seq}")
-    if got_size != size or status not in (STATUS_OK, STATUS_ERROR) or text_len > size - _PREFIX_BYTES:
-        raise P.ProtocolError(f"reply block claims {got_size} bytes / status {status} / {text_len} bytes of "
-                              f"header, expected a {size}-byte block")
-    try:
-        return status, bytes(raw[_PREFIX_BYTES:_PREFIX_BYTES + text_len]).decode()
-    except UnicodeDecodeError:
-        raise P.ProtocolError("reply header is not UTF-8") from None
-
-
-def error_text(text: str) -> str:
-    try:
-        return str(json.loads(text)["error"])
-    except (ValueError, KeyError, TypeError):
-        raise P.ProtocolError(f"error reply is not {{'error': text}}: {text[:200]!r}") from None

@@ -24,7 +24,7 @@ import torch
 
 from kd_teacher.payload import DTYPES, INDEX_DTYPE, PayloadError, PayloadHeader, TopKPayload
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: torch.distributed requests in one message, binary reply blocks
 MAGIC = b"KDTM"
 _PREFIX = struct.Struct("<4sI")
 MAX_HEADER_BYTES = 1 << 20  # a reply header carries one 32-char hash per sequence: 1 MiB is ~20k sequences

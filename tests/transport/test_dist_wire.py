@@ -1,4 +1,5 @@
-"""torch.distributed wire formats: request headers and bodies, reply sizes both ends agree on, reply blocks."""
+"""torch.distributed wire formats: requests (one message: header and body), reply sizes both ends agree on,
+binary reply blocks."""
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 from kd_teacher.payload import TopKPayload
 from kd_teacher.transport import dist_wire as W
 from kd_teacher.transport import protocol as P
+from kd_teacher.transport import reply_block as RB
 
 INFO = P.ServerInfo(vocab_size=1000, k=4, temperature=1.0, values_dtype="bfloat16", teacher_fingerprint="t" * 64,
                     recipe_fingerprint="r" * 16, max_tokens_per_request=64, max_seq_len=32)
@@ -76,40 +78,79 @@ def test_request_id_that_is_not_utf8_is_rejected():
         W.decode_request_body(header, body, INFO)
 
 
+def test_request_is_one_message_that_fits_the_teachers_receive_buffers():
+    tokens = torch.randint(0, 1000, (2, 5))
+    message = W.encode_request(3, 7, tokens, [4, 5], b"mb")
+    header = W.parse_request_header(bytes(message[:W.REQUEST_HEADER_BYTES].numpy()))
+    assert (header.student, header.seq, header.batch, header.seq_len) == (3, 7, 2, 5)
+    assert message.numel() == W.REQUEST_HEADER_BYTES + header.body_bytes <= W.request_capacity(INFO)
+    req = W.decode_request_body(header, message[W.REQUEST_HEADER_BYTES:], INFO)
+    assert torch.equal(req.tokens, tokens) and req.sample_ids == [4, 5] and req.request_id == "mb"
+    message.zero_()  # the teacher reuses its receive buffers: the request keeps its own tokens
+    assert torch.equal(req.tokens, tokens)
+
+
 def test_reply_layout_is_the_block_plus_the_packed_payload_and_error_only_outside_the_limits():
     tokens = torch.randint(0, 1000, (2, 5))
     payload = _payload(tokens, [1, 2], "mb")
-    block, total = W.reply_layout(2, 5, 2, INFO)
+    block, total = W.reply_layout(2, 5, INFO)
     assert block % 64 == 0 and total - block == P.pack_payload(payload, "cpu").numel()
-    assert len(W.payload_header_json(payload.header)) <= block - 32
-    assert W.reply_layout(2, 33, 0, INFO) == (W.ERROR_BLOCK_BYTES, W.ERROR_BLOCK_BYTES)
-    assert W.reply_layout(3, 30, 0, INFO) == (W.ERROR_BLOCK_BYTES, W.ERROR_BLOCK_BYTES)
+    assert len(RB.encode_ok(1, block, payload.header)) == block
+    assert W.reply_layout(2, 33, INFO) == (W.ERROR_BLOCK_BYTES, W.ERROR_BLOCK_BYTES)
+    assert W.reply_layout(3, 30, INFO) == (W.ERROR_BLOCK_BYTES, W.ERROR_BLOCK_BYTES)
+    assert RB.block_bytes(1000) >= 80 + 1000 * 24  # room for every sequence's hash and sample id
 
 
-def test_reply_block_roundtrip_and_the_payload_header_it_carries():
+def test_reply_block_roundtrip_gives_the_payload_header_back():
     tokens = torch.randint(0, 1000, (2, 5))
-    payload = _payload(tokens, [2**62, 5])
-    block, _ = W.reply_layout(2, 5, 0, INFO)
-    status, text = W.decode_block(W.encode_block(9, block, ok_json=W.payload_header_json(payload.header)), 9, block)
-    ph = P.PayloadHeader.from_json(text)
-    assert status == W.STATUS_OK and ph == payload.header
+    payload = _payload(tokens, [2**62, 5], "mb")
+    block, _ = W.reply_layout(2, 5, INFO)
+    ph, error = RB.decode(RB.encode_ok(9, block, payload.header), 9, (2, 5), INFO, request_id="mb")
+    assert error is None and ph == payload.header
     assert P.check_payload_fits(ph, (2, 5), INFO) is ph
+    payload.header.sample_ids = None
+    ph, _ = RB.decode(RB.encode_ok(9, block, payload.header), 9, (2, 5), INFO, request_id="mb")
+    assert ph.sample_ids is None and ph.token_hashes == payload.header.token_hashes
 
 
-def test_reply_for_another_request_or_of_another_size_is_a_protocol_error():
-    raw = W.encode_block(9, 256, error="nope")
-    assert W.decode_block(raw, 9, 256) == (W.STATUS_ERROR, '{"error": "nope"}')
+@pytest.mark.parametrize("change, message", [
+    (dict(k=5), r"\(k, vocab, T, dtype\)"),
+    (dict(temperature=2.0), r"\(k, vocab, T, dtype\)"),
+    (dict(values_dtype="float32"), r"\(k, vocab, T, dtype\)"),
+    (dict(batch=1, seq_len=10, token_hashes=["00" * 16], sample_ids=None), r"\[batch, seq\] = \[1, 10\]"),
+])
+def test_reply_that_does_not_fit_the_request_or_the_handshake_is_a_protocol_error(change, message):
+    header = P.PayloadHeader(**{**vars(_payload(torch.randint(0, 1000, (2, 5))).header), **change})
+    raw = RB.encode_ok(9, RB.block_bytes(2), header)
+    with pytest.raises(P.ProtocolError, match=message):
+        RB.decode(raw, 9, (2, 5), INFO)
+
+
+def test_reply_of_another_teacher_keeps_the_channel_but_not_the_fingerprints():
+    header = _payload(torch.randint(0, 1000, (2, 5))).header
+    header.teacher_fingerprint = "another"
+    ph, _ = RB.decode(RB.encode_ok(9, RB.block_bytes(2), header), 9, (2, 5), INFO)
+    assert ph.teacher_fingerprint != INFO.teacher_fingerprint  # RemoteTeacher refuses this payload
+
+
+def test_reply_for_another_request_or_not_a_reply_is_a_protocol_error():
+    raw = RB.encode_error(9, 256, "nope")
+    assert RB.decode(raw, 9, (2, 5), INFO) == (None, "nope")
     with pytest.raises(P.ProtocolError, match="reply is for request 9, the next one expected is 8"):
-        W.decode_block(raw, 8, 256)
-    with pytest.raises(P.ProtocolError, match="expected a 320-byte block"):
-        W.decode_block(raw + bytes(64), 9, 320)
+        RB.decode(raw, 8, (2, 5), INFO)
     with pytest.raises(P.ProtocolError, match="not a kd-teacher reply"):
-        W.decode_block(bytes(256), 9, 256)
+        RB.decode(bytes(256), 9, (2, 5), INFO)
+    with pytest.raises(P.ProtocolError, match="shorter than its prefix"):
+        RB.decode(raw[:40], 9, (2, 5), INFO)
 
 
-def test_long_error_text_is_cut_to_fit_and_a_payload_header_that_does_not_fit_is_refused():
-    raw = W.encode_block(1, 128, error="x" * 10_000)
-    status, text = W.decode_block(raw, 1, 128)
-    assert status == W.STATUS_ERROR and W.error_text(text).endswith("...") and len(raw) == 128
+def test_long_error_text_is_cut_to_fit_and_a_header_that_does_not_fit_is_refused():
+    raw = RB.encode_error(1, 128, "x" * 10_000)
+    _, text = RB.decode(raw, 1, (1, 1), INFO)
+    assert text.endswith("...") and len(raw) == 128
+    header = _payload(torch.randint(0, 1000, (2, 5))).header
     with pytest.raises(ValueError, match="does not fit"):
-        W.encode_block(1, 128, ok_json=b"{" + b" " * 200 + b"}")
+        RB.encode_ok(1, 96, header)
+    header.extraction = "x" * 17
+    with pytest.raises(ValueError, match="longer than 16 bytes"):
+        RB.encode_ok(1, RB.block_bytes(2), header)
