@@ -80,6 +80,11 @@ class PayloadHeader:
             data = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PayloadError(f"payload header is not valid JSON: {e}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data) -> "PayloadHeader":
+        """`from_json` of an already parsed JSON object (a transport's message header embeds it)."""
         if not isinstance(data, dict):
             raise PayloadError("payload header is not a JSON object")
         version = data.get("schema_version")

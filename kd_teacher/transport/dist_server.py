@@ -20,6 +20,7 @@ from kd_teacher.payload import TopKPayload
 from kd_teacher.transport import dist_wire as W
 from kd_teacher.transport import protocol as P
 from kd_teacher.transport import reply_block as RB
+from kd_teacher.transport.buffers import HostBuffers
 from kd_teacher.transport.dist_transport import (
     _SEND_BACKLOG,
     _UNLIMITED,
@@ -29,7 +30,6 @@ from kd_teacher.transport.dist_transport import (
     _device_for,
     _GlooWaiter,
     _Heartbeat,
-    _HostBuffers,
     _Op,
     _store,
     _td,
@@ -67,7 +67,7 @@ class DistServer:
         self.requests_pg, self.pg = kd_groups(self.store, self.num_students + replica, self.num_students + R,
                                               self.backend, connect_timeout_s)
         self._waiter = _GlooWaiter("kd-send-waiter") if self.backend == "gloo" else None
-        self._buffers = _HostBuffers(self.device)
+        self._buffers = HostBuffers(self.device)
         self._warm_up(connect_timeout_s)
         self._inbox: "queue.SimpleQueue" = queue.SimpleQueue()
         self._order = {s: collections.deque() for s in self.students}  # seqs in arrival order, not yet answered

@@ -33,7 +33,7 @@ Per-message cost (what throughput is made of; measured with benchmarks/stream.py
   - the reply block is binary (no JSON PayloadHeader to write, parse and re-check); the student rebuilds
     the PayloadHeader from its request and the handshake, and compares the token hashes it computed at
     submit with the block's;
-  - on the CPU, reply and receive buffers are reused (`_HostBuffers`): a fresh 2 MB buffer a message cost
+  - on the CPU, reply and receive buffers are reused (`buffers.HostBuffers`): a fresh 2 MB buffer a message cost
     page faults on both sides; the teacher copies the payload once, straight behind the block;
   - waiting blocks: a gloo op's waiter thread releases a lock that the student blocks on (between heartbeat
     checks), instead of the student's thread spinning on a flag and taking a core from the transfer.
@@ -68,6 +68,7 @@ import torch.distributed as dist
 from kd_teacher.transport import dist_wire as W
 from kd_teacher.transport import protocol as P
 from kd_teacher.transport import reply_block as RB
+from kd_teacher.transport.buffers import HostBuffers
 
 log = logging.getLogger(__name__)
 
@@ -231,43 +232,6 @@ class _RequestSender:
         self.thread.join(timeout=5.0)
 
 
-class _HostBuffers:
-    """Reused host buffers for messages of one size (CPU only: there, a fresh 2 MB buffer a message costs page
-    faults, and on the GPU the caching allocator already reuses memory with stream safety). A buffer comes
-    back by `give()` once no operation uses it; it is handed out again only when no tensor but ours views its
-    storage (a payload that a student still holds keeps its buffer)."""
-
-    _KEEP = 16
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reuse = device.type == "cpu" and _storage_use_count is not None
-        self.free: dict = collections.defaultdict(list)
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        for i, buf in enumerate(self.free.get(nbytes, ())):
-            if _storage_use_count(buf.untyped_storage()._cdata) == _UNSHARED:
-                return self.free[nbytes].pop(i)
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-
-    def give(self, buf: torch.Tensor) -> None:
-        if self.reuse and len(self.free[buf.numel()]) < self._KEEP:
-            self.free[buf.numel()].append(buf)
-
-
-def _unshared_use_count():
-    """The use count of a storage that one tensor holds, as seen through a storage object of its own (2 in the
-    torch versions we know; measured, not assumed)."""
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    if count is None:
-        return None, None
-    one = torch.empty(1)
-    return count, count(one.untyped_storage()._cdata)
-
-
-_storage_use_count, _UNSHARED = _unshared_use_count()
-
-
 def _poll(done: Callable[[], bool], deadline: float, between: Optional[Callable[[], None]] = None) -> bool:
     """Spin briefly, then sleep in growing steps, until done() or the deadline; `between` runs while asleep."""
     spin_until = time.monotonic() + _SPIN_S
@@ -358,7 +322,7 @@ class DistClient:
         self._early: collections.deque = collections.deque()  # replies taken in by send() to make room
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._pinned: Optional[torch.Tensor] = None
-        self._buffers = _HostBuffers(self.device)
+        self._buffers = HostBuffers(self.device)
         self._warm_up(deadline)
 
     def _handshake(self, address: str, expect: P.Expectation, timeout_s: float) -> P.ServerInfo:

@@ -283,7 +283,7 @@ def check_payload_header(header: dict, shape: Sequence[int], info: ServerInfo) -
     """The payload header of an ok reply, checked against the request and the handshake before any
     buffer is allocated for it."""
     try:
-        ph = PayloadHeader.from_json(json.dumps(header.get("payload")))
+        ph = PayloadHeader.from_dict(header.get("payload"))
     except PayloadError as e:
         raise ProtocolError(f"reply payload header: {e}") from None
     return check_payload_fits(ph, shape, info)

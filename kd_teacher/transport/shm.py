@@ -14,8 +14,9 @@ payload's indices, lse, values: each 4-byte aligned, so the student's one buffer
 
 One copy per side. The producer copies each tensor straight into the slot (`Tensor.copy_` into a view of the
 mapping: no bytes object in between); the student copies the reply's buffers out in one `copy_` into one
-buffer on its device (the CPU, or the GPU directly) that the payload's tensors are views of; the server copies
-the (small) token ids out.
+buffer on its device (the CPU, or the GPU directly) that the payload's tensors are views of (on the CPU a
+reused one, `buffers.HostBuffers`: a fresh 2 MB buffer a message costs page faults); the server copies the
+(small) token ids out.
 
 Torn or stale slots: a seqlock plus a per-slot hash of the slot header, not a checksum of every byte.
   producer: slot seq = 0 (being written) -> message -> length, hashes -> slot seq = seq -> `written` = seq
@@ -74,6 +75,7 @@ import torch
 
 from kd_teacher.payload import DTYPES, INDEX_DTYPE, TopKPayload
 from kd_teacher.transport import protocol as P
+from kd_teacher.transport.buffers import HostBuffers
 
 log = logging.getLogger(__name__)
 
@@ -546,6 +548,7 @@ class ShmClient:
         self.verify_data = default_verify_data() if verify_data is None else verify_data
         self.connect_timeout_s, self.heartbeat_timeout_s = connect_timeout_s, heartbeat_timeout_s
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._buffers = HostBuffers(self.device)
         # A fresh file name per channel: a server that still holds this process's previous channel (closed,
         # not yet noticed) must see a new one, not the name it already attached.
         self.path = SHM_DIR / f"kdt-{name}.c{student}-{os.getpid()}-{secrets.token_hex(4)}"
@@ -704,8 +707,9 @@ class ShmClient:
                                   f"[{ni}, {nl}, {nv}] (indices, lse, values)")
         if shape is None:  # a stale reply: its request is gone, nobody reads the data
             return seq, None, None
-        buf = torch.empty(ni + nl + nv, dtype=torch.uint8, device=self.device)
+        buf = self._buffers.take(ni + nl + nv)  # reused on the CPU once no payload views it: no page faults
         buf.copy_(data)  # the one copy out of the slot, straight to the payload's device
+        self._buffers.give(buf)
         b, s, k = ph.batch, ph.seq_len, ph.k
         indices = buf[:ni].view(INDEX_DTYPE).view(b, s, k)
         lse = buf[ni:ni + nl].view(torch.float32).view(b, s)
