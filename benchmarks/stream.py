@@ -600,6 +600,8 @@ def main() -> int:
     for r in result["throughput"]:
         print(f"stream {args.preset} {r['transport']}: {r['GBps_transport']:.2f} GB/s vs raw {r['GBps_raw']:.2f} GB/s"
               f" -> ratio {r['ratio_raw_over_transport_time']:.2f} ({r['baseline']})")
+        if r.get("cost_breakdown"):  # where the time goes, per message and stage
+            print(f"  cost breakdown ({r['transport']}): " + json.dumps(r["cost_breakdown"]))
     for o in result.get("overlap", []):
         print(f"step with remote {o['teacher']} teacher ({o['transport']}): x{o['ratio_remote_over_ce']:.2f} of CE-only, "
               f"x{o['ratio_remote_over_in_process']:.2f} of in-process teacher step "

@@ -8,7 +8,8 @@
 
 At most `max_in_flight` requests are out at a time (backpressure): a further `submit` first takes in replies
 (keeping them for their `result`) until one is back. Every reply is matched to its request by sequence
-number and checked against the request's tokens (`TopKPayload.check_tokens`) before it is returned; a reply
+number and checked against the request's tokens (the hashes computed once at submit against the reply
+header's, as `TopKPayload.check_tokens` does) before it is returned; a reply
 for a request whose wait already timed out (a stale one) is discarded. Errors are those of
 `kd_teacher.transport.protocol`: TeacherUnavailableError (dead / hung / restarted teacher; TeacherTimeoutError
 when the timeout passed), IncompatibleTeacherError at connect, RequestRejectedError for a bad request.
