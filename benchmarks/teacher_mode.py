@@ -77,6 +77,7 @@ def run(preset: str, extraction: str, layer_spec: str | None, iters: int | None 
     init_distributed(1, 1, cfg.seed)
     torch.manual_seed(cfg.seed)
     model, _ = build_gpt_model(cfg)
+
     def make_engine(at_output_layer: bool) -> TeacherEngine:
         ecfg = EngineConfig(k=p["k"], max_tokens_per_batch=p["batch"] * p["seq"],
                             extract_at_output_layer=at_output_layer)

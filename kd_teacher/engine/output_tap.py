@@ -41,7 +41,7 @@ def why_not_tapped(model_modules: list) -> Optional[str]:
         return f"expected one GPTModel in the teacher, found {len(gpts)}"
     gpt = gpts[0]
     cfg = gpt.config
-    if type(gpt)._postprocess is not gpt_cls._postprocess:
+    if getattr(type(gpt), "_postprocess", None) is not getattr(gpt_cls, "_postprocess", None):
         return f"{type(gpt).__name__} overrides GPTModel._postprocess"
     if getattr(cfg, "mtp_num_layers", None):
         return "multi-token prediction calls the output layer more than once"
