@@ -146,14 +146,34 @@ class _Op:
         return self.complete
 
 
-class _GlooWaiter:
-    """Waits for gloo operations in the order given, on its own thread, and flags each one when done.
-    Gloo's works report completion only to `wait()`, and a timed-out wait closes the connection."""
+class _JobThread:
+    """One daemon thread that handles the jobs put to it, in order (`None` stops it). The handler gets the
+    job and then drops it, so the thread holds no finished work while it waits for the next."""
 
     def __init__(self, name: str):
         self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
+
+    def _handle(self, job) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            self._handle(job)
+            job = None
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=5.0)
+
+
+class _GlooWaiter(_JobThread):
+    """Waits for gloo operations in the order given, on its own thread, and flags each one when done.
+    Gloo's works report completion only to `wait()`, and a timed-out wait closes the connection."""
 
     def track(self, op: _Op) -> _Op:
         op.finished = threading.Lock()
@@ -161,22 +181,13 @@ class _GlooWaiter:
         self.queue.put(op)
         return op
 
-    def _run(self) -> None:
-        while True:
-            op = self.queue.get()
-            if op is None:
-                return
-            try:
-                op.work.wait(_UNLIMITED)
-            except Exception as e:  # noqa: BLE001 - handed to whoever polls this op
-                op.error = e
-            op.complete = True
-            op.finished.release()
-            op = None  # holds no work while it waits for the next
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join(timeout=5.0)
+    def _handle(self, op: _Op) -> None:
+        try:
+            op.work.wait(_UNLIMITED)
+        except Exception as e:  # noqa: BLE001 - handed to whoever polls this op
+            op.error = e
+        op.complete = True
+        op.finished.release()
 
 
 class _Sent:
@@ -197,39 +208,28 @@ class _Sent:
             raise self.error
 
 
-class _RequestSender:
+class _RequestSender(_JobThread):
     """Posts requests to the teacher from a thread of its own, in order, and waits for
     those sends there. Gloo writes a small message into the socket inside `send`: tens of microseconds a
     request that the student's thread need not spend."""
 
     def __init__(self, pg, teacher_rank: int):
         self.pg, self.teacher_rank = pg, teacher_rank
-        self.queue: "queue.SimpleQueue" = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="kd-request-sender", daemon=True)
-        self.thread.start()
+        super().__init__("kd-request-sender")
 
     def submit(self, messages: list) -> _Sent:
         job = _Sent(messages)
         self.queue.put(job)
         return job
 
-    def _run(self) -> None:
-        while True:
-            job = self.queue.get()
-            if job is None:
-                return
-            try:
-                for work in [self.pg.send([tensor], self.teacher_rank, tag) for tensor, tag in job.messages]:
-                    work.wait(_UNLIMITED)  # a written socket: at once, unless the teacher stopped reading
-            except Exception as e:  # noqa: BLE001 - handed to whoever waits for this request
-                job.error = e
-            job.messages = None
-            job.out.release()
-            job = None
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join(timeout=5.0)
+    def _handle(self, job: _Sent) -> None:
+        try:
+            for work in [self.pg.send([tensor], self.teacher_rank, tag) for tensor, tag in job.messages]:
+                work.wait(_UNLIMITED)  # a written socket: at once, unless the teacher stopped reading
+        except Exception as e:  # noqa: BLE001 - handed to whoever waits for this request
+            job.error = e
+        job.messages = None
+        job.out.release()
 
 
 def _poll(done: Callable[[], bool], deadline: float, between: Optional[Callable[[], None]] = None) -> bool:
