@@ -22,7 +22,6 @@ import statistics
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import sync  # noqa: E402
 
+from kd_teacher.demo import forward_step  # noqa: E402
 from kd_teacher.engine.model import ModelConfig, PrecisionConfig, build_gpt_model  # noqa: E402
 from kd_teacher.runtime import init_distributed  # noqa: E402
 
@@ -59,19 +59,7 @@ def _device():
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-# ---- the student's script: forward_step, loss, model + optimizer -----------------------------------------------
-def loss_func(loss_mask, output_tensor):
-    loss = torch.sum(output_tensor.float().reshape(-1) * loss_mask.reshape(-1))
-    n = loss_mask.sum().to(torch.int)
-    return loss, n, {"lm loss": torch.stack([loss.detach().clone(), n.float()])}
-
-
-def forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(loss_func, batch["loss_mask"])
-
-
+# ---- the student's script: model + optimizer (forward_step and its loss are the demo's, Megatron-LM style) ----
 def build_student(cfg: ModelConfig):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer

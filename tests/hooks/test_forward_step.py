@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from kd_teacher.demo import forward_step
 from kd_teacher.testing.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,19 +52,8 @@ def micro_batches(n, seed):
     return out
 
 
-# ---- the user's code, Megatron-LM style (model computes CE from labels) and legacy (loss from logits) ------------
-def loss_func(loss_mask, output_tensor):
-    loss = torch.sum(output_tensor.float().reshape(-1) * loss_mask.reshape(-1))
-    n = loss_mask.sum().to(torch.int)
-    return loss, n, {"lm loss": torch.stack([loss.detach().clone(), n.float()])}
-
-
-def forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(loss_func, batch["loss_mask"])
-
-
+# ---- the user's code: Megatron-LM style (the demo's `forward_step`: the model computes CE from labels) and
+# legacy (loss from logits) --------------------------------------------------------------------------------------
 def legacy_loss_func(labels, loss_mask, logits):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
