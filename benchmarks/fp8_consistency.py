@@ -230,11 +230,11 @@ def delayed_checkpoint_round_trip(args, engine, mc, data, ckpt_root: Path) -> di
     os.environ["NVTE_ALLOW_UNSAFE_PICKLE_EXTRA_STATE"] = "1"
     torch.manual_seed(args.seed + 7)  # other initial weights: everything must come from the checkpoint
     loaded = TeacherEngine.from_checkpoint(trained, mc, EngineConfig(k=args.k))
-    saved_state = fp8_scaling_snapshot(engine.model)
-    differs = scaling_state_equal(saved_state, fp8_scaling_snapshot(loaded.model), history=False)
+    saved_state, loaded_state = fp8_scaling_snapshot(engine.model), fp8_scaling_snapshot(loaded.model)
+    differs = scaling_state_equal(saved_state, loaded_state, history=False)
     out["scales_restored"] = differs is None
     out["scales_differ_at"] = differs  # None, a module name, or the modules only one side has state for
-    out["modules_with_scales_saved_vs_loaded"] = [len(saved_state), len(fp8_scaling_snapshot(loaded.model))]
+    out["modules_with_scales_saved_vs_loaded"] = [len(saved_state), len(loaded_state)]
     out["same_payload_as_saved_teacher"] = _payload_equal(engine.score(data["prompt"]),
                                                           loaded.score(data["prompt"]))["bitwise_equal"]
     # Scales of the modules both sides have state for, after the loaded teacher's first forward (TE creates

@@ -33,13 +33,9 @@ def _gpt_model_class():
     return GPTModel
 
 
-def why_not_tapped(model_modules: list) -> Optional[str]:
-    """None when the output-layer tap is sound for this model; otherwise the reason it is not."""
+def why_not_tapped(gpt: torch.nn.Module) -> Optional[str]:
+    """None when the output-layer tap is sound for this GPTModel; otherwise the reason it is not."""
     gpt_cls = _gpt_model_class()
-    gpts = [m for m in model_modules if isinstance(m, gpt_cls)]
-    if len(gpts) != 1:
-        return f"expected one GPTModel in the teacher, found {len(gpts)}"
-    gpt = gpts[0]
     cfg = gpt.config
     if getattr(type(gpt), "_postprocess", None) is not getattr(gpt_cls, "_postprocess", None):
         return f"{type(gpt).__name__} overrides GPTModel._postprocess"
@@ -57,18 +53,22 @@ def why_not_tapped(model_modules: list) -> Optional[str]:
 class OutputLayerTap:
     """Runs `extract` on the output layer's logits inside the model's forward (see the module docstring)."""
 
-    def __init__(self, model_modules: list):
-        gpt = next(m for m in model_modules if isinstance(m, _gpt_model_class()))
+    def __init__(self, gpt: torch.nn.Module):
         # Off the last pipeline stage there is no output layer: the forward runs as it is.
         self.output_layer = gpt.output_layer if gpt.post_process else None
 
     @classmethod
     def for_model(cls, model_modules: list) -> Optional["OutputLayerTap"]:
-        reason = why_not_tapped(model_modules)
+        """A tap for the one GPTModel among the teacher's modules, or None (logged) where it is not sound."""
+        gpts = [m for m in model_modules if isinstance(m, _gpt_model_class())]
+        if len(gpts) != 1:
+            reason = f"expected one GPTModel in the teacher, found {len(gpts)}"
+        else:
+            reason = why_not_tapped(gpts[0])
         if reason is not None:
             log.info("teacher mode extracts from the model's returned logits: %s", reason)
             return None
-        return cls(model_modules)
+        return cls(gpts[0])
 
     def run(self, forward: Callable[[], object], extract: Callable[[torch.Tensor], tuple]) -> Optional[tuple]:
         """forward() runs the model once; returns `extract(logits [s, b, V/TP])` with every tensor transposed to
