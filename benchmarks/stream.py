@@ -19,6 +19,7 @@ with a remote teacher against the CE-only step and the in-process (co-located) t
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import os
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -75,6 +77,7 @@ def echo_server(transport: str, preset: str, where: str, stats_path: str = "") -
     from dataclasses import replace
 
     from kd_teacher.payload import PayloadHeader, TopKPayload, token_hashes
+    from kd_teacher.transport.client import _hash_threads
     from kd_teacher.transport.protocol import Request
     from kd_teacher.transport.dist_transport import TAG_REPLY
 
@@ -99,36 +102,75 @@ def echo_server(transport: str, preset: str, where: str, stats_path: str = "") -
 
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))  # leave through close(): segments removed
-    reply_s, batch_sizes = [], []  # the serving thread's time per reply (hashing included), requests per poll
+    reply_s, batch_sizes = [], []  # the serving thread's time per reply, requests per poll
+    # The engine's stand-in. TeacherEngine.score hashes a request's tokens on the host while its forward runs on
+    # the GPU, and stacks its payload into the reply buffer the endpoint offers (`payload_views`, serve.py);
+    # here threads hash and copy the precomputed payload in while the serving thread replies to earlier
+    # requests, in arrival order (on the serving thread itself where there are no cores to spare, as the
+    # student's client does).
+    threads = _hash_threads()
+    engine = ThreadPoolExecutor(threads, thread_name_prefix="echo-engine") if threads else _Inline()
+    waiting: collections.deque = collections.deque()  # (request, future of (token hashes, payload tensors))
+    template = (values, indices, lse)
+    payload_views = getattr(server, "payload_views", None)
 
-    def answer(item):
-        # Hashes on the serving thread, as TeacherEngine.score does for the requests of a batch.
+    def score(item, into):
+        hashes = token_hashes(item.tokens)
+        if into is None:
+            return hashes, template
+        for dst, src in zip(into, template):
+            dst.copy_(src)
+        return hashes, into
+
+    def answer_next():
+        item, scored = waiting.popleft()
+        hashes, tensors = scored.result()
         t0 = time.perf_counter()
-        h = replace(header, token_hashes=token_hashes(item.tokens), sample_ids=item.sample_ids)
-        server.reply(item.student, item.seq, TopKPayload(values, indices, lse, h))
+        h = replace(header, token_hashes=hashes, sample_ids=item.sample_ids)
+        server.reply(item.student, item.seq, TopKPayload(*tensors, h))
         reply_s.append(time.perf_counter() - t0)
 
-    while not server.finished() and not stop:
-        items = server.poll(0.2)
+    while not stop and (waiting or not server.finished()):
+        items = server.poll(0.0 if waiting else 0.2)
         batch_sizes.append(len(items)) if items else None
         for item in items:
             if not isinstance(item, Request):
                 continue
             if item.request_id and item.request_id.startswith("raw:"):  # the baseline: raw sends, same bytes
                 # Its own (error) reply first: the student posted that receive before the raw ones.
+                while waiting:
+                    answer_next()
                 server.reply(item.student, item.seq, error="raw baseline follows")
+                if hasattr(server, "wait_sent"):  # the raw sends go out from here, after every reply
+                    server.wait_sent()
                 works = [server.pg.send([raw], item.student, TAG_REPLY) for _ in range(int(item.request_id[4:]))]
                 for w in works:
                     w.wait()
                 sync()
                 continue
-            answer(item)
+            into = payload_views(item.student, item.seq) if payload_views is not None else None
+            waiting.append((item, engine.submit(score, item, into)))
+        if waiting:
+            answer_next()
+    engine.shutdown()
     server.close()
     if stats_path and reply_s:
         Path(stats_path).write_text(json.dumps({
             "replies": len(reply_s), "reply_us_median": statistics.median(reply_s) * 1e6,
             "reply_us_p90": sorted(reply_s)[int(0.9 * len(reply_s))] * 1e6,
             "requests_per_poll_mean": statistics.mean(batch_sizes)}))
+
+
+class _Inline:
+    """An executor that runs each call at once, on the caller's thread."""
+
+    def submit(self, fn, *args):
+        done = Future()
+        done.set_result(fn(*args))
+        return done
+
+    def shutdown(self):
+        pass
 
 
 def _start_echo(transport: str, preset: str, where: str, stats_path: str = "") -> subprocess.Popen:
@@ -167,7 +209,8 @@ def throughput(transport: str, preset: str) -> dict:
             sync()
             return time.perf_counter() - t0
 
-        baseline = _raw_dist(rt, tokens, n, nbytes) if transport == "dist" else _raw_shm(nbytes, n)
+        post_s: list = []  # the raw baseline's per-receive posting times
+        baseline = _raw_dist(rt, tokens, n, nbytes, post_s) if transport == "dist" else _raw_shm(nbytes, n)
         transport_round()
         baseline()  # warm-up of both
         ours, raw = [], []
@@ -176,6 +219,7 @@ def throughput(transport: str, preset: str) -> dict:
             raw.append(baseline())
         if transport == "dist":
             costs = dist_student_costs(rt, tokens)
+            costs["student_floor"] = dist_student_floor(rt, tokens, post_s)
         rt.close()
     finally:
         _stop(echo, transport)
@@ -189,11 +233,13 @@ def throughput(transport: str, preset: str) -> dict:
             costs["teacher"] = json.loads(Path(stats_path).read_text())
         raw_us = t_raw / n * 1e6
         student_us = costs["student_submit_us"] + costs["student_result_us"]
-        teacher_us = costs.get("teacher", {}).get("reply_us_median", 0.0)
         costs.update(raw_transfer_us=raw_us, transport_us_per_message=t_ours / n * 1e6,
-                     # Each side's serving thread does its per-message work one message after another: the
-                     # slower one bounds the ratio, however many requests are in flight.
-                     ratio_bound_by_per_message_work=raw_us / max(raw_us, student_us, teacher_us))
+                     # The student's thread does its per-message work one message after another: it bounds the
+                     # ratio, however many requests are in flight. (The teacher's reply_us is its serving
+                     # thread's part; the sends themselves go out from a thread of their own.)
+                     ratio_bound_by_student_thread=raw_us / max(raw_us, student_us))
+        floor = costs["student_floor"]
+        floor["ratio_ceiling"] = raw_us / max(raw_us, floor["floor_us"])
         out["cost_breakdown"] = costs
     return out
 
@@ -279,7 +325,48 @@ def _connect(proc: subprocess.Popen, make):
     return box["client"]
 
 
-def _raw_dist(rt, tokens, n: int, nbytes: int):
+def dist_student_floor(rt, tokens, post_s: list, n: int = 200) -> dict:
+    """The least host work a student does per message, each step timed alone in a tight loop (medians), with
+    the transport's own code: post the reply's receive (the raw baseline's posts), copy the reply's block to
+    the host, decode it, view the payload. Nothing else runs meanwhile, so this is a floor: no per-message
+    path that posts one receive and checks the reply's block can take less, whatever threads it uses. Against
+    the raw transfer it gives the ratio's ceiling."""
+    import types
+
+    from kd_teacher.payload import PayloadHeader, token_hashes
+    from kd_teacher.transport import dist_wire as W
+    from kd_teacher.transport import protocol as P
+    from kd_teacher.transport import reply_block as RB
+
+    channel, info = rt.channel, rt.info
+    b, s = tokens.shape
+    block, total = W.reply_layout(b, s, info)
+    header = PayloadHeader(k=info.k, temperature=info.temperature, vocab_size=info.vocab_size, batch=b, seq_len=s,
+                           values_dtype=info.values_dtype, token_hashes=token_hashes(tokens),
+                           teacher_fingerprint=info.teacher_fingerprint, recipe_fingerprint=info.recipe_fingerprint)
+    buf = torch.zeros(total, dtype=torch.uint8, device=channel.device)
+    buf[:block].copy_(torch.frombuffer(RB.encode_ok(7, block, header), dtype=torch.uint8))
+    sync()
+    head = types.SimpleNamespace(block=block, buf=buf)
+
+    def median_us(fn) -> float:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times[n // 5:]) * 1e6
+
+    out = {"post_recv_us": statistics.median(post_s) * 1e6 if post_s else float("nan"),
+           "read_block_us": median_us(lambda: channel._block_bytes(head)),
+           "decode_block_us": median_us(lambda: RB.decode(channel._block_bytes(head), 7, (b, s), info)),
+           "view_payload_us": median_us(lambda: P.unpack_payload(buf[block:], header))}
+    out["decode_block_us"] -= out["read_block_us"]
+    out["floor_us"] = sum(out.values())
+    return out
+
+
+def _raw_dist(rt, tokens, n: int, nbytes: int, post_s: Optional[list] = None):
     """n raw receives of the payload's bytes over the same data group, all posted at once (as our transport
     posts its receives ahead); the echo sends them back to back."""
     from kd_teacher.transport import RequestRejectedError
@@ -291,7 +378,11 @@ def _raw_dist(rt, tokens, n: int, nbytes: int):
     def run():
         t0 = time.perf_counter()
         handle = rt.submit(tokens[:1, :1], request_id=f"raw:{n}")
-        works = [channel.pg.recv([bufs[i % 2]], channel.teacher_rank, TAG_REPLY) for i in range(n)]
+        works = []
+        for i in range(n):
+            t_post = time.perf_counter()
+            works.append(channel.pg.recv([bufs[i % 2]], channel.teacher_rank, TAG_REPLY))
+            post_s.append(time.perf_counter() - t_post) if post_s is not None else None
         for w in works:
             w.wait()
         sync()

@@ -127,7 +127,7 @@ class PayloadHeader:
     def buffer_sizes(self) -> tuple[int, int, int]:
         """Bytes of values, indices and lse implied by the header."""
         n = self.batch * self.seq_len
-        item = torch.empty((), dtype=DTYPES[self.values_dtype]).element_size()
+        item = DTYPES[self.values_dtype].itemsize
         return n * self.k * item, n * self.k * 4, n * 4
 
 

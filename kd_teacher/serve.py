@@ -100,7 +100,7 @@ def serve(cfg: ServeConfig, stop: Optional[threading.Event] = None, ready: Optio
             if command == "stop":
                 break
             if command == "score":
-                results = _score(engine, requests)
+                results = _score(engine, requests, endpoint)
                 stats.batches += 1
                 if head:
                     for req, result in zip(requests, results):
@@ -157,10 +157,13 @@ def _collect(endpoint, opts: ServeOptions, stop: threading.Event, stats: ServeSt
     return ("score" if requests else "idle"), requests
 
 
-def _score(engine, requests: list) -> list:
-    """Payloads (or error texts) for the requests, in order: one score_many, so the scheduler packs them."""
+def _score(engine, requests: list, endpoint=None) -> list:
+    """Payloads (or error texts) for the requests, in order: one score_many, so the scheduler packs them. On a
+    head whose endpoint offers them, the payloads are written straight into its reply buffers."""
+    views = getattr(endpoint, "payload_views", None)
+    out = [views(r.student, r.seq) for r in requests] if views is not None else None
     try:
-        return engine.score_many([ScoreRequest(r.tokens, r.sample_ids, r.request_id) for r in requests])
+        return engine.score_many([ScoreRequest(r.tokens, r.sample_ids, r.request_id) for r in requests], out)
     except Exception as e:  # noqa: BLE001 - a failed batch is answered with its error, the server goes on
         log.exception("scoring a batch of %d requests failed", len(requests))
         return [f"teacher failed on this batch: {type(e).__name__}: {e}"] * len(requests)

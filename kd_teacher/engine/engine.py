@@ -275,13 +275,15 @@ class TeacherEngine:
         return self.score_many([ScoreRequest(tokens, list(sample_ids) if sample_ids is not None else None,
                                              request_id)])[0]
 
-    def score_many(self, requests: list[ScoreRequest]) -> list[TopKPayload]:
-        """Payloads for many requests, batched by the scheduler; one payload per request, in order."""
+    def score_many(self, requests: list[ScoreRequest], out: Optional[list] = None) -> list[TopKPayload]:
+        """Payloads for many requests, batched by the scheduler; one payload per request, in order. `out`: per
+        request, None or (values, indices, lse) tensors to write that payload into (a transport's reply buffer,
+        `DistServer.payload_views`), so that it goes out without another copy."""
         hosts = []
         for req in requests:
             req.tokens, host = self._checked_tokens(req.tokens)
             hosts.append(host)
-        out: list[list] = [[None] * req.tokens.shape[0] for req in requests]
+        rows: list[list] = [[None] * req.tokens.shape[0] for req in requests]
         for batch in self.scheduler.plan(requests):
             tokens = TokenBudgetScheduler.gather_tokens(requests, batch)
             with teacher_mode(self.model, self._modules):
@@ -290,9 +292,10 @@ class TeacherEngine:
                 results = self._first_forward_checked(tokens, results)
             values, indices, lse = results
             for j, (i, r, length) in enumerate(batch.rows):
-                out[i][r] = (values[j, :length], indices[j, :length], lse[j, :length])
+                rows[i][r] = (values[j, :length], indices[j, :length], lse[j, :length])
         # Hashed once the forwards are queued: the host works while the GPU runs them.
-        payloads = [self._payload(req, rows, token_hashes(h)) for req, rows, h in zip(requests, out, hosts)]
+        into = out or [None] * len(requests)
+        payloads = [self._payload(req, r, token_hashes(h), dst) for req, r, h, dst in zip(requests, rows, hosts, into)]
         check_finite_lse([p.lse for p in payloads])
         return payloads
 
@@ -334,10 +337,19 @@ class TeacherEngine:
         self._tap = None
         return plain
 
-    def _payload(self, req: ScoreRequest, rows: list, hashes: list) -> TopKPayload:
-        values = torch.stack([r[0] for r in rows])
-        indices = torch.stack([r[1] for r in rows]).to(INDEX_DTYPE)
-        lse = torch.stack([r[2] for r in rows])
+    def _payload(self, req: ScoreRequest, rows: list, hashes: list, dst: Optional[tuple] = None) -> TopKPayload:
+        if dst is None:
+            values = torch.stack([r[0] for r in rows])
+            indices = torch.stack([r[1] for r in rows]).to(INDEX_DTYPE)
+            lse = torch.stack([r[2] for r in rows])
+        else:
+            values, indices, lse = dst
+            for into, j in ((values, 0), (indices, 1), (lse, 2)):
+                part = [r[j] for r in rows]
+                if into.dtype == part[0].dtype and into.device == part[0].device:
+                    torch.stack(part, out=into)
+                else:  # another dtype (int64 ids into int32) or device: the same one copy as above
+                    into.copy_(torch.stack(part))
         b, s = req.tokens.shape
         header = PayloadHeader(
             k=self.config.k,

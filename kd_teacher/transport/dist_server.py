@@ -30,6 +30,7 @@ from kd_teacher.transport.dist_transport import (
     _device_for,
     _GlooWaiter,
     _Heartbeat,
+    _JobThread,
     _Op,
     _store,
     _td,
@@ -48,6 +49,58 @@ class _Expected:
 
     batch: int
     seq_len: int
+
+
+class _Reply:
+    """A reply handed to the sending thread: posted (`op`) or failed (`error`) once `posted` is set."""
+
+    __slots__ = ("message", "student", "stream", "op", "error", "posted")
+
+    def __init__(self, message: torch.Tensor, student: int):
+        self.message, self.student, self.op, self.error = message, student, None, None
+        # The stream the serving thread wrote the message on: the send is ordered after it (a NCCL send waits
+        # for the current stream of the thread that posts it).
+        self.stream = torch.cuda.current_stream(message.device) if message.is_cuda else None
+        self.posted = threading.Event()
+
+    def done(self) -> bool:
+        return self.posted.is_set() and (self.op is None or self.op.done())
+
+    def wait(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        if not self.posted.wait(timeout_s):
+            return False
+        return self.op is None or self.op.wait(deadline - time.monotonic())
+
+
+class _ReplySender(_JobThread):
+    """Posts replies in the order handed over, from a thread of its own: a gloo send writes the message into the
+    socket inside `send` (~400 us for 2 MB, as long as the transfer itself), which would otherwise hold up the
+    serving thread's next reply. Waits for a gloo send there too; NCCL sends are polled (`_Op.done`)."""
+
+    def __init__(self, pg, gloo: bool):
+        self.pg, self.gloo = pg, gloo
+        super().__init__("kd-reply-sender")
+
+    def submit(self, message: torch.Tensor, student: int) -> _Reply:
+        reply = _Reply(message, student)
+        self.queue.put(reply)
+        return reply
+
+    def _handle(self, reply: _Reply) -> None:
+        try:
+            if reply.stream is not None:
+                with torch.cuda.stream(reply.stream):
+                    op = _Op(self.pg.send([reply.message], reply.student, TAG_REPLY), reply.message)
+            else:
+                op = _Op(self.pg.send([reply.message], reply.student, TAG_REPLY), reply.message)
+            if self.gloo:
+                op.work.wait(_UNLIMITED)
+                op.complete = True
+            reply.op = op
+        except Exception as e:  # noqa: BLE001 - handed to the serving thread (`_reap`)
+            reply.error = e
+        reply.posted.set()
 
 
 class DistServer:
@@ -73,7 +126,10 @@ class DistServer:
         self._order = {s: collections.deque() for s in self.students}  # seqs in arrival order, not yet answered
         self._expected: dict = {}  # (student, seq) -> _Expected
         self._held = {s: {} for s in self.students}  # replies ready before an earlier one of the same student
-        self._sends: collections.deque = collections.deque()  # (op, student)
+        self._staged: dict = {}  # (student, seq) -> reply buffer whose payload views `payload_views` handed out
+        self._in_place_logged = False
+        self._sends: collections.deque = collections.deque()  # _Reply, in the order handed to the sender
+        self._sender = _ReplySender(self.pg, gloo=self.backend == "gloo")
         self._dropped: set[int] = set()  # no more requests taken from these (out of step)
         self._unreachable: set[int] = set()  # no more replies sent to these (a send failed)
         self._bye: set[int] = set()
@@ -192,23 +248,42 @@ class DistServer:
             pass
         return out
 
+    def payload_views(self, student: int, seq: int):
+        """(values, indices, lse) for the teacher to write its payload for request `seq` of `student` into, or
+        None (no such request waiting, or an error-only reply). A payload made of exactly these tensors is sent
+        from the buffer behind them with no copy: its reply block is written in front of it. Any other payload
+        is copied into a reply buffer as usual."""
+        expected = self._expected.get((student, seq))
+        if expected is None or student in self._unreachable:
+            return None
+        block, total = W.reply_layout(expected.batch, expected.seq_len, self.info)
+        if block == total:
+            return None
+        message = self._buffers.take(total)
+        self._staged[(student, seq)] = message
+        return P.packed_views(message[block:], expected.batch, expected.seq_len, self.info.k, self.info.values_dtype)
+
     def reply(self, student: int, seq: int, payload: Optional[TopKPayload] = None, error: Optional[str] = None):
         """Answer request `seq` of `student`; sent once the replies to its earlier requests are out."""
         expected = self._expected.pop((student, seq), None)
+        staged = self._staged.pop((student, seq), None)
         if expected is None:
             log.warning("no request %d of student %d is waiting for a reply; dropped", seq, student)
             return
         if student in self._unreachable:
             return
         try:
-            message = self._message(seq, expected, payload, error)
+            message = self._message(seq, expected, payload, error, staged)
         except Exception as e:  # noqa: BLE001 - a reply that cannot be built becomes an error reply
             log.exception("reply %d to student %d cannot be built", seq, student)
             message = self._message(seq, expected, None, f"the teacher failed to build the reply: {e}")
+        if staged is not None and message is not staged:
+            self._buffers.give(staged)  # handed out again once the views on it are gone
         self._held[student][seq] = message
         self._send_in_order(student)
 
-    def _message(self, seq: int, expected: _Expected, payload: Optional[TopKPayload], error: Optional[str]):
+    def _message(self, seq: int, expected: _Expected, payload: Optional[TopKPayload], error: Optional[str],
+                 staged: Optional[torch.Tensor] = None):
         block, total = W.reply_layout(expected.batch, expected.seq_len, self.info)
         if error is None and payload is not None:
             error = self._mismatch(payload, expected)
@@ -218,13 +293,19 @@ class DistServer:
             except ValueError as e:
                 error = str(e)
             else:
-                # One copy of the payload, into a (reused, on the CPU) buffer right behind the block.
-                message = self._buffers.take(total)
+                if staged is not None and P.is_packed_in(payload, staged[block:]):
+                    message = staged  # the teacher wrote the payload in place: no copy
+                    if not self._in_place_logged:
+                        log.info("KD replica %d: replies go out of the buffers the engine wrote (no copy)",
+                                 self.replica)
+                        self._in_place_logged = True
+                else:
+                    # One copy of the payload, into a (reused, on the CPU) buffer right behind the block.
+                    message = self._buffers.take(total)
+                    parts = (payload.indices, payload.lse, payload.values)
+                    torch.cat([_flat_bytes(t, self.device) for t in parts], out=message[block:])
                 # From pageable memory an asynchronous copy is staged at once and waits for no queued GPU work.
                 message[:block].copy_(torch.frombuffer(head, dtype=torch.uint8), non_blocking=True)
-                parts = [payload.indices, payload.lse, payload.values]
-                torch.cat([t.to(self.device).contiguous().reshape(-1).view(torch.uint8) for t in parts],
-                          out=message[block:])
                 return message
         head = RB.encode_error(seq, block, error or "the teacher sent no payload")
         message = torch.zeros(total, dtype=torch.uint8, device=self.device)
@@ -246,28 +327,29 @@ class DistServer:
         order, held = self._order[student], self._held[student]
         while order and order[0] in held:
             message = held.pop(order.popleft())
-            if student in self._unreachable:
-                continue
-            try:
-                op = _Op(self.pg.send([message], student, TAG_REPLY), message)
-            except Exception as e:  # noqa: BLE001 - one lost student must not stop the others
-                log.warning("student %d is unreachable, no more replies to it: %s", student, e)
-                self._unreachable.add(student)
-                continue
-            if self._waiter is not None:
-                self._waiter.track(op)
-            self._sends.append((op, student))
+            if student not in self._unreachable:
+                self._sends.append(self._sender.submit(message, student))
         self._reap()
 
     def _reap(self, backlog: int = _SEND_BACKLOG) -> None:
-        while self._sends and (len(self._sends) > backlog or self._sends[0][0].done()):
-            op, student = self._sends.popleft()
-            if not op.wait(60.0) or op.error is not None:
-                log.warning("reply to student %d failed (%s); no more replies to it", student,
-                            op.error or "not taken in 60 s")
-                self._unreachable.add(student)
+        while self._sends and (len(self._sends) > backlog or self._sends[0].done()):
+            reply = self._sends.popleft()
+            if not reply.wait(60.0) or reply.error is not None:
+                # One lost student must not stop the others.
+                log.warning("reply to student %d failed (%s); no more replies to it", reply.student,
+                            reply.error or "not taken in 60 s")
+                self._unreachable.add(reply.student)
             else:
-                self._buffers.give(op.keep)
+                self._buffers.give(reply.message)
+
+    def wait_sent(self, timeout_s: float = 60.0) -> None:
+        """Until every reply handed over so far is out (posted; a gloo one also completed)."""
+        deadline = time.monotonic() + timeout_s
+        while self._sends and time.monotonic() < deadline:
+            self._sends[-1].posted.wait(max(deadline - time.monotonic(), 0.0))
+            self._reap()
+            if self._sends and not self._sends[-1].done():
+                time.sleep(0.0005)
 
     def flush(self) -> None:
         self._reap()
@@ -285,11 +367,19 @@ class DistServer:
         self._beat.close()
         deadline = time.monotonic() + 30.0
         while self._sends and time.monotonic() < deadline:
-            self._reap() if self._sends[0][0].done() else time.sleep(0.001)
+            self._reap() if self._sends[0].done() else time.sleep(0.001)
         if self._sends and self.backend == "nccl":
             _abort(self.pg)  # replies nobody takes in any more: let the process end
+        self._sender.close()
         if self._waiter is not None:
             self._waiter.close()
         # A thread that still holds a finished gloo work when the interpreter shuts down aborts the process
         # (freeing the work's tensor needs the GIL, which a finalizing interpreter no longer hands out).
         self._receiver.join(timeout=5.0)
+
+
+def _flat_bytes(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Each torch call is microseconds of host time on the per-message path: none for a tensor already in place.
+    if t.device != device or not t.is_contiguous():
+        t = t.to(device).contiguous()
+    return t.view(-1).view(torch.uint8)

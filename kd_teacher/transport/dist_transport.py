@@ -436,21 +436,19 @@ class DistClient:
         self._buffers.give(head.buf)  # handed out again once the payload's views are gone
         if error is not None:
             return head.seq, None, error
-        payload = P.unpack_payload(head.buf[head.block:], ph)
-        if self._copy_stream is not None:
-            head.recv.work.wait()  # later work on this stream reads the payload after its receive
-        return head.seq, payload, None
+        # No stream waits for the receive: it has completed on the GPU (`_receive_next` polled it), so any later
+        # work reads the payload's bytes.
+        return head.seq, P.unpack_payload(head.buf[head.block:], ph), None
 
     def _block_bytes(self, head: _Posted):
-        """The reply's first block on the host. On the GPU it is copied on a side stream that waits for the
-        receive alone, so the host does not wait for the student's own queued work."""
+        """The reply's first block on the host. On the GPU it is copied on a side stream, so the host does not
+        wait for the student's own queued work (the receive itself has completed)."""
         n = head.block
         if self._copy_stream is None:
             return memoryview(head.buf[:n].numpy())
         if self._pinned is None or self._pinned.numel() < n:
             self._pinned = torch.empty(max(n, 4096), dtype=torch.uint8, pin_memory=True)
         with torch.cuda.stream(self._copy_stream):
-            head.recv.work.wait()
             self._pinned[:n].copy_(head.buf[:n], non_blocking=True)
         self._copy_stream.synchronize()
         return memoryview(self._pinned[:n].numpy())

@@ -26,6 +26,7 @@ import struct
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 from kd_teacher.payload import DTYPES
@@ -105,20 +106,27 @@ def encode_request(student: int, seq: int, tokens: torch.Tensor, sample_ids: Opt
     """A request's one message: its header, then its body."""
     b, s = tokens.shape
     head = encode_request_header(KIND_REQUEST, student, seq, b, s, len(sample_ids or ()), len(request_id))
-    return torch.cat([head, encode_request_body(tokens, sample_ids, request_id)])
+    return _joined([head.numpy(), *_body_parts(tokens, sample_ids, request_id)])
 
 
 def encode_request_body(tokens: torch.Tensor, sample_ids: Optional[Sequence[int]], request_id: bytes) -> torch.Tensor:
     """Token ids (int64, row-major), then sample ids (int64), then the request id's UTF-8 bytes."""
-    flat = tokens.reshape(-1).view(torch.uint8)
-    if not sample_ids and not request_id:
-        return flat
-    parts = [flat]
+    return _joined(_body_parts(tokens, sample_ids, request_id))
+
+
+def _body_parts(tokens: torch.Tensor, sample_ids, request_id: bytes) -> list:
+    parts = [tokens.detach().to("cpu", torch.int64).contiguous().numpy().reshape(-1).view(np.uint8)]
     if sample_ids:
-        parts.append(torch.tensor([int(i) for i in sample_ids], dtype=torch.int64).view(torch.uint8))
+        parts.append(np.array([int(i) for i in sample_ids], dtype="<i8").view(np.uint8))
     if request_id:
-        parts.append(torch.frombuffer(bytearray(request_id), dtype=torch.uint8))
-    return torch.cat(parts)
+        parts.append(np.frombuffer(request_id, dtype=np.uint8))
+    return parts
+
+
+def _joined(parts: list) -> torch.Tensor:
+    # numpy, not torch.cat: a CPU torch op over more than 32k elements runs on the intra-op thread pool, and
+    # waking that pool cost milliseconds a request in a process with many threads (measured on the GPU host).
+    return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0].copy())
 
 
 def decode_request_body(header: RequestHeader, body: torch.Tensor, info: P.ServerInfo) -> P.Request:
@@ -134,16 +142,19 @@ def decode_request_body(header: RequestHeader, body: torch.Tensor, info: P.Serve
     if header.num_sample_ids not in (0, b):
         raise P.RequestRejectedError(f"request has {header.num_sample_ids} sample ids for {b} sequences")
     n = b * s * 8
-    tokens = body[:n].view(torch.int64).view(b, s).clone()  # the body is a receive buffer that is reused
-    lo, hi = (int(x) for x in torch.aminmax(tokens))
+    raw = body.numpy()
+    # A copy: the body is a receive buffer that is reused. numpy for the same reason as in `_joined`.
+    ids = raw[:n].view("<i8").reshape(b, s).copy()
+    lo, hi = int(ids.min()), int(ids.max())
     if lo < 0 or hi >= info.vocab_size:
         raise P.RequestRejectedError(f"token ids out of range: [{lo}, {hi}] for vocabulary size {info.vocab_size}")
     ids_end = n + 8 * header.num_sample_ids
-    sample_ids = body[n:ids_end].view(torch.int64).tolist() if header.num_sample_ids else None
+    sample_ids = raw[n:ids_end].view("<i8").tolist() if header.num_sample_ids else None
     try:
-        request_id = bytes(body[ids_end:].numpy()).decode() if header.request_id_bytes else None
+        request_id = raw[ids_end:].tobytes().decode() if header.request_id_bytes else None
     except UnicodeDecodeError:
         raise P.RequestRejectedError("request id is not UTF-8") from None
+    tokens = torch.from_numpy(ids)
     return P.Request(header.student, header.seq, tokens, sample_ids, request_id)
 
 

@@ -316,11 +316,27 @@ def unpack_payload(buf: torch.Tensor, ph: PayloadHeader) -> TopKPayload:
     nv, ni, nl = ph.buffer_sizes()
     if buf.numel() != nv + ni + nl:
         raise ProtocolError(f"packed payload of {buf.numel()} bytes, its header implies {nv + ni + nl}")
-    b, s, k = ph.batch, ph.seq_len, ph.k
+    return TopKPayload(*packed_views(buf, ph.batch, ph.seq_len, ph.k, ph.values_dtype), ph)
+
+
+def packed_views(buf: torch.Tensor, b: int, s: int, k: int, values_dtype: str) -> tuple:
+    """(values, indices, lse) viewing a uint8 buffer laid out as `pack_payload` writes it."""
+    nl = 4 * b * s
+    ni = nl * k
     indices = buf[:ni].view(INDEX_DTYPE).view(b, s, k)
     lse = buf[ni:ni + nl].view(torch.float32).view(b, s)
-    values = buf[ni + nl:].view(DTYPES[ph.values_dtype]).view(b, s, k)
-    return TopKPayload(values, indices, lse, ph)
+    values = buf[ni + nl:].view(DTYPES[values_dtype]).view(b, s, k)
+    return values, indices, lse
+
+
+def is_packed_in(payload: TopKPayload, buf: torch.Tensor) -> bool:
+    """Are the payload's tensors exactly `packed_views(buf, ...)` (so that `buf` holds the packed payload)?"""
+    v, i, l = payload.values, payload.indices, payload.lse
+    at = buf.data_ptr()
+    ni, nl = i.numel() * i.element_size(), l.numel() * l.element_size()
+    return (i.data_ptr() == at and l.data_ptr() == at + ni and v.data_ptr() == at + ni + nl
+            and ni + nl + v.numel() * v.element_size() == buf.numel() and i.dtype == INDEX_DTYPE
+            and l.dtype == torch.float32 and all(t.is_contiguous() and t.device == buf.device for t in (v, i, l)))
 
 
 def empty_payload_tensors(ph: PayloadHeader, device) -> list[torch.Tensor]:

@@ -205,11 +205,22 @@ def _score_many_vs_score():
     singles = [engine.score(r.tokens) for r in requests]
     batches = engine.scheduler.plan(requests)
     many = engine.score_many(requests)
-    return singles, many, [b.tokens for b in batches], [r.tokens for r in requests]
+    # Into a transport's reply buffers (DistServer.payload_views): the same numbers, in the given tensors.
+    from kd_teacher.transport.protocol import is_packed_in, packed_views
+
+    bufs = [torch.full((b * s * 8 * (4 + 4) + 4 * b * s,), 7, dtype=torch.uint8) for b, s in
+            (r.tokens.shape for r in requests)]
+    views = [packed_views(buf, *r.tokens.shape, 8, "float32") for buf, r in zip(bufs, requests)]
+    into = engine.score_many(requests, out=[views[0], None, views[2], views[3]])
+    in_place = [is_packed_in(p, buf) for p, buf in zip(into, bufs)]
+    same = all(torch.equal(a.values, b.values) and torch.equal(a.indices, b.indices) and torch.equal(a.lse, b.lse)
+               and a.header == b.header for a, b in zip(many, into))
+    return singles, many, [b.tokens for b in batches], [r.tokens for r in requests], in_place, same
 
 
 def test_scheduler_packs_within_budget_and_matches_single_requests():
-    (singles, many, batch_tokens, tokens), = run_distributed(_score_many_vs_score, 1)
+    (singles, many, batch_tokens, tokens, in_place, same), = run_distributed(_score_many_vs_score, 1)
+    assert in_place == [True, False, True, True] and same
     assert len(batch_tokens) < 4 and max(batch_tokens) <= 64  # requests were merged, within the budget
     for s, m, t in zip(singles, many, tokens):
         m.check_tokens(t)

@@ -5,7 +5,7 @@ import struct
 import pytest
 import torch
 
-from kd_teacher.payload import TopKPayload
+from kd_teacher.payload import PayloadHeader, TopKPayload
 from kd_teacher.transport import protocol as P
 
 INFO = P.ServerInfo(vocab_size=1000, k=4, temperature=1.0, values_dtype="float32", teacher_fingerprint="t",
@@ -89,3 +89,15 @@ def test_incompatibilities_name_each_field():
     problems = P.incompatibilities(INFO, P.Expectation(vocab_size=1001, k=8, temperature=2.0,
                                                        teacher_fingerprint="other"))
     assert [p.split(":")[0] for p in problems] == ["vocab_size", "k", "temperature", "teacher_fingerprint"]
+
+
+def test_packed_views_are_recognised_only_as_the_buffer_they_view():
+    buf = torch.zeros(2 * 3 * 4 * (2 + 4) + 4 * 2 * 3, dtype=torch.uint8)
+    values, indices, lse = P.packed_views(buf, 2, 3, 4, "bfloat16")
+    assert (values.shape, indices.shape, lse.shape) == ((2, 3, 4), (2, 3, 4), (2, 3))
+    header = PayloadHeader(k=4, temperature=1.0, vocab_size=100, batch=2, seq_len=3, values_dtype="bfloat16")
+    assert P.is_packed_in(TopKPayload(values, indices, lse, header), buf)
+    assert not P.is_packed_in(TopKPayload(values.clone(), indices, lse, header), buf)  # a copy elsewhere
+    assert not P.is_packed_in(TopKPayload(values, indices, lse, header), torch.zeros_like(buf))
+    unpacked = P.unpack_payload(buf, header)  # the student's views of a received buffer: the same layout
+    assert unpacked.values.data_ptr() == values.data_ptr() and unpacked.lse.data_ptr() == lse.data_ptr()

@@ -242,6 +242,8 @@ def test_dist_teacher_tp2_students_tp1_bitwise_thousand_requests_bad_and_stale_t
         run_distributed(_connect, 2, tp=1, transport="dist", address=address)
         for got in run_distributed(_score_batches, 2, 11, 6, tp=1):
             assert_bitwise(got, ref)
+        # ... sent from the reply buffers the engine wrote its payloads into (DistServer.payload_views)
+        assert "no copy" in (tmp_path / "teacher.0").read_text()
         assert_all_matched(run_distributed(_many_requests, 2, 500, 5, tp=1))
         for reasons in run_distributed(_bad_requests, 2, tp=1):  # error replies; the server goes on
             assert "out of range" in reasons[0] and "exceeds the teacher's maximum" in reasons[1]
