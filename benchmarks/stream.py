@@ -9,7 +9,11 @@ with a remote teacher against the CE-only step and the in-process (co-located) t
     hashes) to a RemoteTeacher with `max_in_flight` requests out, against, in the same run:
       dist - raw send/recv of one tensor of the same bytes over the same KD process group
       shm  - a raw copy of the same bytes into and out of a /dev/shm mapping (one process, no signalling)
-    ratio = raw seconds / transport seconds (target >= 0.9 for dist).
+    ratio = raw seconds / transport seconds (target >= 0.9). The echo stands in for TeacherEngine: it hashes
+    each request's tokens and copies its payload into the endpoint's reply buffer (`payload_views`, as the
+    engine stacks its payload there) on threads of its own, as the engine does that host work while its
+    forward runs on the GPU. For dist the JSON also has the student's per-message costs and `student_floor`:
+    the least host work per message, each step timed alone, and the ratio that floor allows.
 (b) overlap: Megatron-Core training steps (benchmarks/kd_step.py's student, script and teacher) with the KD
     hook reading ahead from a `kd-teacher serve` process (shm on CPU, NCCL on GPU) against the CE-only step
     (target <= 1.05 when the teacher is fast enough) and against the in-process teacher step; timed

@@ -40,13 +40,13 @@ tokens by their hashes (RemoteTeacher), so a payload for other tokens is never u
 Waiting: a side that waits for the other yields its core (sched_yield) for the first 2 ms, then sleeps with
 doubling pauses up to 1-2 ms: a sleep of 50 us costs over 100 us on Linux, longer than a 2 MB copy.
 
-Measured (benchmarks/stream.py --preset cpu, 2.1 MB replies, 2 shared CPU cores, 2026-11-27): x0.2-0.28 of a
-raw copy of the same bytes into and out of a /dev/shm mapping (x0.4-0.5 with 4 in flight; was x0.06 with a crc32
-of every slot and bytes copies). In one process with a hot one-slot ring, a message costs the student 230-310 us (copy-out and its
-Python, the token-hash check, the send) and the server 200-215 us, against 95-101 us for both raw copies: the
-token hash (BLAKE2b of the int64 ids, checked on every receive) alone is ~60% of a copy on each side, so even
-two idle cores working in parallel stay under x0.5 at this payload size. Deeper rings also go cold in the
-cache (8 slots of 2 MB).
+Measured (benchmarks/stream.py --preset cpu, 2.1 MB replies, 2026-11-27): x0.64 of a raw copy of the same
+bytes into and out of a /dev/shm mapping on an idle 32-core host, x0.2-0.4 on 2 shared cores, swinging with
+their load (was x0.06 with a crc32 of every slot and bytes copies). In one process with a hot one-slot ring a
+message costs each side about what both raw copies cost together (its own copy, plus the JSON header and
+Python); the token hashes run on threads of their own where cores are to spare (RemoteTeacher; the engine
+hashes while its forward runs). The raw copies also reuse one cache-hot buffer, where a ring of 2 MB slots
+goes cold.
 
 Students own their channel files, so a restarted server (same name) finds them again: it re-reads each hello,
 writes a new verdict under its new generation, and serves on from the counters it finds. A student notices a
