@@ -34,15 +34,15 @@ Per-message cost (what throughput is made of; measured with benchmarks/stream.py
     the PayloadHeader from its request and the handshake, and compares the token hashes it computed at
     submit with the block's;
   - on the CPU, reply and receive buffers are reused (`buffers.HostBuffers`): a fresh 2 MB buffer a message cost
-    page faults on both sides; the teacher copies the payload once, straight behind the block;
+    page faults on both sides; the teacher copies the payload once, straight behind the block (or not at all,
+    when its engine wrote the payload there: `DistServer.payload_views`);
   - waiting blocks: a gloo op's waiter thread releases a lock that the student blocks on (between heartbeat
     checks), instead of the student's thread spinning on a flag and taking a core from the transfer;
   - no CPU torch op over more than 32k elements on the per-message path (requests are built and read with
     numpy): such an op runs on the intra-op thread pool, and waking it stalled 5-8 ms a request in a process
     with many threads (2 x H100 host, 32 cores);
-  - token hashes are computed off the caller's thread (RemoteTeacher), replies are posted from a sending
-    thread (`dist_server._ReplySender`: a gloo send writes the whole message inside `send`), and a teacher's
-    engine writes each payload into its reply buffer (`DistServer.payload_views`).
+  - token hashes are computed off the caller's thread (RemoteTeacher), and replies are posted from a sending
+    thread (`dist_server._ReplySender`: a gloo send writes the whole message inside `send`).
 What is left is the per-message floor of Python over torch.distributed: `benchmarks/stream.py` times the
 least a student does per message (post the receive, copy the block to the host, decode it, view the payload),
 each step alone in a tight loop: 80-113 us on the H100 host, more than the 47-61 us NVLink transfer of a 3 MB

@@ -331,12 +331,13 @@ def packed_views(buf: torch.Tensor, b: int, s: int, k: int, values_dtype: str) -
 
 def is_packed_in(payload: TopKPayload, buf: torch.Tensor) -> bool:
     """Are the payload's tensors exactly `packed_views(buf, ...)` (so that `buf` holds the packed payload)?"""
-    v, i, l = payload.values, payload.indices, payload.lse
+    values, ids, lse = payload.values, payload.indices, payload.lse
     at = buf.data_ptr()
-    ni, nl = i.numel() * i.element_size(), l.numel() * l.element_size()
-    return (i.data_ptr() == at and l.data_ptr() == at + ni and v.data_ptr() == at + ni + nl
-            and ni + nl + v.numel() * v.element_size() == buf.numel() and i.dtype == INDEX_DTYPE
-            and l.dtype == torch.float32 and all(t.is_contiguous() and t.device == buf.device for t in (v, i, l)))
+    ni, nl = ids.numel() * ids.element_size(), lse.numel() * lse.element_size()
+    return (ids.data_ptr() == at and lse.data_ptr() == at + ni and values.data_ptr() == at + ni + nl
+            and ni + nl + values.numel() * values.element_size() == buf.numel() and ids.dtype == INDEX_DTYPE
+            and lse.dtype == torch.float32
+            and all(t.is_contiguous() and t.device == buf.device for t in (values, ids, lse)))
 
 
 def empty_payload_tensors(ph: PayloadHeader, device) -> list[torch.Tensor]:
