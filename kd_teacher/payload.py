@@ -246,24 +246,32 @@ class TopKPayload:
 
     def check_tokens(self, tokens: torch.Tensor, sample_ids: Optional[Sequence[int]] = None) -> None:
         """Raise TokenMismatchError unless this payload was computed for exactly `tokens` [b, s]."""
-        if tuple(tokens.shape) != (self.header.batch, self.header.seq_len):
+        self._check_shape(tuple(tokens.shape))  # before hashing: a batch of another shape is not hashed
+        self.check_token_hashes(tuple(tokens.shape), token_hashes(tokens), sample_ids)
+
+    def check_token_hashes(self, shape: tuple, hashes: list, sample_ids: Optional[Sequence[int]] = None) -> None:
+        """`check_tokens` for tokens of `shape` whose `token_hashes` were already computed (a streaming client
+        hashes its request once, when it sends it)."""
+        self._check_shape(shape)
+        if hashes != self.header.token_hashes:
+            bad = [i for i, (a, b) in enumerate(zip(hashes, self.header.token_hashes)) if a != b]
             raise TokenMismatchError(
-                f"payload is for [batch, seq] = [{self.header.batch}, {self.header.seq_len}] "
-                f"but the micro-batch is {list(tokens.shape)}"
-            )
-        if not self.header.token_hashes:
-            raise TokenMismatchError("payload carries no token hashes, so it cannot be matched to the micro-batch")
-        got = token_hashes(tokens)
-        bad = [i for i, (a, b) in enumerate(zip(got, self.header.token_hashes)) if a != b]
-        if bad:
-            raise TokenMismatchError(
-                f"payload belongs to other tokens: {len(bad)} of {len(got)} sequences differ (first: row {bad[0]})"
+                f"payload belongs to other tokens: {len(bad)} of {len(hashes)} sequences differ (first: row {bad[0]})"
             )
         if sample_ids is not None and self.header.sample_ids is not None:
             if [int(i) for i in sample_ids] != list(self.header.sample_ids):
                 raise TokenMismatchError(
                     f"payload sample ids {self.header.sample_ids} != micro-batch sample ids {list(sample_ids)}"
                 )
+
+    def _check_shape(self, shape: tuple) -> None:
+        if shape != (self.header.batch, self.header.seq_len):
+            raise TokenMismatchError(
+                f"payload is for [batch, seq] = [{self.header.batch}, {self.header.seq_len}] "
+                f"but the micro-batch is {list(shape)}"
+            )
+        if not self.header.token_hashes:
+            raise TokenMismatchError("payload carries no token hashes, so it cannot be matched to the micro-batch")
 
     # ---- reshaping -------------------------------------------------------------------------------------
     def rows(self, rows: Sequence[int]) -> "TopKPayload":

@@ -9,7 +9,7 @@
 At most `max_in_flight` requests are out at a time (backpressure): a further `submit` first takes in replies
 (keeping them for their `result`) until one is back. Every reply is matched to its request by sequence
 number and checked against the request's tokens (the hashes computed once at submit against the reply
-header's, as `TopKPayload.check_tokens` does) before it is returned; a reply
+header's, `TopKPayload.check_token_hashes`) before it is returned; a reply
 for a request whose wait already timed out (a stale one) is discarded. Errors are those of
 `kd_teacher.transport.protocol`: TeacherUnavailableError (dead / hung / restarted teacher; TeacherTimeoutError
 when the timeout passed), IncompatibleTeacherError at connect, RequestRejectedError for a bad request.
@@ -28,7 +28,7 @@ from typing import Literal, Optional, Sequence
 import torch
 
 from kd_teacher.config import from_dict
-from kd_teacher.payload import PayloadError, TokenMismatchError, TopKPayload, token_hashes
+from kd_teacher.payload import PayloadError, TopKPayload, token_hashes
 from kd_teacher.transport import protocol as P
 
 log = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ class RemoteTeacher:
         return True
 
     def _checked(self, payload: TopKPayload, pending: _Pending) -> TopKPayload:
-        _check_tokens(payload, pending.shape, pending.hashes.result(), pending.sample_ids)
+        payload.check_token_hashes(pending.shape, pending.hashes.result(), pending.sample_ids)
         h, info = payload.header, self.info
         if (h.teacher_fingerprint, h.recipe_fingerprint) != (info.teacher_fingerprint, info.recipe_fingerprint):
             raise PayloadError("payload fingerprints differ from the teacher's at connect (another teacher answered)")
@@ -265,22 +265,6 @@ class RemoteTeacher:
         abandoned = [s for s, p in self._requests.items() if p.abandoned]
         for seq in abandoned[:max(0, len(abandoned) - _ABANDONED_KEPT)]:
             self._requests.pop(seq)
-
-
-def _check_tokens(payload: TopKPayload, shape: tuple, hashes: list, sample_ids: Optional[list]) -> None:
-    """`TopKPayload.check_tokens` with the tokens' hashes already computed."""
-    h = payload.header
-    if (h.batch, h.seq_len) != tuple(shape):
-        raise TokenMismatchError(f"payload is for [batch, seq] = [{h.batch}, {h.seq_len}] but the micro-batch is "
-                                 f"{list(shape)}")
-    if not h.token_hashes:
-        raise TokenMismatchError("payload carries no token hashes, so it cannot be matched to the micro-batch")
-    bad = [] if hashes == h.token_hashes else [i for i, (a, b) in enumerate(zip(hashes, h.token_hashes)) if a != b]
-    if bad:
-        raise TokenMismatchError(
-            f"payload belongs to other tokens: {len(bad)} of {len(hashes)} sequences differ (first: row {bad[0]})")
-    if sample_ids is not None and h.sample_ids is not None and list(sample_ids) != list(h.sample_ids):
-        raise TokenMismatchError(f"payload sample ids {h.sample_ids} != micro-batch sample ids {list(sample_ids)}")
 
 
 def make_client(remote: Optional[dict] = None, *, k: Optional[int] = None, temperature: Optional[float] = None,
