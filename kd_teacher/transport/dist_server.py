@@ -28,10 +28,8 @@ from kd_teacher.transport.dist_transport import (
     TAG_REQUEST,
     _abort,
     _device_for,
-    _GlooWaiter,
     _Heartbeat,
-    _JobThread,
-    _Op,
+    _Sender,
     _store,
     _td,
     default_backend,
@@ -51,58 +49,6 @@ class _Expected:
     seq_len: int
 
 
-class _Reply:
-    """A reply handed to the sending thread: posted (`op`) or failed (`error`) once `posted` is set."""
-
-    __slots__ = ("message", "student", "stream", "op", "error", "posted")
-
-    def __init__(self, message: torch.Tensor, student: int):
-        self.message, self.student, self.op, self.error = message, student, None, None
-        # The stream the serving thread wrote the message on: the send is ordered after it (a NCCL send waits
-        # for the current stream of the thread that posts it).
-        self.stream = torch.cuda.current_stream(message.device) if message.is_cuda else None
-        self.posted = threading.Event()
-
-    def done(self) -> bool:
-        return self.posted.is_set() and (self.op is None or self.op.done())
-
-    def wait(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        if not self.posted.wait(timeout_s):
-            return False
-        return self.op is None or self.op.wait(deadline - time.monotonic())
-
-
-class _ReplySender(_JobThread):
-    """Posts replies in the order handed over, from a thread of its own: a gloo send writes the message into the
-    socket inside `send` (~400 us for 2 MB, as long as the transfer itself), which would otherwise hold up the
-    serving thread's next reply. Waits for a gloo send there too; NCCL sends are polled (`_Op.done`)."""
-
-    def __init__(self, pg, gloo: bool):
-        self.pg, self.gloo = pg, gloo
-        super().__init__("kd-reply-sender")
-
-    def submit(self, message: torch.Tensor, student: int) -> _Reply:
-        reply = _Reply(message, student)
-        self.queue.put(reply)
-        return reply
-
-    def _handle(self, reply: _Reply) -> None:
-        try:
-            if reply.stream is not None:
-                with torch.cuda.stream(reply.stream):
-                    op = _Op(self.pg.send([reply.message], reply.student, TAG_REPLY), reply.message)
-            else:
-                op = _Op(self.pg.send([reply.message], reply.student, TAG_REPLY), reply.message)
-            if self.gloo:
-                op.work.wait(_UNLIMITED)
-                op.complete = True
-            reply.op = op
-        except Exception as e:  # noqa: BLE001 - handed to the serving thread (`_reap`)
-            reply.error = e
-        reply.posted.set()
-
-
 class DistServer:
     """The head of teacher replica `replica`: joins the KD groups as rank S + replica and serves its students."""
 
@@ -119,7 +65,8 @@ class DistServer:
         self.students = [i for i in range(self.num_students) if i % R == replica]
         self.requests_pg, self.pg = kd_groups(self.store, self.num_students + replica, self.num_students + R,
                                               self.backend, connect_timeout_s)
-        self._waiter = _GlooWaiter("kd-send-waiter") if self.backend == "gloo" else None
+        # Replies go out from a thread of their own (`_Sender`); gloo sends are waited for there.
+        self._sender = _Sender(self.pg, wait_sends=self.backend == "gloo", name="kd-reply-sender")
         self._buffers = HostBuffers(self.device)
         self._warm_up(connect_timeout_s)
         self._inbox: "queue.SimpleQueue" = queue.SimpleQueue()
@@ -128,8 +75,7 @@ class DistServer:
         self._held = {s: {} for s in self.students}  # replies ready before an earlier one of the same student
         self._staged: dict = {}  # (student, seq) -> reply buffer whose payload views `payload_views` handed out
         self._in_place_logged = False
-        self._sends: collections.deque = collections.deque()  # _Reply, in the order handed to the sender
-        self._sender = _ReplySender(self.pg, gloo=self.backend == "gloo")
+        self._sends: collections.deque = collections.deque()  # _SendJob, in the order handed to the sender
         self._dropped: set[int] = set()  # no more requests taken from these (out of step)
         self._unreachable: set[int] = set()  # no more replies sent to these (a send failed)
         self._bye: set[int] = set()
@@ -166,16 +112,10 @@ class DistServer:
         """One small message to each student, so that NCCL sets up each pair's communicator now, under the
         connect timeout, and not inside the first request."""
         for student in self.students:
-            ping = torch.ones(4, dtype=torch.uint8, device=self.device)
-            op = _Op(self.pg.send([ping], student, TAG_REPLY), ping)
-            if not self._wait(op, time.monotonic() + timeout_s):
+            ping = self._sender.submit(torch.ones(4, dtype=torch.uint8, device=self.device), student, TAG_REPLY)
+            if not ping.wait(timeout_s) or ping.error is not None:
                 raise P.TeacherUnavailableError(f"student {student} did not take the KD warm-up message in "
-                                                f"{timeout_s} s")
-
-    def _wait(self, op: _Op, deadline: float) -> bool:
-        if self._waiter is not None and op.finished is None:
-            self._waiter.track(op)
-        return op.wait(deadline - time.monotonic()) and op.error is None
+                                                f"{timeout_s} s: {ping.error or 'timed out'}")
 
     # ---- taking requests in (own thread) ----------------------------------------------------------------------
     def _receive_requests(self) -> None:
@@ -328,7 +268,7 @@ class DistServer:
         while order and order[0] in held:
             message = held.pop(order.popleft())
             if student not in self._unreachable:
-                self._sends.append(self._sender.submit(message, student))
+                self._sends.append(self._sender.submit(message, student, TAG_REPLY))
         self._reap()
 
     def _reap(self, backlog: int = _SEND_BACKLOG) -> None:
@@ -336,9 +276,9 @@ class DistServer:
             reply = self._sends.popleft()
             if not reply.wait(60.0) or reply.error is not None:
                 # One lost student must not stop the others.
-                log.warning("reply to student %d failed (%s); no more replies to it", reply.student,
+                log.warning("reply to student %d failed (%s); no more replies to it", reply.peer,
                             reply.error or "not taken in 60 s")
-                self._unreachable.add(reply.student)
+                self._unreachable.add(reply.peer)
             else:
                 self._buffers.give(reply.message)
 
@@ -371,8 +311,6 @@ class DistServer:
         if self._sends and self.backend == "nccl":
             _abort(self.pg)  # replies nobody takes in any more: let the process end
         self._sender.close()
-        if self._waiter is not None:
-            self._waiter.close()
         # A thread that still holds a finished gloo work when the interpreter shuts down aborts the process
         # (freeing the work's tensor needs the GIL, which a finalizing interpreter no longer hands out).
         self._receiver.join(timeout=5.0)

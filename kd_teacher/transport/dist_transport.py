@@ -22,9 +22,10 @@ posted; the request goes out from a sending thread), so transfers run back to ba
 reply's first block (`reply_block`, fixed binary) says whether it is a payload or an error, and for which
 request. The teacher answers each student's requests in the order they arrived, always with exactly one
 reply, so a student's receives stay in step.
-The teacher (`dist_server.DistServer`) takes requests in on one thread (gloo receives from any student);
-replies go out from the serving thread. (Token hashes are the teacher's work, not the transport's: the engine
-computes them with the forward.) This module has the student's end (`DistClient`) and what both ends share.
+The teacher (`dist_server.DistServer`) takes requests in on one thread (gloo receives from any student); the
+serving thread builds the replies and a sending thread posts them, in order. (Token hashes are the teacher's
+work, not the transport's: the engine computes them with the forward.) This module has the student's end
+(`DistClient`) and what both ends share.
 
 Per-message cost (what throughput is made of; measured with benchmarks/stream.py's cost breakdown and perf):
   - a request is one gloo message into one of several receives the teacher keeps posted: with a header and a
@@ -42,7 +43,7 @@ Per-message cost (what throughput is made of; measured with benchmarks/stream.py
     numpy): such an op runs on the intra-op thread pool, and waking it stalled 5-8 ms a request in a process
     with many threads (2 x H100 host, 32 cores);
   - token hashes are computed off the caller's thread (RemoteTeacher), and replies are posted from a sending
-    thread (`dist_server._ReplySender`: a gloo send writes the whole message inside `send`).
+    thread (`_Sender`, as requests are: a gloo send writes the whole message inside `send`).
 What is left is the per-message floor of Python over torch.distributed: `benchmarks/stream.py` times the
 least a student does per message (post the receive, copy the block to the host, decode it, view the payload),
 each step alone in a tight loop: 80-113 us on the H100 host, more than the 47-61 us NVLink transfer of a 3 MB
@@ -200,46 +201,58 @@ class _GlooWaiter(_JobThread):
         op.finished.release()
 
 
-class _Sent:
-    """One request's messages handed to the sending thread; `wait()` until they are out."""
+class _SendJob:
+    """One message handed to a `_Sender`: posted (`op`) or failed (`error`) once `posted` is set."""
 
-    __slots__ = ("messages", "error", "out")
+    __slots__ = ("message", "peer", "tag", "stream", "op", "error", "posted")
 
-    def __init__(self, messages: list):
-        self.messages, self.error = messages, None
-        self.out = threading.Lock()
-        self.out.acquire()  # released by the sending thread once its sends completed
+    def __init__(self, message: torch.Tensor, peer: int, tag: int):
+        self.message, self.peer, self.tag, self.op, self.error = message, peer, tag, None, None
+        # The stream the caller wrote the message on: the send is ordered after it (a NCCL send waits for the
+        # current stream of the thread that posts it).
+        self.stream = torch.cuda.current_stream(message.device) if message.is_cuda else None
+        self.posted = threading.Event()
 
-    def wait(self, timeout_s: float) -> None:
-        if not self.out.acquire(timeout=timeout_s):
-            raise TimeoutError(f"the request was not sent in {timeout_s} s")
-        self.out.release()
-        if self.error is not None:
-            raise self.error
+    def done(self) -> bool:
+        return self.posted.is_set() and (self.op is None or self.op.done())
+
+    def wait(self, timeout_s: float) -> bool:
+        """Out (posted, and complete where the sender waits for its sends) within timeout_s? See `error`."""
+        deadline = time.monotonic() + timeout_s
+        if not self.posted.wait(timeout_s):
+            return False
+        return self.op is None or self.op.wait(deadline - time.monotonic())
 
 
-class _RequestSender(_JobThread):
-    """Posts requests to the teacher from a thread of its own, in order, and waits for
-    those sends there. Gloo writes a small message into the socket inside `send`: tens of microseconds a
-    request that the student's thread need not spend."""
+class _Sender(_JobThread):
+    """Posts messages in the order handed over, from a thread of its own. A gloo send writes the message into
+    the socket inside `send` (tens of microseconds for a request, ~400 us for a 2 MB reply, as long as the
+    transfer itself) that the caller's thread need not spend. With `wait_sends` (gloo) it also waits there for
+    each send to complete; otherwise (NCCL) the send is polled (`_Op.done`)."""
 
-    def __init__(self, pg, teacher_rank: int):
-        self.pg, self.teacher_rank = pg, teacher_rank
-        super().__init__("kd-request-sender")
+    def __init__(self, pg, wait_sends: bool, name: str):
+        self.pg, self.wait_sends = pg, wait_sends
+        super().__init__(name)
 
-    def submit(self, messages: list) -> _Sent:
-        job = _Sent(messages)
+    def submit(self, message: torch.Tensor, peer: int, tag: int) -> _SendJob:
+        job = _SendJob(message, peer, tag)
         self.queue.put(job)
         return job
 
-    def _handle(self, job: _Sent) -> None:
+    def _handle(self, job: _SendJob) -> None:
         try:
-            for work in [self.pg.send([tensor], self.teacher_rank, tag) for tensor, tag in job.messages]:
-                work.wait(_UNLIMITED)  # a written socket: at once, unless the teacher stopped reading
-        except Exception as e:  # noqa: BLE001 - handed to whoever waits for this request
+            if job.stream is not None:
+                with torch.cuda.stream(job.stream):
+                    op = _Op(self.pg.send([job.message], job.peer, job.tag), job.message)
+            else:
+                op = _Op(self.pg.send([job.message], job.peer, job.tag), job.message)
+            if self.wait_sends:
+                op.work.wait(_UNLIMITED)  # a written socket: at once, unless the peer stopped reading
+                op.complete = True
+            job.op = op
+        except Exception as e:  # noqa: BLE001 - handed to whoever waits for this job
             job.error = e
-        job.messages = None
-        job.out.release()
+        job.posted.set()
 
 
 def _poll(done: Callable[[], bool], deadline: float, between: Optional[Callable[[], None]] = None) -> bool:
@@ -300,7 +313,7 @@ class _Posted:
     block: int
     buf: torch.Tensor
     recv: _Op
-    sent: Optional[_Sent]  # the request's message (its tensor stays alive until it is out)
+    sent: Optional[_SendJob]  # the request's message (its tensor stays alive until it is out)
 
 
 class DistClient:
@@ -324,7 +337,7 @@ class DistClient:
         self.requests_pg, self.pg = kd_groups(self.store, student, num_students + self.info.replicas, self.backend,
                                               max(deadline - time.monotonic(), 1.0))
         self._waiter = _GlooWaiter("kd-recv-waiter") if self.backend == "gloo" else None
-        self._sender = _RequestSender(self.requests_pg, self.teacher_rank)
+        self._sender = _Sender(self.requests_pg, wait_sends=True, name="kd-request-sender")
         self._hb_key = f"kd/hb/{self.replica}"
         self._beat = (self.store.add(self._hb_key, 0), time.monotonic())
         self._checked = 0.0
@@ -409,7 +422,7 @@ class DistClient:
             recv = self._track(_Op(self.pg.recv([buf], self.teacher_rank, TAG_REPLY), buf))
         except Exception as e:  # noqa: BLE001
             self._fail(f"posting the receive of reply {seq} from teacher replica {self.replica} failed: {e}")
-        sent = self._sender.submit([(message, TAG_REQUEST)])
+        sent = self._sender.submit(message, self.teacher_rank, TAG_REQUEST)
         self._posted.append(_Posted(seq, (b, s), request_id, block, buf, recv, sent))
 
     # ---- receiving ------------------------------------------------------------------------------------------
@@ -465,17 +478,17 @@ class DistClient:
 
     def _sends_done(self, head: _Posted) -> None:
         # The teacher answered, so it took the request in: this returns at once.
-        try:
-            head.sent.wait(60.0)
-        except Exception as e:  # noqa: BLE001
-            self._fail(f"request {head.seq} was answered but its sending failed: {e}")
-        head.sent = None
+        sent, head.sent = head.sent, None
+        if not sent.wait(60.0) or sent.error is not None:
+            self._fail(f"request {head.seq} was answered but its sending failed: {sent.error or 'not out in 60 s'}")
 
     def close(self) -> None:
         if not self.broken:
             try:
                 bye = W.encode_request_header(W.KIND_BYE, self.student, 0)
-                self._sender.submit([(bye, TAG_REQUEST)]).wait(10.0)
+                job = self._sender.submit(bye, self.teacher_rank, TAG_REQUEST)
+                if not job.wait(10.0) or job.error is not None:
+                    raise RuntimeError(f"goodbye not sent: {job.error or 'timed out'}")
                 # Late replies to timed-out requests are still on their way: take them in, briefly.
                 deadline = time.monotonic() + 5.0
                 while self._posted and self._posted[0].recv.wait(deadline - time.monotonic()):
