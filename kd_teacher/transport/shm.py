@@ -73,7 +73,7 @@ from typing import Callable, Optional
 
 import torch
 
-from kd_teacher.payload import DTYPES, INDEX_DTYPE, TopKPayload
+from kd_teacher.payload import DTYPES, TopKPayload
 from kd_teacher.transport import protocol as P
 from kd_teacher.transport.buffers import HostBuffers
 
@@ -339,7 +339,7 @@ def default_verify_data() -> bool:
 def slot_sizes(info: P.ServerInfo) -> tuple[int, int]:
     """Request and reply slot bytes for the largest request the server accepts (and its header)."""
     n = info.max_tokens_per_request
-    item = torch.empty((), dtype=DTYPES[info.values_dtype]).element_size()
+    item = DTYPES[info.values_dtype].itemsize
     header_room = 65536 + 64 * n  # JSON: a 32-char hash and a sample id per sequence, at most n sequences
     return header_room + 8 * n, header_room + n * (info.k * (item + 4) + 4)
 
@@ -710,11 +710,7 @@ class ShmClient:
         buf = self._buffers.take(ni + nl + nv)  # reused on the CPU once no payload views it: no page faults
         buf.copy_(data)  # the one copy out of the slot, straight to the payload's device
         self._buffers.give(buf)
-        b, s, k = ph.batch, ph.seq_len, ph.k
-        indices = buf[:ni].view(INDEX_DTYPE).view(b, s, k)
-        lse = buf[ni:ni + nl].view(torch.float32).view(b, s)
-        values = buf[ni + nl:].view(DTYPES[ph.values_dtype]).view(b, s, k)
-        return seq, TopKPayload(values, indices, lse, ph), None
+        return seq, P.unpack_payload(buf, ph), None
 
     def close(self) -> None:
         if self._server is not None:
