@@ -203,15 +203,7 @@ def throughput(transport: str, preset: str) -> dict:
         n = p["messages"]
 
         def transport_round():
-            handles, t0 = [], time.perf_counter()
-            for _ in range(n):
-                handles.append(rt.submit(tokens))
-                if len(handles) >= p["in_flight"]:
-                    rt.result(handles.pop(0))
-            for h in handles:
-                rt.result(h)
-            sync()
-            return time.perf_counter() - t0
+            return _transport_round(rt, tokens, n, p["in_flight"])
 
         post_s: list = []  # the raw baseline's per-receive posting times
         baseline = _raw_dist(rt, tokens, n, nbytes, post_s) if transport == "dist" else _raw_shm(nbytes, n)
@@ -246,6 +238,19 @@ def throughput(transport: str, preset: str) -> dict:
         floor["ratio_ceiling"] = raw_us / max(raw_us, floor["floor_us"])
         out["cost_breakdown"] = costs
     return out
+
+
+def _transport_round(rt, tokens, n: int, in_flight: int) -> float:
+    """Seconds for n requests of `tokens` through RemoteTeacher `rt`, at most `in_flight` of them out."""
+    handles, t0 = [], time.perf_counter()
+    for _ in range(n):
+        handles.append(rt.submit(tokens))
+        if len(handles) >= in_flight:
+            rt.result(handles.pop(0))
+    for h in handles:
+        rt.result(h)
+    sync()
+    return time.perf_counter() - t0
 
 
 def dist_student_costs(rt, tokens, n: int = 100) -> dict:
@@ -419,15 +424,8 @@ def shm_in_flight_sweep(preset: str, in_flights=(1, 2, 4, 8)) -> dict:
                                                    student_rank=0, num_students=1, connect_timeout_s=300,
                                                    timeout_s=120))
             ours, raw = [], []
-            for i in range(p["rounds"] + 1):  # the first is a warm-up
-                handles, t0 = [], time.perf_counter()
-                for _ in range(n):
-                    handles.append(rt.submit(tokens))
-                    if len(handles) >= in_flight:
-                        rt.result(handles.pop(0))
-                for h in handles:
-                    rt.result(h)
-                ours.append(time.perf_counter() - t0)
+            for _ in range(p["rounds"] + 1):  # the first is a warm-up
+                ours.append(_transport_round(rt, tokens, n, in_flight))
                 raw.append(baseline())
             rt.close()
             t_ours, t_raw = statistics.median(ours[1:]), statistics.median(raw[1:])
