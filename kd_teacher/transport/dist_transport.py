@@ -416,7 +416,7 @@ class DistClient:
             self._early.append(item)
         block, total = W.reply_layout(b, s, self.info)
         buf = self._buffers.take(total)
-        message = W.encode_request(self.student, seq, tokens.contiguous(), sample_ids, rid)
+        message = W.encode_request(self.student, seq, tokens, sample_ids, rid)  # makes its own int64 copy
         try:
             # The receive first: the reply's transfer can start the moment the teacher sends it.
             recv = self._track(_Op(self.pg.recv([buf], self.teacher_rank, TAG_REPLY), buf))
