@@ -1,7 +1,7 @@
 """Correctness of the fused top-k + LSE kernel against the PyTorch reference, case by case.
 
 For every case: the fused kernel (`kd_teacher.kernels.topk_lse.launch`) and the reference
-(`kd_teacher.engine.topk.local_topk_stats`) run on the same logits, on the same device, and must agree:
+(`kd_teacher.topk.local_topk_stats`) run on the same logits, on the same device, and must agree:
 values bitwise, ids identical (ties by lower id, -1 for padding), max bitwise (NaN where the reference has
 NaN; +0.0 and -0.0 count as equal), and LSE = max + log(sum) with the same non-finite pattern and, row by
 row, within 2 ulp of fp32 (at max(|LSE|, 1)) of the reference or at least as close to the float64 LSE as
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd_teacher.engine.topk import local_topk_stats  # noqa: E402
+from kd_teacher.topk import local_topk_stats  # noqa: E402
 from kd_teacher.kernels.topk_lse import TopKKernelConfig, launch, plan_for  # noqa: E402
 
 log = logging.getLogger("check_topk_kernel")

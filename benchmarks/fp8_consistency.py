@@ -220,7 +220,7 @@ def delayed_scaling_checks(args, engine, mc, data, ckpt_root: Path) -> dict:
 
 
 def delayed_checkpoint_round_trip(args, engine, mc, data, ckpt_root: Path) -> dict:
-    from kd_teacher.engine.loading import save_checkpoint
+    from kd_teacher.engine.checkpoint import save_checkpoint
 
     out = {}
     trained = ckpt_root / "delayed_trained"
@@ -348,7 +348,7 @@ def worker(rank: int, tp: int, port: int, args, out_path: str) -> None:
 def run_tp(args, tp: int, timeout_s: float) -> list:
     import torch.multiprocessing as mp
 
-    from kd_teacher.testing.distributed import free_port
+    from kd_teacher.runtime import free_port
 
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, f"tp{tp}.json")

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kd_teacher.engine.topk import local_topk_stats  # noqa: E402
+from kd_teacher.topk import local_topk_stats  # noqa: E402
 from kd_teacher.kernels.topk_lse import TopKKernelConfig, launch  # noqa: E402
 
 CASES = (  # name, rows, vocabulary shard, temperature, dtype, seed

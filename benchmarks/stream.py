@@ -184,7 +184,7 @@ def _start_echo(transport: str, preset: str, where: str, stats_path: str = "") -
 
 
 def throughput(transport: str, preset: str) -> dict:
-    from kd_teacher.testing.distributed import free_port
+    from kd_teacher.runtime import free_port
     from kd_teacher.transport import RemoteTeacher, RemoteTeacherConfig
 
     p = PRESETS[preset]
@@ -526,7 +526,7 @@ def overlap(preset: str, teacher: str, transport: Optional[str] = None) -> dict:
     from kd_teacher.hooks import KDConfig, wrap_forward_step
     from kd_teacher.hooks.sources import InProcessSource, RemoteSource
     from kd_teacher.runtime import init_distributed
-    from kd_teacher.testing.distributed import free_port
+    from kd_teacher.runtime import free_port
     from kd_teacher.transport import RemoteTeacher, RemoteTeacherConfig
 
     sp = PRESETS[preset]
@@ -609,7 +609,7 @@ def _teacher_forward_seconds(engine, tokens, reps: int = 5) -> float:
 def _start_teacher_server(teacher_cfg, p: dict, transport: str, where: str):
     from dataclasses import asdict
 
-    from kd_teacher.testing.distributed import free_port
+    from kd_teacher.runtime import free_port
 
     cfg = {"model": asdict(teacher_cfg), "engine": {"k": p["k"], "max_tokens_per_batch": p["micro_batch_size"] * p["seq"]},
            "serve": {"transport": transport, "name": where, "address": where,

@@ -85,7 +85,7 @@ def run(preset: str, extraction: str, layer_spec: str | None, iters: int | None 
 
     engine, engine_returned = make_engine(True), make_engine(False)
     if extraction == "reference":
-        import kd_teacher.engine.topk as topk
+        import kd_teacher.topk as topk
 
         topk._local_stats = topk.local_topk_stats  # skip the fused-kernel dispatch
     device = next(model.parameters()).device
@@ -110,7 +110,7 @@ def run(preset: str, extraction: str, layer_spec: str | None, iters: int | None 
     with torch.no_grad():
         model.eval()
         logits = model(tokens, position_ids, None)
-    from kd_teacher.engine.topk import vocab_parallel_topk
+    from kd_teacher.topk import vocab_parallel_topk
 
     times = _time_interleaved(
         {

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from timing import time_ms  # noqa: E402
 
 import kd_teacher.kernels as kernels  # noqa: E402
-from kd_teacher.engine.topk import local_topk_stats, vocab_parallel_topk  # noqa: E402
+from kd_teacher.topk import local_topk_stats, vocab_parallel_topk  # noqa: E402
 from kd_teacher.kernels.topk_lse import TopKKernelConfig, launch  # noqa: E402
 
 log = logging.getLogger("topk_kernel_bench")

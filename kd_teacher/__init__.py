@@ -8,7 +8,7 @@ are the vocab-parallel losses.
 
 import importlib
 
-from kd_teacher.engine.topk import vocab_parallel_topk
+from kd_teacher.topk import vocab_parallel_topk
 from kd_teacher.payload import PayloadError, PayloadHeader, TokenMismatchError, TopKPayload, token_hash
 
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ import sys
 
 _COMMANDS = [
     "kd_teacher.engine.consistency",  # kd-teacher consistency CONFIG
-    "kd_teacher.precision",  # kd-teacher recipe CONFIG [--against FINGERPRINT]
+    "kd_teacher.engine.recipe_cli",  # kd-teacher recipe CONFIG [--against FINGERPRINT]
     "kd_teacher.offline.cli",  # kd-teacher dump CONFIG | verify DIR | inspect DIR
     "kd_teacher.serve",  # kd-teacher serve CONFIG (streaming teacher: shm or torch.distributed)
 ]

@@ -157,7 +157,7 @@ class TopKPayload:
         recipe_fingerprint: str = "",
     ) -> "TopKPayload":
         """Payload from logits [b, s, V] (or this rank's vocabulary shard [b, s, V/TP] with the TP `group`)."""
-        from kd_teacher.engine.topk import vocab_parallel_topk
+        from kd_teacher.topk import vocab_parallel_topk
 
         if logits.dim() != 3:
             raise PayloadError(f"logits must be [batch, seq, vocab], got shape {tuple(logits.shape)}")

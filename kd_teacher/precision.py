@@ -396,30 +396,3 @@ def _te_recipe_check(recipe: PrecisionRecipe) -> str:
         log.debug("Transformer Engine recipe check unavailable: %s", e)
         return ""
     return "" if ok else (reason or "recipe not supported on this device")
-
-
-# ---- CLI: `kd-teacher recipe CONFIG [key=value ...]` --------------------------------------------------------------
-def register(sub) -> None:
-    p = sub.add_parser("recipe", help="the teacher's precision recipe in words, its fingerprint and serving policy")
-    p.add_argument("config", help="teacher config YAML (model:, engine:, checkpoint:)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    p.add_argument("--against", metavar="FINGERPRINT",
-                   help="compare with another run's recipe fingerprint (a payload header's, a dump manifest's)")
-    p.set_defaults(func=_run)
-
-
-def _run(args) -> int:
-    from kd_teacher.engine.loading import load_teacher_config
-    from kd_teacher.engine.model import transformer_config
-
-    cfg = load_teacher_config(args.config, args.overrides)
-    recipe = PrecisionRecipe.from_transformer_config(transformer_config(cfg.model))
-    policy = serving_policy(recipe, cfg.engine.allow_repacking)
-    print(f"recipe:      {recipe.describe()}")
-    print(f"fingerprint: {recipe.fingerprint()}")
-    print(f"policy:      {'repacking allowed' if policy.allow_repacking else 'micro-batches exactly as given'}"
-          f"{', scales frozen from the checkpoint' if policy.frozen_scales else ''} ({policy.reason})")
-    if args.against:
-        check_recipe(args.against, recipe)  # raises RecipeMismatchError (a ValueError: exit code 2) in words
-        print("same recipe as --against")
-    return 0

@@ -2,18 +2,26 @@
 
 Launched by `torchrun`, the world comes from its environment variables; launched as a plain process, we make
 a one-rank world, so that every command runs the same code single-process or distributed. NCCL on CUDA,
-gloo on CPU (with the CPU bridges of `kd_teacher.testing.megatron_cpu`).
+gloo on CPU (with the CPU bridges of `kd_teacher.megatron_on_cpu`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a one-process world's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None) -> None:
@@ -23,13 +31,11 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | 
 
     cuda = torch.cuda.is_available()
     if not cuda:
-        from kd_teacher.testing.megatron_cpu import enable_megatron_on_cpu
+        from kd_teacher.megatron_on_cpu import enable_megatron_on_cpu
 
         enable_megatron_on_cpu()
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
-            from kd_teacher.testing.distributed import free_port
-
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(free_port()))
         if cuda:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_teacher.engine import topk
+from kd_teacher import topk
 from kd_teacher.kernels import MAX_K, TopKKernelConfig, fused_local_topk_stats, kernel_available, plan_for
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -206,7 +206,7 @@ def test_delayed_scaling_checkpoint_without_scales_is_refused(tmp_path):
 
 def _checkpoint_without_scales(ckpt):
     from kd_teacher.engine.fp8_state import MissingFP8StateError
-    from kd_teacher.engine.loading import load_checkpoint, save_checkpoint
+    from kd_teacher.engine.checkpoint import load_checkpoint, save_checkpoint
     from kd_teacher.engine.model import build_gpt_model
 
     torch.manual_seed(1)
@@ -243,7 +243,7 @@ def test_reload_weights_serves_the_new_teacher():
 
 def _reload():
     from kd_teacher.engine.engine import EngineConfig, TeacherEngine
-    from kd_teacher.engine.loading import CheckpointMismatchError
+    from kd_teacher.engine.checkpoint import CheckpointMismatchError
     from kd_teacher.engine.model import build_gpt_model
 
     cfg = _model_config(None, dtype="float32")

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.distributed as dist
 
-from kd_teacher.engine.topk import vocab_parallel_topk
+from kd_teacher.topk import vocab_parallel_topk
 
 log = logging.getLogger(__name__)
 

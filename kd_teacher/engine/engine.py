@@ -26,11 +26,12 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from kd_teacher.engine.checkpoint import CheckpointMismatchError, load_checkpoint
 from kd_teacher.engine.fp8_state import preserved_fp8_state, reset_fp8_weight_caches
 from kd_teacher.engine.model import ModelConfig, build_gpt_model
 from kd_teacher.engine.output_tap import OutputLayerTap
 from kd_teacher.engine.scheduler import ScoreRequest, TokenBudgetScheduler
-from kd_teacher.engine.topk import check_finite_lse, vocab_parallel_topk
+from kd_teacher.topk import check_finite_lse, vocab_parallel_topk
 from kd_teacher.payload import INDEX_DTYPE, DTYPE_NAMES, PayloadError, PayloadHeader, TopKPayload, token_hashes
 from kd_teacher.precision import PrecisionRecipe, require_fp8_support, serving_policy
 
@@ -213,8 +214,6 @@ class TeacherEngine:
     ) -> "TeacherEngine":
         """Build the model for this rank's layout and load a `megatron.core.dist_checkpointing` checkpoint."""
         model, tconfig = build_gpt_model(model_config)
-        from kd_teacher.engine.loading import load_checkpoint
-
         config = config or EngineConfig()
         load_checkpoint(model, checkpoint_dir, recipe=PrecisionRecipe.from_transformer_config(tconfig),
                         accept_initial_fp8_scales=config.accept_initial_fp8_scales)
@@ -233,8 +232,6 @@ class TeacherEngine:
         Resets the FP8 weight-cast caches and recomputes the teacher fingerprint, so payloads made after
         the reload are traceable to the new weights.
         """
-        from kd_teacher.engine.loading import CheckpointMismatchError, load_checkpoint
-
         if isinstance(source, (str, Path)):
             load_checkpoint(self.model, source, recipe=self.recipe,
                             accept_initial_fp8_scales=self.config.accept_initial_fp8_scales)

@@ -1,5 +1,5 @@
 """GPU kernels. `fused_local_topk_stats` is the fused per-shard top-k + log-sum-exp pass that
-`kd_teacher.engine.topk` dispatches CUDA tensors to; `fused_tail_stats` / `fused_tail_grad` are the fused
+`kd_teacher.topk` dispatches CUDA tensors to; `fused_tail_stats` / `fused_tail_grad` are the fused
 passes of the KD loss's student side (`kd_teacher.losses.student`). Each returns None where it does not apply
 (no Triton, CPU tensors, unsupported dtype or k), and the caller then runs the PyTorch reference."""
 

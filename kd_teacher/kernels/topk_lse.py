@@ -1,7 +1,7 @@
 """Fused per-shard top-k + log-sum-exp: the launcher of the Triton kernels, or None where they do not apply.
 
 `fused_local_topk_stats` has the signature and the results of the reference
-`kd_teacher.engine.topk.local_topk_stats` (values bitwise, ids identical including ties, max bitwise, sum of
+`kd_teacher.topk.local_topk_stats` (values bitwise, ids identical including ties, max bitwise, sum of
 exponentials to fp32 rounding), and returns None when it cannot serve the call (no Triton, a CPU tensor, an
 unsupported dtype, k > 256), in which case `vocab_parallel_topk` runs the reference. Triton is optional: this
 module imports without it, and the kernels (`topk_lse_triton.py`) are imported on first use.
@@ -132,7 +132,7 @@ def fused_local_topk_stats(
 ):
     """(values [N, k'], ids [N, k'] int64, max of logits/T [N] fp32, sum exp [N] fp32), or None to fall back.
 
-    Same contract as `kd_teacher.engine.topk.local_topk_stats`: columns >= `valid` are padding (never counted
+    Same contract as `kd_teacher.topk.local_topk_stats`: columns >= `valid` are padding (never counted
     in the max/sum; selected, with id -1, only when fewer than k' columns are valid), k' = min(k, V_local).
     """
     out = launch(logits2d, k, temperature, vocab_start, valid, config)

@@ -23,7 +23,7 @@ Kernels in data-flow order (the launcher is `kd_teacher.kernels.topk_lse`):
    key exactly, then the k elements at or above it are compacted and ranked. A few persistent programs
    scan the flags; with none set that is one small read each.
 
-Keys are the ones `kd_teacher.engine.topk.order_preserving_key` builds: order-preserving fp32 bits in the
+Keys are the ones `kd_teacher.topk.order_preserving_key` builds: order-preserving fp32 bits in the
 high word (every NaN, whatever its sign or payload, above +inf), 0x7FFFFFFF - column in the low word, so
 that one descending order is (value desc, id asc) and every key is unique. Group maxima propagate NaN, so
 a NaN's group is always re-read and a NaN row needs no special path. Columns here are shard-local; ids are

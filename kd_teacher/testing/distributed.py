@@ -15,7 +15,6 @@ from __future__ import annotations
 import atexit
 import os
 import queue
-import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -23,13 +22,9 @@ from typing import Callable
 
 import torch.multiprocessing as mp
 
+from kd_teacher.runtime import free_port
+
 DEFAULT_TIMEOUT_S = 240.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -48,8 +43,8 @@ def _worker(rank: int, world_size: int, port: int, jobs, results) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    from kd_teacher.megatron_on_cpu import enable_megatron_on_cpu
     from kd_teacher.runtime import init_distributed
-    from kd_teacher.testing.megatron_cpu import enable_megatron_on_cpu
 
     enable_megatron_on_cpu()
     dist.init_process_group(

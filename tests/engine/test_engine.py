@@ -6,7 +6,7 @@ checkpoint scores like the in-process model; bad input is refused."""
 import pytest
 import torch
 
-from kd_teacher.engine.topk import vocab_parallel_topk
+from kd_teacher.topk import vocab_parallel_topk
 from kd_teacher.testing.distributed import run_distributed
 
 VOCAB = 1000
@@ -116,7 +116,7 @@ def test_payload_matches_dense_full_vocabulary_at_tp2():
 
 def _checkpoint_round_trip(ckpt_dir):
     from kd_teacher.engine.engine import EngineConfig, TeacherEngine
-    from kd_teacher.engine.loading import save_checkpoint
+    from kd_teacher.engine.checkpoint import save_checkpoint
 
     engine = _engine(2, 1)
     save_checkpoint(engine.model, ckpt_dir)
@@ -129,7 +129,7 @@ def _checkpoint_round_trip(ckpt_dir):
 
 def _load_mismatched(ckpt_dir):
     from kd_teacher.engine.engine import TeacherEngine
-    from kd_teacher.engine.loading import CheckpointMismatchError
+    from kd_teacher.engine.checkpoint import CheckpointMismatchError
 
     cfg = _model_config(2, 1)
     cfg.ffn_hidden_size = 96

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kd_teacher import vocab_parallel_topk
-from kd_teacher.engine.topk import order_preserving_key
+from kd_teacher.topk import order_preserving_key
 from kd_teacher.testing.distributed import run_distributed
 
 CASES = [  # (true vocab, padded vocab, k, temperature, dtype)

@@ -28,7 +28,8 @@ import pytest
 import torch
 
 from kd_teacher.payload import token_hashes
-from kd_teacher.testing.distributed import free_port, run_distributed
+from kd_teacher.runtime import free_port
+from kd_teacher.testing.distributed import run_distributed
 from kd_teacher.transport import IncompatibleTeacherError, RemoteTeacher, RemoteTeacherConfig
 from kd_teacher.transport import protocol as P
 
