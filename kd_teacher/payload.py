@@ -38,8 +38,16 @@ class TokenMismatchError(PayloadError):
     """The payload was computed for other tokens than the ones it is being used with."""
 
 
+def check_token_ids(tokens: torch.Tensor) -> None:
+    """Token ids must be integers: a float id would be truncated to another id (3.4 -> 3) when cast, then hashed,
+    looked up or scored as that one. Every place ids enter calls this before it casts them."""
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise PayloadError(f"token ids must be integers, got {tokens.dtype}")
+
+
 def token_hash(tokens: torch.Tensor) -> str:
     """128-bit BLAKE2b of one sequence's token ids (as little-endian int64), hex."""
+    check_token_ids(tokens)
     t = tokens.detach().reshape(-1).to(device="cpu", dtype=torch.int64).contiguous()
     return hashlib.blake2b(t.numpy().tobytes(), digest_size=16).hexdigest()
 
@@ -48,6 +56,7 @@ def token_hashes(tokens: torch.Tensor) -> list[str]:
     """One hash per sequence of a [b, s] batch."""
     if tokens.dim() != 2:
         raise PayloadError(f"tokens must be [batch, seq], got shape {tuple(tokens.shape)}")
+    check_token_ids(tokens)
     host = tokens.detach().to(device="cpu", dtype=torch.int64).contiguous()  # one device-to-host copy
     # token_hash of each row, hashing the rows in place (no per-row tensor or bytes copy)
     return [hashlib.blake2b(row, digest_size=16).hexdigest() for row in host.numpy()]

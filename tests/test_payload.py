@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kd_teacher import PayloadError, TokenMismatchError, TopKPayload
+from kd_teacher.payload import token_hashes
 
 
 def _payload(dtype=torch.bfloat16, k=5, temperature=2.0):
@@ -86,6 +87,17 @@ def test_flipped_data_byte_is_refused():
     buf[-40] ^= 0x01
     with pytest.raises(PayloadError, match="checksum"):
         TopKPayload.from_bytes(bytes(buf))
+
+
+def test_float_token_ids_are_refused_not_truncated():
+    """Ids 3.4 and 3 hash alike after a cast: a float batch must be an error wherever ids enter."""
+    p, tokens, _ = _payload()
+    for wrong in (tokens.float() + 0.4, tokens.double(), tokens.bool(), tokens.to(torch.complex64)):
+        with pytest.raises(PayloadError, match="token ids must be integers"):
+            p.check_tokens(wrong)
+        with pytest.raises(PayloadError, match="token ids must be integers"):
+            token_hashes(wrong)
+    p.check_tokens(tokens.to(torch.int32))  # any integer dtype is fine
 
 
 def test_other_tokens_are_refused():

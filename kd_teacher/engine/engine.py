@@ -32,7 +32,15 @@ from kd_teacher.engine.model import ModelConfig, build_gpt_model
 from kd_teacher.engine.output_tap import OutputLayerTap
 from kd_teacher.engine.scheduler import ScoreRequest, TokenBudgetScheduler
 from kd_teacher.topk import check_finite_lse, vocab_parallel_topk
-from kd_teacher.payload import INDEX_DTYPE, DTYPE_NAMES, PayloadError, PayloadHeader, TopKPayload, token_hashes
+from kd_teacher.payload import (
+    INDEX_DTYPE,
+    DTYPE_NAMES,
+    PayloadError,
+    PayloadHeader,
+    TopKPayload,
+    check_token_ids,
+    token_hashes,
+)
 from kd_teacher.precision import PrecisionRecipe, require_fp8_support, serving_policy
 
 log = logging.getLogger(__name__)
@@ -375,8 +383,7 @@ class TeacherEngine:
             raise PayloadError(f"tokens must be a [batch, seq] tensor, got {getattr(tokens, 'shape', type(tokens))}")
         if tokens.numel() == 0:
             raise PayloadError(f"empty batch: tokens shape {tuple(tokens.shape)}")
-        if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
-            raise PayloadError(f"token ids must be integers, got {tokens.dtype}")
+        check_token_ids(tokens)
         host = tokens.detach().to(device="cpu", dtype=torch.int64)
         lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi >= self.vocab_size:

@@ -28,7 +28,7 @@ from typing import Literal, Optional, Sequence
 import torch
 
 from kd_teacher.config import from_dict
-from kd_teacher.payload import PayloadError, TopKPayload, token_hashes
+from kd_teacher.payload import PayloadError, TopKPayload, check_token_ids, token_hashes
 from kd_teacher.transport import protocol as P
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,7 @@ class RemoteTeacher:
                                          f"{getattr(tokens, 'shape', type(tokens))}")
         if sample_ids is not None and len(sample_ids) != tokens.shape[0]:
             raise P.RequestRejectedError(f"{len(sample_ids)} sample ids for {tokens.shape[0]} sequences")
+        check_token_ids(tokens)  # before the int64 copy below, which would truncate float ids
         deadline = time.monotonic() + self.config.timeout_s
         while self.in_flight >= self.config.max_in_flight:
             try:

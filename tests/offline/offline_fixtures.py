@@ -5,6 +5,13 @@ Module-level functions so that `run_distributed` workers (spawned processes) can
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import resource
+import shutil
+import signal
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +20,7 @@ import torch
 from kd_teacher.engine.engine import EngineConfig
 from kd_teacher.engine.loading import TeacherConfig
 from kd_teacher.engine.model import ModelConfig
+from kd_teacher.offline import format as fmt
 from kd_teacher.offline.data import DataConfig, TokenizerConfig
 from kd_teacher.offline.writer import DumpConfig, OutputConfig
 
@@ -51,6 +59,10 @@ def gpt_dump_config(out: Path, prefix: str, vocab: int = 1000, samples_per_shard
                       tokenizer=TokenizerConfig(vocab_size=vocab, eod=vocab - 1, name="test-tokenizer"))
     return DumpConfig(teacher=tiny_teacher(vocab, **teacher_kw), data=data,
                       output=OutputConfig(dir=str(out), samples_per_shard=samples_per_shard, progress=False))
+
+
+def cfg_to(cfg: DumpConfig, out: Path) -> DumpConfig:
+    return replace(cfg, output=replace(cfg.output, dir=str(out)))
 
 
 def dump_on_ranks(cfg: DumpConfig) -> dict:
@@ -177,3 +189,51 @@ def dump_with_tensor_parallel_teacher(cfg: DumpConfig) -> dict:
     return dict(complete=manifest.complete, verified=verify(cfg.output.dir).ok,
                 equal=torch.equal(got.values, want.values) and torch.equal(got.indices, want.indices)
                 and torch.equal(got.lse, want.lse))
+
+
+# ---- one-rank dumps in forked children (killed, limited, failing) ---------------------------------------------
+def _dump_in_child(cfg, fsize_limit=None, before=None):
+    """Child process target (fork): one-rank dump; exit code 0 ok, 3 DiskFullError, 4 other error.
+    `before`: called first in the child (a fault to inject)."""
+    import torch.distributed as dist
+
+    from kd_teacher.offline.writer import run_dump
+    from kd_teacher.runtime import init_distributed
+
+    if fsize_limit is not None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, resource.RLIM_INFINITY))
+    code = 0
+    try:
+        if before is not None:
+            before()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        os.environ.pop("WORLD_SIZE", None)
+        init_distributed()
+        run_dump(cfg)
+    except fmt.DiskFullError as e:
+        print(f"DiskFullError: {e}", file=sys.stderr)
+        code = 3
+    except BaseException as e:  # noqa: BLE001
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        code = 4
+    os._exit(code)
+
+
+def fork_dump(cfg, **kw):
+    p = multiprocessing.get_context("fork").Process(target=_dump_in_child, args=(cfg,), kwargs=kw)
+    p.start()
+    return p
+
+
+def copy_dump(reference, tmp_path) -> Path:
+    out = tmp_path / "copy"
+    shutil.copytree(reference[1], out)
+    return out
+
+
+def flip_byte(path: Path, offset: int, mask: int = 0x40) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= mask
+    path.write_bytes(bytes(data))

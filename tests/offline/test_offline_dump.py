@@ -4,11 +4,8 @@ gloo ranks, real processes killed with SIGKILL, real file-size limits for "disk 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import random
-import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,35 +22,18 @@ from kd_teacher.offline.reader import OfflineTeacher
 from kd_teacher.offline.verify import inspect, verify
 from kd_teacher.testing.distributed import run_distributed
 from offline_fixtures import (
+    cfg_to,
+    copy_dump,
     dump_on_ranks,
     dump_with_tensor_parallel_teacher,
     file_bytes,
-    gpt_dump_config,
+    flip_byte,
+    fork_dump,
     student_reads_match_engine,
     verify_with_rescore,
-    write_indexed_dataset,
 )
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def data_prefix(tmp_path_factory) -> str:
-    return write_indexed_dataset(tmp_path_factory.mktemp("data") / "corpus", vocab=1000)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_prefix):
-    """The dump written by 2 teacher data-parallel ranks: the bytes every other run must reproduce."""
-    out = tmp_path_factory.mktemp("ref") / "dump"
-    cfg = gpt_dump_config(out, data_prefix)
-    results = run_distributed(dump_on_ranks, 2, cfg)
-    assert results[0] == results[1] and results[0]["complete"]
-    return cfg, out, file_bytes(out)
-
-
-def _cfg_to(cfg, out: Path):
-    return replace(cfg, output=replace(cfg.output, dir=str(out)))
 
 
 # ---- reading with other layouts ------------------------------------------------------------------------------------
@@ -69,16 +49,16 @@ def test_any_student_layout_reads_what_the_engine_scores(reference):
 def test_other_dp_count_writes_identical_files_and_verify_rescores(reference, tmp_path):
     cfg, _, ref_bytes = reference
     out = tmp_path / "dp3"
-    run_distributed(dump_on_ranks, 3, _cfg_to(cfg, out))
+    run_distributed(dump_on_ranks, 3, cfg_to(cfg, out))
     assert file_bytes(out) == ref_bytes
-    report = run_distributed(verify_with_rescore, 1, str(out), _cfg_to(cfg, out), 4)[0]
+    report = run_distributed(verify_with_rescore, 1, str(out), cfg_to(cfg, out), 4)[0]
     assert report["ok"], report["problems"]
     assert report["rescored"] == report["rescored_equal"] == 4
 
 
 def test_tensor_parallel_teacher_writes_once_per_model_parallel_group(reference, tmp_path):
     cfg, _, _ = reference
-    tp_cfg = _cfg_to(cfg, tmp_path / "tp2")
+    tp_cfg = cfg_to(cfg, tmp_path / "tp2")
     model = replace(tp_cfg.teacher.model, tensor_model_parallel_size=2)
     tp_cfg = replace(tp_cfg, teacher=replace(tp_cfg.teacher, model=model))
     results = run_distributed(dump_with_tensor_parallel_teacher, 2, tp_cfg, tp=2)
@@ -86,38 +66,6 @@ def test_tensor_parallel_teacher_writes_once_per_model_parallel_group(reference,
 
 
 # ---- crash safety ------------------------------------------------------------------------------------------------
-def _dump_in_child(cfg, fsize_limit=None):
-    """Child process target (fork): one-rank dump; exit code 0 ok, 3 DiskFullError, 4 other error."""
-    import torch.distributed as dist
-
-    from kd_teacher.offline.writer import run_dump
-    from kd_teacher.runtime import init_distributed
-
-    if fsize_limit is not None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, resource.RLIM_INFINITY))
-    code = 0
-    try:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        os.environ.pop("WORLD_SIZE", None)
-        init_distributed()
-        run_dump(cfg)
-    except fmt.DiskFullError as e:
-        print(f"DiskFullError: {e}", file=sys.stderr)
-        code = 3
-    except BaseException as e:  # noqa: BLE001
-        print(f"{type(e).__name__}: {e}", file=sys.stderr)
-        code = 4
-    os._exit(code)
-
-
-def _fork_dump(cfg, **kw):
-    p = multiprocessing.get_context("fork").Process(target=_dump_in_child, args=(cfg,), kwargs=kw)
-    p.start()
-    return p
-
-
 def _count(out: Path) -> int:
     shards = out / fmt.SHARDS_DIR
     return len(list(shards.iterdir())) if shards.is_dir() else 0
@@ -136,17 +84,17 @@ def _kill_when(proc_pid: int, out: Path, new_files: int, extra_delay: float, tim
 def test_sigkill_at_random_points_then_resume_is_byte_identical(reference, tmp_path):
     cfg, _, ref_bytes = reference
     out = tmp_path / "killed"
-    run_cfg = _cfg_to(cfg, out)
+    run_cfg = cfg_to(cfg, out)
     rng = random.Random(1234)
     kills = 0
     for _ in range(4):
-        p = _fork_dump(run_cfg)
+        p = fork_dump(run_cfg)
         _kill_when(p.pid, out, new_files=rng.randrange(1, 4), extra_delay=rng.uniform(0, 0.01))
         p.join(30)
         kills += p.exitcode == -signal.SIGKILL
     assert kills == 4
     assert not fmt.load_manifest(out).complete
-    p = _fork_dump(run_cfg)
+    p = fork_dump(run_cfg)
     p.join(120)
     assert p.exitcode == 0
     assert file_bytes(out) == ref_bytes
@@ -156,7 +104,7 @@ def test_sigkill_at_random_points_then_resume_is_byte_identical(reference, tmp_p
 def test_cli_dump_killed_and_rerun_gives_the_same_dump(reference, tmp_path):
     cfg, _, ref_bytes = reference
     out = tmp_path / "cli"
-    data = asdict(_cfg_to(cfg, out))
+    data = asdict(cfg_to(cfg, out))
     data.pop("teacher_config")
     config = tmp_path / "dump.yaml"
     config.write_text(yaml.safe_dump(data))
@@ -181,15 +129,15 @@ def test_cli_dump_killed_and_rerun_gives_the_same_dump(reference, tmp_path):
 def test_disk_full_stops_with_an_error_and_a_later_run_resumes(reference, tmp_path):
     cfg, _, ref_bytes = reference
     out = tmp_path / "full"
-    run_cfg = _cfg_to(cfg, out)
+    run_cfg = cfg_to(cfg, out)
     shard_size = len(ref_bytes["shards/shard-00000.safetensors"])
     manifest_size = len(ref_bytes["manifest.json"])
     assert manifest_size < shard_size
-    p = _fork_dump(run_cfg, fsize_limit=shard_size - 1)  # the manifest fits, no shard does
+    p = fork_dump(run_cfg, fsize_limit=shard_size - 1)  # the manifest fits, no shard does
     p.join(120)
     assert p.exitcode == 3
     assert not list(out.rglob("*.tmp.*")) and not list((out / fmt.SHARDS_DIR).iterdir())
-    p = _fork_dump(run_cfg)
+    p = fork_dump(run_cfg)
     p.join(120)
     assert p.exitcode == 0
     assert file_bytes(out) == ref_bytes
@@ -203,29 +151,17 @@ def test_second_dump_in_a_locked_directory_is_refused(reference, tmp_path):
     (out / fmt.SHARDS_DIR).mkdir(parents=True)
     with open(out / fmt.LOCK_FILE, "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
-        p = _fork_dump(_cfg_to(cfg, out))
+        p = fork_dump(cfg_to(cfg, out))
         p.join(60)
     assert p.exitcode == 4
     assert not (out / fmt.MANIFEST).exists()
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
-def _copy(reference, tmp_path) -> Path:
-    out = tmp_path / "copy"
-    shutil.copytree(reference[1], out)
-    return out
-
-
-def _flip(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x40
-    path.write_bytes(bytes(data))
-
-
 def test_flipped_byte_in_payload_data_is_named_by_verify_and_reader(reference, tmp_path):
-    out = _copy(reference, tmp_path)
+    out = copy_dump(reference, tmp_path)
     shard = out / fmt.shard_file(2)
-    _flip(shard, shard.stat().st_size // 3)  # inside the values block
+    flip_byte(shard, shard.stat().st_size // 3)  # inside the values block
     report = verify(out)
     assert not report.ok and any("shard-00002" in p for p in report.problems)
     teacher = OfflineTeacher(out)
@@ -243,9 +179,9 @@ def test_flipped_byte_in_payload_data_is_named_by_verify_and_reader(reference, t
 
 
 def test_flipped_byte_in_tables_or_truncation_fails_at_open(reference, tmp_path):
-    out = _copy(reference, tmp_path)
+    out = copy_dump(reference, tmp_path)
     shard = out / fmt.shard_file(1)
-    _flip(shard, shard.stat().st_size - 5)  # the last tensor is a sample table
+    flip_byte(shard, shard.stat().st_size - 5)  # the last tensor is a sample table
     with pytest.raises(fmt.ShardCorruptError, match="shard-00001"):
         OfflineTeacher(out)
     shard = out / fmt.shard_file(3)
@@ -267,11 +203,11 @@ def test_mismatch_with_the_training_config_is_a_clear_error(reference):
 
 def test_resuming_with_another_config_is_refused(reference, tmp_path):
     cfg, _, _ = reference
-    out = _copy(reference, tmp_path)
+    out = copy_dump(reference, tmp_path)
     before = file_bytes(out)
-    other = _cfg_to(cfg, out)
+    other = cfg_to(cfg, out)
     other = replace(other, teacher=replace(other.teacher, engine=replace(other.teacher.engine, k=4)))
-    p = _fork_dump(other)
+    p = fork_dump(other)
     p.join(60)
     assert p.exitcode == 4
     assert file_bytes(out) == before

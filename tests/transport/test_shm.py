@@ -265,6 +265,22 @@ def test_oversize_request_is_refused_before_it_is_written(teacher):
         client.close()
 
 
+def test_remote_teacher_refuses_float_token_ids_as_the_engine_does(teacher):
+    from kd_teacher.payload import PayloadError
+    from kd_teacher.transport.client import RemoteTeacher, RemoteTeacherConfig
+
+    remote = RemoteTeacher(RemoteTeacherConfig(transport="shm", name=teacher.server.name, student_rank=0,
+                                               num_students=1, connect_timeout_s=5, heartbeat_timeout_s=2))
+    try:
+        tokens = torch.randint(0, 1000, (2, 5))
+        with pytest.raises(PayloadError, match="token ids must be integers"):
+            remote.score(tokens.float() + 0.4)
+        assert not teacher.sent  # refused before it was sent
+        assert remote.score(tokens).header.batch == 2
+    finally:
+        remote.close()
+
+
 def test_student_expecting_another_k_is_refused_at_connect(teacher):
     with pytest.raises(P.IncompatibleTeacherError, match="k: the student expects 8"):
         shm.ShmClient(teacher.server.name, 0, P.Expectation(k=8), slots=2, connect_timeout_s=5,
