@@ -445,15 +445,15 @@ def shm_cost_breakdown(preset: str, n: int = 200) -> dict:
     import threading
     from dataclasses import replace
 
+    from kd_teacher.contract import TeacherContract
     from kd_teacher.payload import PayloadHeader, TopKPayload, token_hashes
-    from kd_teacher.transport import protocol as P
     from kd_teacher.transport.shm import ShmClient, ShmServer
 
     p = PRESETS[preset]
     where = f"bench-parts-{os.getpid()}"
     server = ShmServer(where, _info(p))
     box = []
-    connect = threading.Thread(target=lambda: box.append(ShmClient(where, 0, P.Expectation(), slots=1,
+    connect = threading.Thread(target=lambda: box.append(ShmClient(where, 0, TeacherContract(), slots=1,
                                                                    connect_timeout_s=60, heartbeat_timeout_s=60)))
     connect.start()
     while connect.is_alive():

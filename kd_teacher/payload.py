@@ -15,19 +15,18 @@ import hashlib
 import json
 import math
 import struct
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Optional, Sequence
 
 import torch
+
+from kd_teacher.contract import TeacherContract
+from kd_teacher.dtypes import DTYPE_NAMES, DTYPES, INDEX_DTYPE
 
 SCHEMA_VERSION = 1
 MAGIC = b"KDTP"
 _DIGEST_BYTES = 16
 _MAX_HEADER_BYTES = 64 << 20
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-INDEX_DTYPE = torch.int32
 
 
 class PayloadError(ValueError):
@@ -62,26 +61,23 @@ def token_hashes(tokens: torch.Tensor) -> list[str]:
     return [hashlib.blake2b(row, digest_size=16).hexdigest() for row in host.numpy()]
 
 
-@dataclass
-class PayloadHeader:
-    """What a receiver needs to check before it uses a payload (and to size buffers before allocating)."""
+@dataclass(kw_only=True)
+class PayloadHeader(TeacherContract):
+    """What a receiver needs to check before it uses a payload (and to size buffers before allocating): what the
+    teacher serves (`TeacherContract`, checked against the receiver's expectation with `check(expected)`) and
+    this payload's own shape, tokens and ids."""
 
     k: int
     temperature: float
     vocab_size: int
+    values_dtype: str = "float32"
+    extraction: str = "topk"
     batch: int
     seq_len: int
-    values_dtype: str = "float32"
     token_hashes: list = field(default_factory=list)
     sample_ids: Optional[list] = None
     request_id: Optional[str] = None
-    teacher_fingerprint: str = ""
-    recipe_fingerprint: str = ""
-    extraction: str = "topk"
     schema_version: int = SCHEMA_VERSION
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "PayloadHeader":
@@ -105,10 +101,10 @@ class PayloadHeader:
         if unknown or missing:
             raise PayloadError(f"payload header has unknown fields {sorted(unknown)} / lacks {sorted(missing)}")
         header = cls(**data)
-        header.check()
+        header.validate()
         return header
 
-    def check(self) -> None:
+    def validate(self) -> None:
         """Bounds and types of the header alone (before any buffer is sized from it)."""
         for name in ("k", "vocab_size", "batch", "seq_len"):
             v = getattr(self, name)
@@ -168,8 +164,13 @@ class TopKPayload:
         """Payload from logits [b, s, V] (or this rank's vocabulary shard [b, s, V/TP] with the TP `group`)."""
         from kd_teacher.topk import vocab_parallel_topk
 
-        if logits.dim() != 3:
-            raise PayloadError(f"logits must be [batch, seq, vocab], got shape {tuple(logits.shape)}")
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+            raise PayloadError(f"logits must be a [batch, seq, vocab] tensor, got {_shape_or_type(logits)}")
+        if logits.dtype not in DTYPE_NAMES:
+            raise PayloadError(
+                f"logits of dtype {logits.dtype} cannot be served: payload values are stored as "
+                f"{', '.join(DTYPES)} (the logits' own dtype, bit for bit); cast them first, e.g. logits.float()"
+            )
         if logits.shape[0] == 0 or logits.shape[1] == 0:
             raise PayloadError(f"empty batch: logits shape {tuple(logits.shape)}")
         values, indices, lse = vocab_parallel_topk(
@@ -219,7 +220,7 @@ class TopKPayload:
         values=False checks the header, shapes and dtypes alone: no tensor is read, so on a GPU the host does
         not wait for it (the KD loss checks the values with one read of its own, `kd_teacher.losses.kd`)."""
         h = self.header
-        h.check()
+        h.validate()
         b, s, k = h.batch, h.seq_len, h.k
         if tuple(self.values.shape) != (b, s, k):
             raise PayloadError(f"values shape {tuple(self.values.shape)} != header [batch, seq, k] = {[b, s, k]}")
@@ -308,13 +309,10 @@ class TopKPayload:
         if not parts:
             raise PayloadError("cannot concatenate an empty list of payloads")
         h0 = parts[0].header
-        for p in parts[1:]:
-            h = p.header
-            same = (h.k, h.temperature, h.vocab_size, h.seq_len, h.values_dtype, h.teacher_fingerprint,
-                    h.recipe_fingerprint)
-            if same != (h0.k, h0.temperature, h0.vocab_size, h0.seq_len, h0.values_dtype, h0.teacher_fingerprint,
-                        h0.recipe_fingerprint):
-                raise PayloadError("cannot concatenate payloads with different k/T/vocab/length/dtype/teacher")
+        for i, p in enumerate(parts[1:], 1):
+            if p.header.seq_len != h0.seq_len:
+                raise PayloadError(f"cannot concatenate payloads of lengths {h0.seq_len} and {p.header.seq_len}")
+            p.header.check(h0, served=f"payload {i}", expecting="payload 0", error=PayloadError)
         ids = None
         if all(p.header.sample_ids is not None for p in parts):
             ids = [i for p in parts for i in p.header.sample_ids]
@@ -397,6 +395,10 @@ class TopKPayload:
         indices = _from_raw(buf[start + nv : start + nv + ni], INDEX_DTYPE, (b, s, k))
         lse = _from_raw(buf[start + nv + ni : body_end], torch.float32, (b, s))
         return cls(values, indices, lse, header).validate()
+
+
+def _shape_or_type(x) -> str:
+    return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
 
 
 def _raw_bytes(t: torch.Tensor) -> bytes:

@@ -30,6 +30,8 @@ from typing import Optional, Union
 
 import torch
 
+from kd_teacher.dtypes import name_of
+
 log = logging.getLogger(__name__)
 
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
@@ -74,7 +76,7 @@ class PrecisionRecipe:
     @classmethod
     def from_transformer_config(cls, config) -> "PrecisionRecipe":
         """Read the recipe off a Megatron-Core `TransformerConfig` (the training run's own)."""
-        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[config.params_dtype]
+        dtype = name_of(config.params_dtype, "params_dtype")
         fp8 = getattr(config, "fp8", None)
         if not fp8:
             return cls(params_dtype=dtype, mcore_version=_mcore_version())
@@ -230,6 +232,20 @@ def check_recipe(
     expected_fp = expected.fingerprint() if isinstance(expected, PrecisionRecipe) else expected
     if payload_fingerprint == expected_fp:
         return
+    message = recipe_mismatch(payload_fingerprint, expected)
+    if allow_mismatch:
+        log.warning("accepting a precision recipe mismatch (allow_recipe_mismatch): %s", message)
+        return
+    raise RecipeMismatchError(message + ". " + RECIPE_REMEDY)
+
+
+RECIPE_REMEDY = ("Serve the teacher under the student's recipe (copy the student's fp8 settings into the teacher "
+                 "config's model.precision), or set kd.allow_recipe_mismatch: true to accept it deliberately")
+
+
+def recipe_mismatch(payload_fingerprint: str, expected: Union[str, PrecisionRecipe]) -> str:
+    """Two recipes in words (`payload_fingerprint`: the teacher's; `expected`: this run's) and how they differ."""
+    expected_fp = expected.fingerprint() if isinstance(expected, PrecisionRecipe) else expected
     theirs = PrecisionRecipe.from_fingerprint(payload_fingerprint)
     ours = expected if isinstance(expected, PrecisionRecipe) else PrecisionRecipe.from_fingerprint(expected_fp)
     message = (
@@ -238,13 +254,7 @@ def check_recipe(
     )
     if theirs is not None and ours is not None:
         message += f"; they differ in {recipe_differences(theirs, ours)}"
-    if allow_mismatch:
-        log.warning("accepting a precision recipe mismatch (allow_recipe_mismatch): %s", message)
-        return
-    raise RecipeMismatchError(
-        message + ". Serve the teacher under the student's recipe (copy the student's fp8 settings into the "
-        "teacher config's model.precision), or set kd.allow_recipe_mismatch: true to accept it deliberately"
-    )
+    return message
 
 
 def recipe_differences(a: PrecisionRecipe, b: PrecisionRecipe) -> str:

@@ -313,11 +313,11 @@ def test_bad_input_gives_clear_errors():
     student, payload, mask, _ = make_case(12, temperature=2.0)
     with pytest.raises(KDLossError, match=r"payload is for \[batch, seq\] = \[2, 6\]"):
         kd_loss(student[:, :5].contiguous(), payload)
-    with pytest.raises(KDLossError, match="true vocabulary has 91 ids, the teacher payload's 90"):
+    with pytest.raises(KDLossError, match="vocab_size: the loss expects 91, the teacher payload has 90"):
         kd_loss(student, payload, vocab_size=91)
     with pytest.raises(KDLossError, match="fewer than the payload's vocabulary of 90"):
         kd_loss(student[..., :80].contiguous(), payload)
-    with pytest.raises(KDLossError, match="temperature 1.0 differs from the payload's 2.0"):
+    with pytest.raises(KDLossError, match="temperature: the loss expects 1.0, the teacher payload has 2.0"):
         kd_loss(student, payload, temperature=1.0)
     bad_ids = TopKPayload(payload.values, payload.indices.clone(), payload.lse, payload.header)
     bad_ids.indices[0, 0, 0] = 90

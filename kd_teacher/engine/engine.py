@@ -32,15 +32,9 @@ from kd_teacher.engine.model import ModelConfig, build_gpt_model
 from kd_teacher.engine.output_tap import OutputLayerTap
 from kd_teacher.engine.scheduler import ScoreRequest, TokenBudgetScheduler
 from kd_teacher.topk import check_finite_lse, vocab_parallel_topk
-from kd_teacher.payload import (
-    INDEX_DTYPE,
-    DTYPE_NAMES,
-    PayloadError,
-    PayloadHeader,
-    TopKPayload,
-    check_token_ids,
-    token_hashes,
-)
+from kd_teacher.contract import TeacherContract
+from kd_teacher.dtypes import DTYPE_NAMES, INDEX_DTYPE
+from kd_teacher.payload import PayloadError, PayloadHeader, TopKPayload, check_token_ids, token_hashes
 from kd_teacher.precision import PrecisionRecipe, require_fp8_support, serving_policy
 
 log = logging.getLogger(__name__)
@@ -210,6 +204,13 @@ class TeacherEngine:
         self._tap_checked = False
 
     @property
+    def contract(self) -> TeacherContract:
+        """What this engine serves (its payloads' values dtype is known once it has scored)."""
+        return TeacherContract(vocab_size=self.vocab_size, k=self.config.k, temperature=float(self.config.temperature),
+                               extraction="topk", teacher_fingerprint=self.fingerprint,
+                               recipe_fingerprint=self.recipe_fingerprint)
+
+    @property
     def extraction_site(self) -> str:
         """Where teacher mode takes the top-k: "output_layer" (inside the forward, see `output_tap`) or
         "returned_logits" (from what the model's forward returns)."""
@@ -356,19 +357,8 @@ class TeacherEngine:
                 else:  # another dtype (int64 ids into int32) or device: the same one copy as above
                     into.copy_(torch.stack(part))
         b, s = req.tokens.shape
-        header = PayloadHeader(
-            k=self.config.k,
-            temperature=float(self.config.temperature),
-            vocab_size=self.vocab_size,
-            batch=b,
-            seq_len=s,
-            values_dtype=DTYPE_NAMES[values.dtype],
-            token_hashes=hashes,
-            sample_ids=req.sample_ids,
-            request_id=req.request_id,
-            teacher_fingerprint=self.fingerprint,
-            recipe_fingerprint=self.recipe_fingerprint,
-        )
+        header = PayloadHeader(**{**vars(self.contract), "values_dtype": DTYPE_NAMES[values.dtype]}, batch=b,
+                               seq_len=s, token_hashes=hashes, sample_ids=req.sample_ids, request_id=req.request_id)
         return TopKPayload(values, indices, lse, header)
 
     # ---- forward machinery ------------------------------------------------------------------------------

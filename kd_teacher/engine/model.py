@@ -12,7 +12,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from kd_teacher.dtypes import DTYPES
 
 
 @dataclass
@@ -86,7 +86,7 @@ def transformer_config(cfg: ModelConfig):
     from megatron.core.transformer import TransformerConfig
 
     p = cfg.precision
-    dtype = _DTYPES[p.params_dtype]
+    dtype = DTYPES[p.params_dtype]
     swiglu = cfg.activation == "swiglu"
     kwargs = dict(
         num_layers=cfg.num_layers,

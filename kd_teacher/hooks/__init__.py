@@ -10,12 +10,11 @@ from kd_teacher.hooks.sources import (
     InProcessSource,
     OfflineSource,
     RemoteSource,
-    TeacherInfo,
     TeacherSource,
     make_teacher_source,
 )
 
 __all__ = [
-    "KDConfig", "load_kd_config", "KDForwardStep", "wrap_forward_step", "add_kd_args", "TeacherSource", "TeacherInfo",
+    "KDConfig", "load_kd_config", "KDForwardStep", "wrap_forward_step", "add_kd_args", "TeacherSource",
     "InProcessSource", "OfflineSource", "RemoteSource", "make_teacher_source",
 ]

@@ -28,11 +28,12 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from kd_teacher.contract import TeacherContract
 from kd_teacher.hooks.combine import combine_losses
 from kd_teacher.hooks.config import KDConfig, as_kd_config
 from kd_teacher.hooks.sources import HostTokens, TeacherSource, make_teacher_source
 from kd_teacher.payload import PayloadError, TopKPayload
-from kd_teacher.precision import PrecisionRecipe, check_recipe
+from kd_teacher.precision import RECIPE_REMEDY, PrecisionRecipe
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,9 @@ class KDForwardStep:
         self.read_ahead = (source.asynchronous if read_ahead is None else read_ahead) and cfg.prefetch > 0
         self._streams: "collections.OrderedDict[int, collections.deque]" = collections.OrderedDict()
         self._prepared: collections.deque = collections.deque()  # payloads from prefetch(), in order
-        self._expected_recipe: Optional[str] = None
+        # What this run needs of the teacher (the student's recipe is added once the student model is known).
+        self.expected = TeacherContract(k=cfg.k, temperature=cfg.temperature, vocab_size=self.vocab_size)
+        self._student_known = False
         self.missing_count = 0
         self._check_layout()
         self._check_source()
@@ -152,32 +155,28 @@ class KDForwardStep:
             raise ValueError("kd: reading ahead is not possible with a source whose scoring spans pipeline stages")
 
     def _check_source(self) -> None:
-        info, cfg = self.source.info, self.cfg
-        problems = []
-        if info.k is not None and info.k != cfg.k:
-            problems.append(f"k={info.k} (kd.k={cfg.k})")
-        if info.temperature is not None and info.temperature != cfg.temperature:
-            problems.append(f"temperature={info.temperature} (kd.temperature={cfg.temperature})")
-        if info.vocab_size is not None and self.vocab_size is not None and info.vocab_size != self.vocab_size:
-            problems.append(f"vocab size {info.vocab_size} (student: {self.vocab_size})")
-        if problems:
-            raise PayloadError(f"the {cfg.source} teacher serves {', '.join(problems)}: it does not fit this run")
+        """What the source says it serves, against this run's expectation (recipe: see `_set_student`)."""
+        self._check_contract(self.source.info, f"the {self.cfg.source} teacher")
+
+    def _check_contract(self, served: TeacherContract, what: str) -> None:
+        accept = ("recipe_fingerprint",) if self.cfg.allow_recipe_mismatch else ()
+        served.check(self.expected, served=what, expecting="this run (kd block and student)", error=PayloadError,
+                     accept=accept, remedy=RECIPE_REMEDY if self.expected.recipe_fingerprint is not None else "")
 
     def _set_student(self, model) -> None:
-        """The student's precision recipe, and a recipe check of the source when it declares one."""
+        """The student's precision recipe joins the expectation; the source is checked again against it."""
         from megatron.core.utils import get_attr_wrapped_model
 
         config = get_attr_wrapped_model(model[0] if isinstance(model, list) else model, "config")
-        self._expected_recipe = PrecisionRecipe.from_transformer_config(config).fingerprint()
-        if self.source.info.recipe_fingerprint is not None:
-            check_recipe(self.source.info.recipe_fingerprint, self._expected_recipe,
-                         allow_mismatch=self.cfg.allow_recipe_mismatch)
+        self.expected.recipe_fingerprint = PrecisionRecipe.from_transformer_config(config).fingerprint()
+        self._student_known = True
+        self._check_source()
 
     # ---- the forward step ----------------------------------------------------------------------------------
     def __call__(self, data_iterator, model, *args, **kwargs):
         if not _mpu().is_pipeline_last_stage():
             return self.forward_step(data_iterator, model, *args, **kwargs)
-        if self._expected_recipe is None:
+        if not self._student_known:
             self._set_student(model)
         feed = _RecordingIterator(self, data_iterator) if data_iterator is not None else None
         capture = _LogitsCapture(model)
@@ -247,15 +246,7 @@ class KDForwardStep:
         # (in-process, remote over NCCL) by the KD loss, in the one device read it makes per micro-batch.
         payload.validate(values=not payload.values.is_cuda)
         payload.check_tokens(tokens)
-        h, cfg = payload.header, self.cfg
-        if h.k != cfg.k:
-            raise PayloadError(f"teacher payload has k={h.k} but kd.k={cfg.k}")
-        if h.temperature != cfg.temperature:
-            raise PayloadError(f"teacher payload is at temperature {h.temperature} but kd.temperature={cfg.temperature}")
-        if self.vocab_size is not None and h.vocab_size != self.vocab_size:
-            raise PayloadError(f"teacher payload has vocab size {h.vocab_size} but the student's is {self.vocab_size}")
-        if self._expected_recipe is not None:
-            check_recipe(h.recipe_fingerprint, self._expected_recipe, allow_mismatch=cfg.allow_recipe_mismatch)
+        self._check_contract(payload.header, "the teacher payload")
         # Offline payloads arrive in page-locked host memory: the copy is queued, the host does not wait.
         return payload.to(_device(), non_blocking=True)
 
@@ -302,10 +293,7 @@ class KDForwardStep:
             return None
         items = [next(data_iterator) for _ in range(num_microbatches)]
         tokens = [self.batch_fields(item)[0] for item in items]
-        if hasattr(self.source, "score_many"):
-            payloads = self.source.score_many(tokens)
-        else:
-            payloads = [self.source.result(self.source.submit(t)) for t in tokens]
+        payloads = self.source.score_many(tokens)
         if _mpu().is_pipeline_last_stage():
             self._prepared.extend(payloads)
         return iter(items)

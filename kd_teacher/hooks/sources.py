@@ -1,9 +1,11 @@
 """Teacher sources: where the hook gets a `TopKPayload` for a micro-batch. Switching is a config change.
 
-Every source answers `score(tokens, *, sample_ids=None, request_id=None) -> TopKPayload`, and
+`TeacherSource` is the interface the hook relies on (a `typing.Protocol`: a source of the user's own needs no
+base class): `score(tokens, *, sample_ids=None, request_id=None) -> TopKPayload`, `score_many`, and
 `submit(...) -> handle` / `result(handle)` for payloads requested ahead of use (a source without real
-asynchrony computes on `submit`). `info` says what the source serves (k, temperature, vocabulary,
-fingerprints) so that the hook can refuse a mismatching teacher at start-up rather than at the first loss.
+asynchrony computes on `submit`). `info` (a `TeacherContract`) says what the source serves (k, temperature,
+vocabulary, fingerprints) so that the hook can refuse a mismatching teacher at start-up rather than at the
+first loss.
 
 - `InProcessSource`: a `TeacherEngine` on the student's ranks (same TP and PP, via Megatron's parallel_state).
 - `OfflineSource`: `kd_teacher.offline.OfflineTeacher` over a dump directory (content-addressed by token hash).
@@ -14,28 +16,17 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import torch
 
 from kd_teacher.config import ConfigError
+from kd_teacher.contract import TeacherContract
 from kd_teacher.hooks.config import KDConfig
 from kd_teacher.payload import TopKPayload
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TeacherInfo:
-    """What a source serves, as far as it knows before the first payload (None: learnt from payloads)."""
-
-    k: Optional[int] = None
-    temperature: Optional[float] = None
-    vocab_size: Optional[int] = None
-    teacher_fingerprint: Optional[str] = None
-    recipe_fingerprint: Optional[str] = None
 
 
 class HostTokens:
@@ -70,10 +61,11 @@ class HostTokens:
         return self._host
 
 
-class TeacherSource:
-    """Base of the sources: `score` is required, `submit`/`result` default to computing on submit."""
+class TeacherSource(Protocol):
+    """What the hook needs of a teacher source. Our sources subclass it for its defaults (`submit` computes
+    at once, `result` returns what `submit` gave, `score_many` scores one by one, all flags False)."""
 
-    info: TeacherInfo = TeacherInfo()
+    info: TeacherContract
     # True when scoring is a collective over the pipeline stages (an in-process teacher with PP > 1): then
     # payloads cannot be computed inside a pipeline schedule, where stages run different micro-batches, and
     # must be prepared for the whole step before it (`KDForwardStep.prefetch`).
@@ -87,7 +79,11 @@ class TeacherSource:
 
     def score(self, tokens: torch.Tensor, *, sample_ids: Optional[Sequence[int]] = None,
               request_id: Optional[str] = None) -> TopKPayload:
-        raise NotImplementedError
+        ...
+
+    def score_many(self, tokens_list: list[torch.Tensor]) -> list[TopKPayload]:
+        """Several micro-batches' payloads, in order."""
+        return [self.result(self.submit(t)) for t in tokens_list]
 
     def submit(self, tokens: torch.Tensor, sample_ids: Optional[Sequence[int]] = None,
                request_id: Optional[str] = None) -> Any:
@@ -97,7 +93,7 @@ class TeacherSource:
         return handle
 
     def close(self) -> None:
-        pass
+        return None
 
 
 class InProcessSource(TeacherSource):
@@ -110,10 +106,7 @@ class InProcessSource(TeacherSource):
         from megatron.core import parallel_state
 
         self.engine = engine
-        self.info = TeacherInfo(
-            k=engine.config.k, temperature=float(engine.config.temperature), vocab_size=engine.vocab_size,
-            teacher_fingerprint=engine.fingerprint, recipe_fingerprint=engine.recipe_fingerprint,
-        )
+        self.info = engine.contract
         self.pipeline_collective = parallel_state.get_pipeline_model_parallel_world_size() > 1
 
     def score(self, tokens, *, sample_ids=None, request_id=None) -> TopKPayload:
@@ -133,9 +126,9 @@ class _OnBackgroundThread(TeacherSource):
     takes_host_tokens = True
     thread_name = "kd-source"
 
-    def __init__(self, backend):
+    def __init__(self, backend, info: TeacherContract):
         self.backend = backend
-        self.info = _reader_info(backend)
+        self.info = info
         self._pool: Optional[ThreadPoolExecutor] = None
 
     def _run(self, fn, *args) -> Future:
@@ -147,9 +140,7 @@ class _OnBackgroundThread(TeacherSource):
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
-        close = getattr(self.backend, "close", None)
-        if close is not None:
-            close()
+        self.backend.close()
 
 
 class OfflineSource(_OnBackgroundThread):
@@ -165,6 +156,9 @@ class OfflineSource(_OnBackgroundThread):
     """
 
     thread_name = "kd-offline"
+
+    def __init__(self, reader):
+        super().__init__(reader, reader.manifest.contract())
 
     @property
     def reader(self):
@@ -192,6 +186,9 @@ class RemoteSource(_OnBackgroundThread):
 
     thread_name = "kd-remote"
 
+    def __init__(self, client):
+        super().__init__(client, client.info.contract())
+
     @property
     def client(self):
         return self.backend
@@ -206,25 +203,6 @@ class RemoteSource(_OnBackgroundThread):
     def result(self, handle: Future) -> TopKPayload:
         # The submit's own error (a refused request), if any, surfaces here, in the training thread.
         return self._run(lambda: self.client.result(handle.result())).result()
-
-
-def _reader_info(obj) -> TeacherInfo:
-    """Read k / temperature / vocab / fingerprints off a reader or client, whatever it calls its manifest."""
-    meta = getattr(obj, "info", None) or getattr(obj, "manifest", None) or obj
-
-    def get(*names):
-        for name in names:
-            value = meta.get(name) if isinstance(meta, dict) else getattr(meta, name, None)
-            if value is not None:
-                return value
-        return None
-
-    temperature = get("temperature")
-    return TeacherInfo(
-        k=get("k"), temperature=None if temperature is None else float(temperature),
-        vocab_size=get("vocab_size"), teacher_fingerprint=get("teacher_fingerprint"),
-        recipe_fingerprint=get("recipe_fingerprint"),
-    )
 
 
 # ---- construction from the KD config ------------------------------------------------------------------------
@@ -294,11 +272,8 @@ def _offline(cfg: KDConfig) -> OfflineSource:
 
 def _remote(cfg: KDConfig) -> RemoteSource:
     try:
-        from kd_teacher import transport
+        from kd_teacher.transport import make_client
     except ImportError as e:
         raise ConfigError(f"kd.source: remote needs kd_teacher.transport, which failed to import: {e}") from e
-    factory = getattr(transport, "make_client", None) or getattr(transport, "connect", None)
-    if factory is None:
-        raise ConfigError("kd_teacher.transport offers no make_client/connect to build a remote teacher client")
-    return RemoteSource(factory(cfg.remote, k=cfg.k, temperature=cfg.temperature, vocab_size=cfg.vocab_size,
+    return RemoteSource(make_client(cfg.remote, k=cfg.k, temperature=cfg.temperature, vocab_size=cfg.vocab_size,
                                 timeout_s=cfg.timeout_s))

@@ -19,13 +19,13 @@ no probability and no gradient. (Megatron's own cross-entropy does include them.
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from kd_teacher.contract import TeacherContract
 from kd_teacher.losses.divergences import KINDS, divergence, log1mexp, renormalised, teacher_bucket_logp
 from kd_teacher.losses.student import raise_on_bad_rows, student_buckets, token_rows
 from kd_teacher.payload import PayloadError, TopKPayload
@@ -56,25 +56,14 @@ def _group_size(group) -> int:
     return dist.get_world_size(group)
 
 
-def _check_temperature(payload: TopKPayload, temperature: Optional[float]) -> float:
-    recorded = float(payload.header.temperature)
-    if temperature is None:
-        return recorded
-    if not math.isclose(float(temperature), recorded, rel_tol=1e-6):
-        raise KDLossError(
-            f"temperature {temperature} differs from the payload's {recorded}: the teacher's log-sum-exp is only "
-            "valid at the temperature it was computed at; serve the teacher at the temperature the loss uses"
-        )
-    return recorded
+def _check_contract(payload: TopKPayload, temperature: Optional[float], vocab_size: Optional[int]) -> None:
+    """The payload serves what this loss computes: its temperature, the student's true vocabulary, top-k ids."""
+    expected = TeacherContract(temperature=temperature, vocab_size=vocab_size, extraction="topk")
+    payload.header.check(expected, served="the teacher payload", expecting="the loss", error=KDLossError)
 
 
-def _check_vocab(payload: TopKPayload, v_local: int, tp: int, vocab_size: Optional[int]) -> int:
+def _check_student_vocab(payload: TopKPayload, v_local: int, tp: int) -> int:
     teacher_vocab = payload.header.vocab_size
-    if vocab_size is not None and int(vocab_size) != teacher_vocab:
-        raise KDLossError(
-            f"the student's true vocabulary has {vocab_size} ids, the teacher payload's {teacher_vocab}: "
-            "teacher and student must share a tokenizer (padded sizes may differ, true sizes may not)"
-        )
     if v_local * tp < teacher_vocab:
         raise KDLossError(
             f"student logits cover {v_local} x TP {tp} = {v_local * tp} ids, fewer than the payload's "
@@ -87,8 +76,6 @@ def _check_payload(payload, b: int, s: int) -> None:
     if not isinstance(payload, TopKPayload):
         raise KDLossError(f"payload must be a TopKPayload, got {type(payload).__name__}")
     h = payload.header
-    if h.extraction != "topk":
-        raise KDLossError(f"payload extraction {h.extraction!r} is not supported by this loss (expects 'topk')")
     if (h.batch, h.seq_len) != (b, s):
         raise KDLossError(
             f"payload is for [batch, seq] = [{h.batch}, {h.seq_len}] but the student logits are [{b}, {s}, V/TP] "
@@ -155,8 +142,9 @@ def kd_terms(student_logits, payload, *, kind="forward_kl", temperature=None, ta
     rows = token_rows(student_logits)
     b, s, v_local = student_logits.shape
     _check_payload(payload, b, s)
-    t = _check_temperature(payload, temperature)
-    vocab = _check_vocab(payload, v_local, _group_size(group), vocab_size)
+    _check_contract(payload, temperature, vocab_size)
+    t = float(payload.header.temperature)
+    vocab = _check_student_vocab(payload, v_local, _group_size(group))
     weights = _check_mask(loss_mask, b, s, student_logits.device)
     if payload.values.device != student_logits.device:
         payload = payload.to(student_logits.device)

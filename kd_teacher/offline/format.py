@@ -40,6 +40,8 @@ from pathlib import Path
 
 import torch
 
+from kd_teacher.contract import TeacherContract
+
 FORMAT = "kd-teacher-offline-dump"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -169,9 +171,10 @@ def canonical_json(obj) -> str:
 
 
 # ---- the manifest ---------------------------------------------------------------------------------------------
-@dataclass
-class Manifest:
-    """Everything about a dump except its timestamps. `identity()` is what a resumed run must agree on."""
+@dataclass(kw_only=True)
+class Manifest(TeacherContract):
+    """Everything about a dump except its timestamps. `identity()` is what a resumed run must agree on. What the
+    dump serves is its `TeacherContract` part (a reader checks it against the training run's expectation)."""
 
     teacher_fingerprint: str
     recipe_fingerprint: str

@@ -19,16 +19,16 @@ Sequences that are not in the dump (`missing=`):
   payload but not the teacher's: the training hook must drop those rows from the KD term (cross-entropy
   only). `teacher.missing_sequences` / `served_sequences` count them over the teacher's lifetime.
 
-`expect=` (a dict or `Expectation`) names what the training run needs: k, temperature, vocab_size,
+`expect=` (a dict or a `TeacherContract`) names what the training run needs: k, temperature, vocab_size,
 teacher_fingerprint, recipe_fingerprint, values_dtype. A dump that differs is a `DumpMismatchError` listing
-each difference, unless `allow_mismatch=True` (then a warning): the override for a deliberate choice.
+each difference (`TeacherContract.check`), unless `allow_mismatch=True` (then a warning): the override for a
+deliberate choice.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
@@ -36,22 +36,10 @@ import numpy as np
 import torch
 
 from kd_teacher.config import from_dict
+from kd_teacher.contract import TeacherContract, contract_fields
+from kd_teacher.dtypes import DTYPES, INDEX_DTYPE
 from kd_teacher.offline import format as fmt
-from kd_teacher.payload import DTYPES, INDEX_DTYPE, PayloadHeader, TopKPayload, token_hashes
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class Expectation:
-    """What a training run requires of the teacher's payloads; None: no requirement."""
-
-    k: Optional[int] = None
-    temperature: Optional[float] = None
-    vocab_size: Optional[int] = None
-    teacher_fingerprint: Optional[str] = None
-    recipe_fingerprint: Optional[str] = None
-    values_dtype: Optional[str] = None
+from kd_teacher.payload import PayloadHeader, TopKPayload, token_hashes
 
 
 @dataclass
@@ -88,7 +76,7 @@ class OfflineTeacher:
         self,
         directory: str | Path,
         *,
-        expect: Expectation | dict | None = None,
+        expect: TeacherContract | dict | None = None,
         missing: Literal["error", "skip", "ce_only"] = "error",
         allow_mismatch: bool = False,
         allow_incomplete: bool = False,
@@ -147,20 +135,10 @@ class OfflineTeacher:
         if expect is None:
             return
         if isinstance(expect, dict):
-            expect = from_dict(Expectation, expect, "expect")
-        m = self.manifest
-        diffs = [
-            f"{name}: dump has {getattr(m, name)!r}, training asks for {want!r}"
-            for name, want in asdict(expect).items()
-            if want is not None and not _same(getattr(m, name), want)
-        ]
-        if not diffs:
-            return
-        text = f"offline dump {self.dir} does not match this training run: " + "; ".join(diffs)
-        if allow_mismatch:
-            log.warning("%s (accepted: allow_mismatch)", text)
-            return
-        raise fmt.DumpMismatchError(text + "; pass allow_mismatch=True to use it deliberately")
+            expect = from_dict(TeacherContract, expect, "expect")
+        self.manifest.check(expect, served="the dump", expecting="this training run", error=fmt.DumpMismatchError,
+                            accept=contract_fields() if allow_mismatch else (),
+                            remedy=f"The dump: {self.dir}; pass allow_mismatch=True to use it deliberately")
 
     def _build_index(self) -> _HashIndex:
         hashes, shard, row = [], [], []
@@ -209,11 +187,8 @@ class OfflineTeacher:
                 "Use missing='skip' to train those on cross-entropy only"
             )
         header = PayloadHeader(
-            k=k, temperature=self.temperature, vocab_size=self.vocab_size, batch=b, seq_len=s,
-            values_dtype=self.manifest.values_dtype, token_hashes=hashes,
+            **vars(self.manifest.contract()), batch=b, seq_len=s, token_hashes=hashes,
             sample_ids=None if sample_ids is None else [int(i) for i in sample_ids], request_id=request_id,
-            teacher_fingerprint=self.teacher_fingerprint, recipe_fingerprint=self.recipe_fingerprint,
-            extraction=self.manifest.extraction,
         )
         payload = TopKPayload(values, indices, lse, header).to(tokens.device)
         return OfflineLookup(payload, present.to(tokens.device))
@@ -226,9 +201,3 @@ class OfflineTeacher:
         if self.missing_mode == "skip":
             found.payload.present = found.present
         return found.payload
-
-
-def _same(have, want) -> bool:
-    if isinstance(have, float) or isinstance(want, float):
-        return float(have) == float(want)
-    return have == want

@@ -116,7 +116,8 @@ def _rescore(m: fmt.Manifest, shards: dict, n: int, config, seed: int, report: V
     from kd_teacher.engine.scheduler import ScoreRequest
     from kd_teacher.offline.data import build_source
     from kd_teacher.offline.writer import plan_chunks
-    from kd_teacher.payload import DTYPES, token_hashes
+    from kd_teacher.dtypes import DTYPES
+    from kd_teacher.payload import token_hashes
 
     engine = build_engine(config.teacher)
     if engine.fingerprint != m.teacher_fingerprint:

@@ -40,13 +40,10 @@ from kd_teacher.engine.scheduler import ScoreRequest
 from kd_teacher.offline import format as fmt
 from kd_teacher.offline.data import DataConfig, check_token_range
 from kd_teacher.offline.packing import bits_for_vocab, pack_ids
-from kd_teacher.payload import DTYPE_NAMES, DTYPES
+from kd_teacher.dtypes import DTYPE_NAMES, DTYPES, exact_cast
 
 log = logging.getLogger(__name__)
 
-# Exact casts: every value of the source dtype is a value of the target dtype.
-_EXACT = {("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16"),
-          ("bfloat16", "float32"), ("float16", "float32")}
 _MANIFEST_REFRESH_S = 30.0
 
 
@@ -132,7 +129,7 @@ class DumpWriter:
         e = self.engine
         logits_dtype = DTYPE_NAMES[e.tconfig.params_dtype]
         values_dtype = logits_dtype if self.cfg.output.values_dtype == "auto" else self.cfg.output.values_dtype
-        if (logits_dtype, values_dtype) not in _EXACT:
+        if not exact_cast(logits_dtype, values_dtype):
             log.warning("values are stored as %s from %s logits: a lossy cast (output.values_dtype)",
                         values_dtype, logits_dtype)
         n = len(self.source)

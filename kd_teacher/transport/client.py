@@ -28,6 +28,7 @@ from typing import Literal, Optional, Sequence
 import torch
 
 from kd_teacher.config import from_dict
+from kd_teacher.contract import TeacherContract
 from kd_teacher.payload import PayloadError, TopKPayload, check_token_ids, token_hashes
 from kd_teacher.transport import protocol as P
 
@@ -45,9 +46,11 @@ def _hash_threads() -> int:
     return 2 if cores >= 4 else 0
 
 
-@dataclass
-class RemoteTeacherConfig:
-    """The student side of the streaming teacher (the `kd.remote:` block)."""
+@dataclass(kw_only=True)
+class RemoteTeacherConfig(TeacherContract):
+    """The student side of the streaming teacher (the `kd.remote:` block). Its `TeacherContract` fields (k,
+    temperature, vocab_size, fingerprints, ...) are what the loss needs: the teacher is refused at connect
+    unless it serves exactly that (None: any)."""
 
     transport: Literal["shm", "dist"] = "shm"
     # shm: the server's name (`serve.name` of the teacher)
@@ -71,22 +74,12 @@ class RemoteTeacherConfig:
     # shm: also crc32 every slot's data (both directions); None: only where stores may be seen out of order
     # (not x86). Slot headers are always hashed; see kd_teacher/transport/shm.py.
     shm_verify_data: Optional[bool] = None
-    # What the loss needs; the teacher is refused at connect unless it serves exactly this (None: any).
-    vocab_size: Optional[int] = None
-    k: Optional[int] = None
-    temperature: Optional[float] = None
-    teacher_fingerprint: Optional[str] = None
-    recipe_fingerprint: Optional[str] = None
 
     def __post_init__(self):
         if self.max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {self.max_in_flight}")
         if self.timeout_s <= 0 or self.heartbeat_timeout_s <= 0:
             raise ValueError("timeout_s and heartbeat_timeout_s must be positive")
-
-    def expectation(self) -> P.Expectation:
-        return P.Expectation(self.vocab_size, self.k, self.temperature, self.teacher_fingerprint,
-                             self.recipe_fingerprint)
 
 
 @dataclass
@@ -129,13 +122,13 @@ class RemoteTeacher:
         if cfg.transport == "shm":
             from kd_teacher.transport.shm import ShmClient
 
-            return ShmClient(cfg.name, rank, cfg.expectation(), slots=cfg.max_in_flight,
+            return ShmClient(cfg.name, rank, cfg.contract(), slots=cfg.max_in_flight,
                              connect_timeout_s=cfg.connect_timeout_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s,
                              device=cfg.device, verify_data=cfg.shm_verify_data)
         from kd_teacher.transport.dist_transport import DistClient
 
         # Timed-out requests keep their reply receives posted until the late replies come: room for as many.
-        return DistClient(cfg.address, rank, size, cfg.expectation(), backend=cfg.backend,
+        return DistClient(cfg.address, rank, size, cfg.contract(), backend=cfg.backend,
                           connect_timeout_s=cfg.connect_timeout_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s,
                           device=cfg.device, max_outstanding=2 * cfg.max_in_flight)
 
@@ -249,9 +242,8 @@ class RemoteTeacher:
 
     def _checked(self, payload: TopKPayload, pending: _Pending) -> TopKPayload:
         payload.check_token_hashes(pending.shape, pending.hashes.result(), pending.sample_ids)
-        h, info = payload.header, self.info
-        if (h.teacher_fingerprint, h.recipe_fingerprint) != (info.teacher_fingerprint, info.recipe_fingerprint):
-            raise PayloadError("payload fingerprints differ from the teacher's at connect (another teacher answered)")
+        # The transport checked the layout (k, vocab, T, dtype) against the handshake; this is whose it is.
+        payload.header.check(self.info, served="the reply", expecting="the teacher at connect", error=PayloadError)
         if self.config.validate_payloads:
             payload.validate()
         return payload

@@ -97,7 +97,7 @@ class DistServer:
         refused = []
         for i, key in enumerate(keys):
             hello = json.loads(self.store.get(key))
-            problems = P.incompatibilities(self.info, P.Expectation(**hello["expect"]))
+            problems = P.incompatibilities(self.info, P.student_expectation(hello))
             if int(hello["num_students"]) != S:
                 problems.append(f"num_students {hello['num_students']} != {S} (student 0's)")
             if self.replica == 0:

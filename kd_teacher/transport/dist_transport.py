@@ -76,6 +76,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from kd_teacher.contract import TeacherContract
 from kd_teacher.transport import dist_wire as W
 from kd_teacher.transport import protocol as P
 from kd_teacher.transport import reply_block as RB
@@ -319,7 +320,7 @@ class _Posted:
 class DistClient:
     """A student rank's end: hosts the KD store on rank 0, handshakes, joins the KD groups, moves messages."""
 
-    def __init__(self, address: str, student: int, num_students: int, expect: P.Expectation, *,
+    def __init__(self, address: str, student: int, num_students: int, expect: TeacherContract, *,
                  backend: Optional[str] = None, connect_timeout_s: float = 600.0, heartbeat_timeout_s: float = 30.0,
                  device=None, max_outstanding: int = 8):
         self.student, self.num_students = student, num_students
@@ -348,7 +349,7 @@ class DistClient:
         self._buffers = HostBuffers(self.device)
         self._warm_up(deadline)
 
-    def _handshake(self, address: str, expect: P.Expectation, timeout_s: float) -> P.ServerInfo:
+    def _handshake(self, address: str, expect: TeacherContract, timeout_s: float) -> P.ServerInfo:
         try:
             self.store.wait(["kd/server"])
         except Exception as e:  # noqa: BLE001

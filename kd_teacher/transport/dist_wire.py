@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from kd_teacher.payload import DTYPES
+from kd_teacher.dtypes import DTYPES
 from kd_teacher.transport import protocol as P
 from kd_teacher.transport import reply_block as RB
 

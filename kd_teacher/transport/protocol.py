@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
-from kd_teacher.payload import DTYPES, INDEX_DTYPE, PayloadError, PayloadHeader, TopKPayload
+from kd_teacher.contract import TeacherContract
+from kd_teacher.dtypes import DTYPES, INDEX_DTYPE
+from kd_teacher.payload import PayloadError, PayloadHeader, TopKPayload
 
 PROTOCOL_VERSION = 2  # 2: torch.distributed requests in one message, binary reply blocks
 MAGIC = b"KDTM"
@@ -137,9 +139,10 @@ def tensor_from(buf: memoryview, dtype: torch.dtype, shape: Sequence[int]) -> to
 
 
 # ---- handshake --------------------------------------------------------------------------------------------------
-@dataclass
-class ServerInfo:
-    """What a teacher server announces at connect; students check it against what their loss expects."""
+@dataclass(kw_only=True)
+class ServerInfo(TeacherContract):
+    """What a teacher server announces at connect: what it serves (`TeacherContract`, which students check
+    against theirs with `incompatibilities`) and the limits of its requests."""
 
     vocab_size: int
     k: int
@@ -152,53 +155,26 @@ class ServerInfo:
     max_seq_len: int = 4096
     protocol_version: int = PROTOCOL_VERSION
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
     @classmethod
     def from_json(cls, text: str | bytes) -> "ServerInfo":
         try:
             data = json.loads(text)
-            known = {f.name for f in fields(cls)}
-            if not isinstance(data, dict) or set(data) - known:
-                raise ValueError(f"unexpected fields {sorted(set(data) - known) if isinstance(data, dict) else data}")
-            return cls(**data)
         except (ValueError, TypeError) as e:
             raise ProtocolError(f"teacher server info is malformed: {e}") from None
+        return cls.from_mapping(data, ProtocolError, "teacher server info")
 
 
-@dataclass
-class Expectation:
-    """What a student requires of its teacher; None means 'whatever the teacher serves'."""
-
-    vocab_size: Optional[int] = None
-    k: Optional[int] = None
-    temperature: Optional[float] = None
-    teacher_fingerprint: Optional[str] = None
-    recipe_fingerprint: Optional[str] = None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "Expectation":
-        try:
-            return cls(**json.loads(text))
-        except (ValueError, TypeError) as e:
-            raise ProtocolError(f"student expectation is malformed: {e}") from None
+def student_expectation(hello: dict) -> TeacherContract:
+    """The expectation a student's hello carries (`TeacherContract.to_json` of it)."""
+    return TeacherContract.from_mapping(hello.get("expect"), ProtocolError, "student expectation")
 
 
-def incompatibilities(server: ServerInfo, expect: Expectation) -> list[str]:
+def incompatibilities(server: ServerInfo, expect: TeacherContract) -> list[str]:
     """Why this server cannot serve this student (empty: it can). Both sides run it at connect."""
     problems = []
     if server.protocol_version != PROTOCOL_VERSION:
         problems.append(f"protocol version {server.protocol_version} != {PROTOCOL_VERSION}")
-    for name in ("vocab_size", "k", "temperature", "teacher_fingerprint", "recipe_fingerprint"):
-        want = getattr(expect, name)
-        have = getattr(server, name)
-        if want is not None and (float(want) != float(have) if name == "temperature" else want != have):
-            problems.append(f"{name}: the student expects {want!r}, the teacher serves {have!r}")
-    return problems
+    return problems + server.mismatches(expect, served="the teacher", expecting="the student")
 
 
 # ---- requests ---------------------------------------------------------------------------------------------------
@@ -290,13 +266,11 @@ def check_payload_header(header: dict, shape: Sequence[int], info: ServerInfo) -
 
 
 def check_payload_fits(ph: PayloadHeader, shape: Sequence[int], info: ServerInfo) -> PayloadHeader:
-    """A reply's payload header against the request's [batch, seq] and the handshake's k / vocab / T / dtype."""
+    """A reply's payload header against the request's [batch, seq] and what the handshake agreed (k, vocab, T,
+    dtype, ...; not which teacher: a reply of another one is refused alone, by RemoteTeacher)."""
     if [ph.batch, ph.seq_len] != list(shape):
         raise ProtocolError(f"reply is for [batch, seq] = [{ph.batch}, {ph.seq_len}], the request was {list(shape)}")
-    got = (ph.k, ph.vocab_size, float(ph.temperature), ph.values_dtype)
-    agreed = (info.k, info.vocab_size, float(info.temperature), info.values_dtype)
-    if got != agreed:
-        raise ProtocolError(f"reply (k, vocab, T, dtype) = {got} differs from the handshake {agreed}")
+    ph.check(info, served="the reply", expecting="the handshake", error=ProtocolError, identity=False)
     return ph
 
 

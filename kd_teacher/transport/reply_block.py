@@ -4,7 +4,8 @@ checks before it uses the payload that follows, with no JSON on the per-message 
     prefix (80 bytes, little-endian)
       magic "KDTB", version, status (0 ok / 1 error), values dtype code, flags (1 token hashes, 2 sample ids)
       seq u64, batch u32, seq_len u32, k u32, vocab u32, temperature f64, text bytes u32, schema version u32,
-      fingerprints digest (16 bytes: BLAKE2b of the teacher and recipe fingerprints), extraction (16 bytes ASCII)
+      identity digest (16 bytes: `TeacherContract.identity_digest`, the teacher and recipe fingerprints),
+      extraction (16 bytes ASCII)
     ok     batch x 16-byte token hashes (the BLAKE2b-128 digests that PayloadHeader.token_hashes holds in hex),
            then batch x int64 sample ids when flagged
     error  the error text, UTF-8, cut to fit
@@ -14,18 +15,19 @@ checks before it uses the payload that follows, with no JSON on the per-message 
 Why binary: writing the PayloadHeader as JSON cost the teacher ~20 us a message and parsing and checking it
 cost the student ~30 us, while a 3 MB NCCL transfer takes 44 us. The block carries only what the student
 cannot know; the student rebuilds the PayloadHeader from its request (shape, request id) and the handshake
-(fingerprints, whose digest the block carries), after checking that k, vocabulary, temperature and
-dtype are the handshake's, the shape is its request's, and (in RemoteTeacher) that the token hashes are the
-ones it computed when it sent the request.
+(what the teacher serves; its identity fields only where the block's digest of them agrees), then checks it
+against the request and the handshake (`protocol.check_payload_fits`) and, in RemoteTeacher, the token hashes
+against the ones it computed when it sent the request.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import struct
+from dataclasses import asdict
 from typing import Optional, Sequence
 
+from kd_teacher.contract import IDENTITY_FIELDS
+from kd_teacher.dtypes import WIRE_CODES, WIRE_NAMES
 from kd_teacher.payload import SCHEMA_VERSION, PayloadHeader
 from kd_teacher.transport import protocol as P
 
@@ -37,21 +39,12 @@ _PREFIX = struct.Struct("<4sBBBBQIIIIdII16s16s")
 _MAGIC = b"KDTB"
 _ALIGN = 64
 _HAS_HASHES, _HAS_SAMPLE_IDS = 1, 2
-# Explicit codes, not positions in payload.DTYPES: the wire must not change when that dict does.
-_DTYPE_CODES = {"float32": 1, "bfloat16": 2, "float16": 3}
-_DTYPE_NAMES = {v: k for k, v in _DTYPE_CODES.items()}
 _PER_SEQUENCE_BYTES = HASH_BYTES + 8
 
 
 def block_bytes(batch: int) -> int:
     n = max(_PREFIX.size + batch * _PER_SEQUENCE_BYTES, MIN_BLOCK_BYTES)
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-@functools.lru_cache(maxsize=16)
-def fingerprint_digest(teacher_fingerprint: str, recipe_fingerprint: str) -> bytes:
-    both = teacher_fingerprint.encode() + b"\0" + recipe_fingerprint.encode()
-    return hashlib.blake2b(both, digest_size=16).digest()
 
 
 # ---- teacher side -----------------------------------------------------------------------------------------------
@@ -62,15 +55,14 @@ def encode_ok(seq: int, size: int, header: PayloadHeader) -> bytearray:
     extraction = header.extraction.encode()
     if len(extraction) > 16:
         raise ValueError(f"extraction name {header.extraction!r} is longer than 16 bytes")
-    if header.values_dtype not in _DTYPE_CODES:
+    if header.values_dtype not in WIRE_CODES:
         raise ValueError(f"values dtype {header.values_dtype!r} has no wire code")
     if _PREFIX.size + b * _PER_SEQUENCE_BYTES > size:
         raise ValueError(f"a reply header for {b} sequences does not fit a {size}-byte block")
     out = bytearray(size)
-    _PREFIX.pack_into(out, 0, _MAGIC, VERSION, STATUS_OK, _DTYPE_CODES[header.values_dtype], flags, seq, b,
+    _PREFIX.pack_into(out, 0, _MAGIC, VERSION, STATUS_OK, WIRE_CODES[header.values_dtype], flags, seq, b,
                       header.seq_len, header.k, header.vocab_size, float(header.temperature), 0,
-                      header.schema_version, fingerprint_digest(header.teacher_fingerprint, header.recipe_fingerprint),
-                      extraction)
+                      header.schema_version, header.identity_digest(), extraction)
     at = _PREFIX.size
     if header.token_hashes:
         digests = bytes.fromhex("".join(header.token_hashes))
@@ -118,7 +110,12 @@ def decode(raw, seq: int, shape: Sequence[int], info: P.ServerInfo,
             raise P.ProtocolError("error reply text is not UTF-8") from None
     if status != STATUS_OK:
         raise P.ProtocolError(f"reply block has unknown status {status}")
-    _check_fits(b, s, k, vocab, temperature, _DTYPE_NAMES.get(dtype), schema, shape, info)
+    if schema != SCHEMA_VERSION:
+        raise P.ProtocolError(f"reply payload schema version {schema} is not understood ({SCHEMA_VERSION})")
+    if dtype not in WIRE_NAMES:
+        raise P.ProtocolError(f"reply values dtype code {dtype} is not one of {sorted(WIRE_NAMES)}")
+    if [b, s] != list(shape):  # before b sizes anything below
+        raise P.ProtocolError(f"reply is for [batch, seq] = [{b}, {s}], the request was {list(shape)}")
     if _PREFIX.size + b * _PER_SEQUENCE_BYTES > len(raw):
         raise P.ProtocolError(f"reply block of {len(raw)} bytes has no room for {b} sequences")
     at, hashes = _PREFIX.size, []
@@ -131,23 +128,12 @@ def decode(raw, seq: int, shape: Sequence[int], info: P.ServerInfo,
         extraction_name = extraction.rstrip(b"\0").decode("ascii")
     except UnicodeDecodeError:
         raise P.ProtocolError(f"reply extraction name {extraction!r} is not ASCII") from None
-    teacher_fp, recipe_fp = info.teacher_fingerprint, info.recipe_fingerprint
-    if fp != fingerprint_digest(teacher_fp, recipe_fp):
+    served = asdict(info.contract())  # what the handshake agreed; the block's own fields override it below
+    if fp != info.identity_digest():
         # Not a ProtocolError: the channel is in step; RemoteTeacher refuses this one payload (PayloadError).
-        teacher_fp = recipe_fp = f"not the handshake's (digest {fp.hex()})"
-    # Built directly: every field was checked above against the request or the handshake.
-    header = PayloadHeader(k=k, temperature=temperature, vocab_size=vocab, batch=b, seq_len=s,
-                           values_dtype=info.values_dtype, token_hashes=hashes, sample_ids=sample_ids,
-                           request_id=request_id, teacher_fingerprint=teacher_fp, recipe_fingerprint=recipe_fp,
-                           extraction=extraction_name)
-    return header, None
-
-
-def _check_fits(b, s, k, vocab, temperature, dtype, schema, shape, info: P.ServerInfo) -> None:
-    if [b, s] != list(shape):
-        raise P.ProtocolError(f"reply is for [batch, seq] = [{b}, {s}], the request was {list(shape)}")
-    if schema != SCHEMA_VERSION:
-        raise P.ProtocolError(f"reply payload schema version {schema} is not understood ({SCHEMA_VERSION})")
-    got, agreed = (k, vocab, temperature, dtype), (info.k, info.vocab_size, float(info.temperature), info.values_dtype)
-    if got != agreed:
-        raise P.ProtocolError(f"reply (k, vocab, T, dtype) = {got} differs from the handshake {agreed}")
+        served.update({name: f"not the handshake's (digest {fp.hex()})" for name in IDENTITY_FIELDS})
+    served.update(k=k, temperature=temperature, vocab_size=vocab, values_dtype=WIRE_NAMES[dtype],
+                  extraction=extraction_name)
+    header = PayloadHeader(**served, batch=b, seq_len=s, token_hashes=hashes, sample_ids=sample_ids,
+                           request_id=request_id)
+    return P.check_payload_fits(header, shape, info), None

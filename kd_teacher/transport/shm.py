@@ -73,7 +73,9 @@ from typing import Callable, Optional
 
 import torch
 
-from kd_teacher.payload import DTYPES, TopKPayload
+from kd_teacher.contract import TeacherContract
+from kd_teacher.dtypes import DTYPES
+from kd_teacher.payload import TopKPayload
 from kd_teacher.transport import protocol as P
 from kd_teacher.transport.buffers import HostBuffers
 
@@ -435,7 +437,7 @@ class ShmServer:
         if student % self.info.replicas != self.replica:
             mm.close()
             return
-        problems = P.incompatibilities(self.info, P.Expectation.from_json(json.dumps(hello["expect"])))
+        problems = P.incompatibilities(self.info, P.student_expectation(hello))
         verdict = {"ok": not problems, "reason": "; ".join(problems)}
         _put_json(mm, _VERDICT_AT, _VERDICT_MAX, _VERDICT_LEN, verdict)
         _put(mm, _ATTACHED_GEN, self.generation)
@@ -541,7 +543,7 @@ class ShmServer:
 class ShmClient:
     """A student's end: its channel file, the handshake, and liveness checks of the server it is attached to."""
 
-    def __init__(self, name: str, student: int, expect: P.Expectation, *, slots: int, connect_timeout_s: float,
+    def __init__(self, name: str, student: int, expect: TeacherContract, *, slots: int, connect_timeout_s: float,
                  heartbeat_timeout_s: float, device=None, verify_data: Optional[bool] = None):
         self.name, self.student, self.expect = _check_name(name), student, expect
         self.slots = slots
@@ -653,9 +655,8 @@ class ShmClient:
         if self._server is not None:
             return
         info = self._connect(deadline)
-        if (info.k, info.vocab_size, info.temperature, info.values_dtype) != (
-                self.info.k, self.info.vocab_size, self.info.temperature, self.info.values_dtype):
-            raise P.IncompatibleTeacherError("the restarted teacher serves another k/vocabulary/temperature/dtype")
+        info.check(self.info, served="the restarted teacher", expecting="this student's channel",
+                   error=P.IncompatibleTeacherError, identity=False)
         if slot_sizes(info) != (self.req.slot_bytes, self.rep.slot_bytes):
             raise P.IncompatibleTeacherError("the restarted teacher has another max_tokens_per_request")
         self.info = info

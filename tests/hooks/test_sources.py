@@ -134,8 +134,8 @@ def test_config_contradicting_the_run_fails_at_start_up(tmp_path):
     assert "TP=1" in errors["teacher_tp"] and "student runs TP=2" in errors["teacher_tp"]
     assert "no_such_checkpoint" in errors["checkpoint"] and "missing" in errors["checkpoint"]
     assert "random weights" in errors["random"]
-    assert "vocab size 1000" in errors["vocab"] and "999" in errors["vocab"]
-    assert "k=8" in errors["k"] and "kd.k=16" in errors["k"]
+    assert "vocab_size: this run (kd block and student) expects 999, the in_process teacher has 1000" in errors["vocab"]
+    assert "k: this run (kd block and student) expects 16, the in_process teacher has 8" in errors["k"]
     assert "k" in errors["offline_k"] and "16" in errors["offline_k"]
     assert "temperature" in errors["offline_t"]
     assert errors["offline_ok"] is None

@@ -192,7 +192,7 @@ def test_flipped_byte_in_tables_or_truncation_fails_at_open(reference, tmp_path)
 
 def test_mismatch_with_the_training_config_is_a_clear_error(reference):
     out = reference[1]
-    with pytest.raises(fmt.DumpMismatchError, match=r"k: dump has 8, training asks for 16"):
+    with pytest.raises(fmt.DumpMismatchError, match=r"k: this training run expects 16, the dump has 8"):
         OfflineTeacher(out, expect={"k": 16})
     with pytest.raises(fmt.DumpMismatchError, match="temperature.*teacher_fingerprint"):
         OfflineTeacher(out, expect={"temperature": 2.0, "teacher_fingerprint": "other"})

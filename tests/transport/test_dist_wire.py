@@ -114,9 +114,9 @@ def test_reply_block_roundtrip_gives_the_payload_header_back():
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(k=5), r"\(k, vocab, T, dtype\)"),
-    (dict(temperature=2.0), r"\(k, vocab, T, dtype\)"),
-    (dict(values_dtype="float32"), r"\(k, vocab, T, dtype\)"),
+    (dict(k=5), "k: the handshake expects 4, the reply has 5"),
+    (dict(temperature=2.0), "temperature: the handshake expects 1.0, the reply has 2.0"),
+    (dict(values_dtype="float32"), "values_dtype: the handshake expects 'bfloat16', the reply has 'float32'"),
     (dict(batch=1, seq_len=10, token_hashes=["00" * 16], sample_ids=None), r"\[batch, seq\] = \[1, 10\]"),
 ])
 def test_reply_that_does_not_fit_the_request_or_the_handshake_is_a_protocol_error(change, message):

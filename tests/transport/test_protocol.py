@@ -5,6 +5,7 @@ import struct
 import pytest
 import torch
 
+from kd_teacher.contract import TeacherContract
 from kd_teacher.payload import PayloadHeader, TopKPayload
 from kd_teacher.transport import protocol as P
 
@@ -85,8 +86,8 @@ def test_reply_header_must_match_the_request_and_the_handshake():
 
 
 def test_incompatibilities_name_each_field():
-    assert P.incompatibilities(INFO, P.Expectation(vocab_size=1000, k=4, temperature=1.0)) == []
-    problems = P.incompatibilities(INFO, P.Expectation(vocab_size=1001, k=8, temperature=2.0,
+    assert P.incompatibilities(INFO, TeacherContract(vocab_size=1000, k=4, temperature=1.0)) == []
+    problems = P.incompatibilities(INFO, TeacherContract(vocab_size=1001, k=8, temperature=2.0,
                                                        teacher_fingerprint="other"))
     assert [p.split(":")[0] for p in problems] == ["vocab_size", "k", "temperature", "teacher_fingerprint"]
 

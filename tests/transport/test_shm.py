@@ -14,6 +14,7 @@ import uuid
 import pytest
 import torch
 
+from kd_teacher.contract import TeacherContract
 from kd_teacher.payload import DTYPES, TopKPayload
 from kd_teacher.transport import protocol as P
 from kd_teacher.transport import shm
@@ -61,7 +62,7 @@ def teacher():
 
 def _client(name, k=4, **kw):
     kw = {"slots": 2, "connect_timeout_s": 5.0, "heartbeat_timeout_s": 2.0, **kw}
-    return shm.ShmClient(name, 0, P.Expectation(k=k, vocab_size=1000), **kw)
+    return shm.ShmClient(name, 0, TeacherContract(k=k, vocab_size=1000), **kw)
 
 
 def test_segments_are_owner_only_and_payloads_round_trip(teacher):
@@ -283,7 +284,7 @@ def test_remote_teacher_refuses_float_token_ids_as_the_engine_does(teacher):
 
 def test_student_expecting_another_k_is_refused_at_connect(teacher):
     with pytest.raises(P.IncompatibleTeacherError, match="k: the student expects 8"):
-        shm.ShmClient(teacher.server.name, 0, P.Expectation(k=8), slots=2, connect_timeout_s=5,
+        shm.ShmClient(teacher.server.name, 0, TeacherContract(k=8), slots=2, connect_timeout_s=5,
                       heartbeat_timeout_s=2)
 
 
