@@ -101,6 +101,8 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
+    except ConfigError as e:  # the dataclass's own checks (__post_init__): say where it sits in the file
+        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
 
 
 def to_dict(obj: Any) -> Any:

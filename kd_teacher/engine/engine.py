@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,6 +27,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from kd_teacher.config import ConfigError
 from kd_teacher.engine.checkpoint import CheckpointMismatchError, load_checkpoint
 from kd_teacher.engine.fp8_state import preserved_fp8_state, reset_fp8_weight_caches
 from kd_teacher.engine.model import ModelConfig, build_gpt_model
@@ -57,6 +59,16 @@ class EngineConfig:
     # never made (`output_tap`; checked against the untapped forward on the first call). Off: from the logits
     # the model returns.
     extract_at_output_layer: bool = True
+
+    def __post_init__(self):
+        # Here, not at the first forward: a dump or a server must not start (and write) with a config that
+        # cannot serve.
+        if self.k < 1:
+            raise ConfigError(f"k must be >= 1, got {self.k!r}")
+        if not 0 < self.temperature < math.inf:  # NaN fails too
+            raise ConfigError(f"temperature must be a positive finite number, got {self.temperature!r}")
+        if self.max_tokens_per_batch < 1:
+            raise ConfigError(f"max_tokens_per_batch must be >= 1, got {self.max_tokens_per_batch!r}")
 
 
 def _mpu():

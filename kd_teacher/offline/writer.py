@@ -56,6 +56,10 @@ class OutputConfig:
     values_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     progress: bool = True
 
+    def __post_init__(self):
+        if self.samples_per_shard < 1:
+            raise ConfigError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+
 
 @dataclass
 class DumpConfig:
@@ -120,8 +124,6 @@ class DumpWriter:
         # One rank per model-parallel group writes; its TP/PP peers compute the same payloads with it.
         self.is_writer = mpu.get_tensor_model_parallel_rank() == 0 and mpu.get_pipeline_model_parallel_rank() == 0
         self.is_coordinator = dist.get_rank() == 0
-        if cfg.output.samples_per_shard < 1:
-            raise ConfigError(f"output.samples_per_shard must be >= 1, got {cfg.output.samples_per_shard}")
         self.manifest = self._manifest()
         self._lock_fd: Optional[int] = None
 
@@ -196,7 +198,10 @@ class DumpWriter:
         if path.exists():
             old = fmt.load_manifest(self.dir)
             diff = fmt.identity_diff(old.identity(), self.manifest.identity())
-            if diff:
+            if diff and not old.shards and not any((self.dir / fmt.SHARDS_DIR).iterdir()):
+                # A run that failed before its first shard (bad data, out of memory): nothing of it is lost.
+                log.info("replacing the manifest of a dump that has no shard yet (%s)", "; ".join(diff[:4]))
+            elif diff:
                 raise fmt.DumpMismatchError(
                     f"{self.dir} holds a dump of another configuration ({'; '.join(diff[:4])}); "
                     "use another output.dir or remove this one"

@@ -227,6 +227,24 @@ def fork_dump(cfg, **kw):
     return p
 
 
+def _cli_in_child(argv: list[str]) -> None:
+    from kd_teacher.cli import main
+
+    try:
+        code = main(argv)
+    except BaseException as e:  # noqa: BLE001
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        code = 4
+    os._exit(code)
+
+
+def fork_cli(argv: list[str]):
+    """`kd-teacher ARGV` in a forked child (its torch.distributed world is its own); exitcode after join()."""
+    p = multiprocessing.get_context("fork").Process(target=_cli_in_child, args=(argv,))
+    p.start()
+    return p
+
+
 def copy_dump(reference, tmp_path) -> Path:
     out = tmp_path / "copy"
     shutil.copytree(reference[1], out)
