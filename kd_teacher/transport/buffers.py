@@ -1,44 +1,55 @@
-"""Message buffers that the transports reuse instead of allocating one per message."""
+"""Message buffers that the transports reuse instead of allocating one per message.
+
+Ownership is explicit: `take()` lends a buffer, and the buffer comes back to the pool by itself when the last
+tensor that views it is gone (the payload a student holds, a send still in flight, a view handed to the
+engine). Nobody gives a buffer back by hand, so nobody can give back one that is still in use.
+
+How: a lent buffer is a tensor made with `torch.from_numpy` of a fresh numpy view of a pooled array. Every
+tensor made from it (slices, `.view(dtype)`, the payload's values / indices / lse) shares one storage, and that
+storage holds the numpy view; when the storage is freed, the view is, and a `weakref.finalize` on the view
+puts the pooled array back. Public torch and numpy behaviour only (the earlier version read a private storage
+use count).
+"""
 
 from __future__ import annotations
 
 import collections
+import threading
+import weakref
 
+import numpy as np
 import torch
 
 
 class HostBuffers:
-    """Reused host buffers for messages (CPU only: there, a fresh 2 MB buffer a message costs page faults; on
-    the GPU the caching allocator already reuses memory, with stream safety). A buffer comes back by `give()`
-    once no operation uses it; it is handed out again only when no tensor but ours views its storage (a
-    payload that a student still holds keeps its buffer)."""
+    """Reused uint8 host buffers (CPU only: there, a fresh 2 MB buffer a message costs page faults; on the GPU
+    the caching allocator already reuses memory, with stream safety, so `take` allocates)."""
 
-    _KEEP = 16
+    _KEEP = 16  # free buffers kept per size
 
     def __init__(self, device: torch.device):
-        self.device = device
-        self.reuse = device.type == "cpu" and _storage_use_count is not None
-        self.free: dict = collections.defaultdict(list)
+        self.device = torch.device(device)
+        self.reuse = self.device.type == "cpu"
+        self._free: dict = collections.defaultdict(list)
+        self._lock = threading.Lock()  # buffers come back on whichever thread drops the last view
+        self.allocated = 0  # arrays made so far (tests and benchmarks read it)
 
     def take(self, nbytes: int) -> torch.Tensor:
-        for i, buf in enumerate(self.free.get(nbytes, ())):
-            if _storage_use_count(buf.untyped_storage()._cdata) == _UNSHARED:
-                return self.free[nbytes].pop(i)
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        """A uint8 tensor of `nbytes` that no one else uses until every tensor viewing it is gone."""
+        if not self.reuse:
+            return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        with self._lock:
+            free = self._free.get(nbytes)
+            array = free.pop() if free else None
+        if array is None:
+            array = np.empty(nbytes, dtype=np.uint8)
+            self.allocated += 1
+        lent = array.view()  # its own object: freed together with the storage of the tensor below
+        weakref.finalize(lent, self._give_back, array)
+        return torch.from_numpy(lent)
 
-    def give(self, buf: torch.Tensor) -> None:
-        if self.reuse and len(self.free[buf.numel()]) < self._KEEP:
-            self.free[buf.numel()].append(buf)
-
-
-def _unshared_use_count():
-    """The use count of a storage that one tensor holds, as seen through a storage object of its own (2 in the
-    torch versions we know; measured, not assumed)."""
-    count = getattr(torch._C, "_storage_Use_Count", None)
-    if count is None:
-        return None, None
-    one = torch.empty(1)
-    return count, count(one.untyped_storage()._cdata)
-
-
-_storage_use_count, _UNSHARED = _unshared_use_count()
+    def _give_back(self, array: np.ndarray) -> None:
+        with self._lock:
+            kept = self._free[array.nbytes]
+            if len(kept) < self._KEEP:
+                kept.append(array)

@@ -217,8 +217,6 @@ class DistServer:
         except Exception as e:  # noqa: BLE001 - a reply that cannot be built becomes an error reply
             log.exception("reply %d to student %d cannot be built", seq, student)
             message = self._message(seq, expected, None, f"the teacher failed to build the reply: {e}")
-        if staged is not None and message is not staged:
-            self._buffers.give(staged)  # handed out again once the views on it are gone
         self._held[student][seq] = message
         self._send_in_order(student)
 
@@ -279,8 +277,6 @@ class DistServer:
                 log.warning("reply to student %d failed (%s); no more replies to it", reply.peer,
                             reply.error or "not taken in 60 s")
                 self._unreachable.add(reply.peer)
-            else:
-                self._buffers.give(reply.message)
 
     def wait_sent(self, timeout_s: float = 60.0) -> None:
         """Until every reply handed over so far is out (posted; a gloo one also completed)."""

@@ -34,7 +34,8 @@ Per-message cost (what throughput is made of; measured with benchmarks/stream.py
   - the reply block is binary (no JSON PayloadHeader to write, parse and re-check); the student rebuilds
     the PayloadHeader from its request and the handshake, and compares the token hashes it computed at
     submit with the block's;
-  - on the CPU, reply and receive buffers are reused (`buffers.HostBuffers`): a fresh 2 MB buffer a message cost
+  - on the CPU, reply and receive buffers are reused (`buffers.HostBuffers`, each lent until the last tensor
+    viewing it is gone): a fresh 2 MB buffer a message cost
     page faults on both sides; the teacher copies the payload once, straight behind the block (or not at all,
     when its engine wrote the payload there: `DistServer.payload_views`);
   - waiting blocks: a gloo op's waiter thread releases a lock that the student blocks on (between heartbeat
@@ -457,7 +458,6 @@ class DistClient:
     def _take(self, head: _Posted):
         ph, error = RB.decode(self._block_bytes(head), head.seq, head.shape, self.info, head.request_id)
         self._sends_done(head)
-        self._buffers.give(head.buf)  # handed out again once the payload's views are gone
         if error is not None:
             return head.seq, None, error
         # No stream waits for the receive: it has completed on the GPU (`_receive_next` polled it), so any later

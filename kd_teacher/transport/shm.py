@@ -15,7 +15,8 @@ payload's indices, lse, values: each 4-byte aligned, so the student's one buffer
 One copy per side. The producer copies each tensor straight into the slot (`Tensor.copy_` into a view of the
 mapping: no bytes object in between); the student copies the reply's buffers out in one `copy_` into one
 buffer on its device (the CPU, or the GPU directly) that the payload's tensors are views of (on the CPU a
-reused one, `buffers.HostBuffers`: a fresh 2 MB buffer a message costs page faults); the server copies the
+reused one, `buffers.HostBuffers`, lent until the payload is dropped: a fresh 2 MB buffer a message costs page
+faults); the server copies the
 (small) token ids out.
 
 Torn or stale slots: a seqlock plus a per-slot hash of the slot header, not a checksum of every byte.
@@ -708,9 +709,8 @@ class ShmClient:
                                   f"[{ni}, {nl}, {nv}] (indices, lse, values)")
         if shape is None:  # a stale reply: its request is gone, nobody reads the data
             return seq, None, None
-        buf = self._buffers.take(ni + nl + nv)  # reused on the CPU once no payload views it: no page faults
+        buf = self._buffers.take(ni + nl + nv)  # lent until the payload's views are gone (reused: no page faults)
         buf.copy_(data)  # the one copy out of the slot, straight to the payload's device
-        self._buffers.give(buf)
         return seq, P.unpack_payload(buf, ph), None
 
     def close(self) -> None:

@@ -306,3 +306,38 @@ def test_student_reconnecting_from_the_same_process_is_attached_again(teacher):
             payload.check_tokens(tokens)
         finally:
             client.close()
+
+
+def test_held_payloads_never_change_across_later_replies_and_buffers_come_back_when_dropped(teacher):
+    """A payload owns the buffer its tensors view (transport/buffers.py): later replies never land in a buffer
+    that something still holds, be it the payload, one of its tensors or only their storage; dropped payloads'
+    buffers are lent again (on the CPU), so a long run does not allocate per message."""
+    client = _client(teacher.server.name)
+    try:
+        tokens = torch.randint(0, 1000, (2, 9))
+        held, storages = [], []
+        for seq in range(1, 25):
+            client.send(seq, tokens, None, None, deadline=1e18)
+            got, payload, _ = client.receive(float("inf"), lambda s: (2, 9))
+            if seq % 2:
+                held.append((got, payload))
+            else:  # only the storage of the lse: the values it holds must not change either
+                storages.append((got, payload.lse.untyped_storage(), payload.lse.storage_offset()))
+            del payload
+        for got, payload in held:
+            want = teacher.sent[got]
+            assert torch.equal(payload.values, want.values) and torch.equal(payload.indices, want.indices)
+            assert torch.equal(payload.lse, want.lse)
+        for got, storage, offset in storages:
+            lse = torch.empty(0).set_(storage, offset, teacher.sent[got].lse.shape)
+            assert torch.equal(lse, teacher.sent[got].lse)
+        assert client._buffers.allocated == 24  # nothing reused while held
+        held.clear()
+        storages.clear()
+        for seq in range(25, 45):
+            client.send(seq, tokens, None, None, deadline=1e18)
+            got, payload, _ = client.receive(float("inf"), lambda s: (2, 9))
+            assert torch.equal(payload.values, teacher.sent[got].values)
+        assert client._buffers.allocated == 24  # the dropped ones were lent again
+    finally:
+        client.close()
