@@ -30,15 +30,16 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        options = [a for a in args if a is not type(None)]
         errors = []
-        for a in args:
-            if a is type(None):
-                continue
+        for a in options:
             try:
                 return _coerce(value, a, where)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
+        if len(options) == 1:  # Optional[X]: X's own error names the field and what it allows
+            raise ConfigError(errors[0])
+        raise ConfigError(f"{where}: {value!r} fits none of the allowed forms: " + "; ".join(errors))
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")

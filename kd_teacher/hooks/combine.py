@@ -40,52 +40,54 @@ def kd_terms_for(logits_sbv: torch.Tensor, payload: TopKPayload, mask: torch.Ten
 
 def combine_losses(outputs: tuple, logits_sbv: torch.Tensor, payload: TopKPayload,
                    loss_mask: Optional[torch.Tensor], cfg: KDConfig, vocab_size: Optional[int] = None) -> tuple:
-    """Mix the user's loss-function result with KD; returns the same contract shape with KD metrics added."""
+    """Mix the user's loss-function result with KD; returns the same contract shape with KD metrics added.
+
+    KD metrics are averages over the loss tokens (the loss mask's), where tokens without a teacher payload
+    (sequences an offline dump lacks) count 0; `kd teacher coverage` is the fraction that had one. So a
+    micro-batch, a step or an evaluation without any covered token reports 0 with coverage 0, never 0/0.
+    """
     b, s = payload.header.batch, payload.header.seq_len
     device = logits_sbv.device
-    mask = (torch.ones(b, s, device=device) if loss_mask is None
-            else loss_mask.to(device=device, dtype=torch.float32).reshape(b, s))
+    loss_tokens = (torch.ones(b, s, device=device) if loss_mask is None
+                   else loss_mask.to(device=device, dtype=torch.float32).reshape(b, s))
+    mask = loss_tokens
     present = getattr(payload, "present", None)
     if present is not None:
-        # Sequences an offline dump lacks (kd.offline.missing: ce_only) carry a placeholder payload: they get
-        # no KD term, only the (1 - alpha)-weighted cross-entropy of the user's loss.
-        mask = mask * present.to(device=device, dtype=mask.dtype).reshape(b, 1)
+        # Sequences an offline dump lacks (kd.offline.missing: ce_only, and evaluation) carry a placeholder
+        # payload: they get no KD term, only the (1 - alpha)-weighted cross-entropy of the user's loss.
+        mask = loss_tokens * present.to(device=device, dtype=loss_tokens.dtype).reshape(b, 1)
     terms = kd_terms_for(logits_sbv, payload.to(device), mask, cfg, vocab_size)
     kd_sum = terms.loss.sum()  # already weighted by the mask
-    count = mask.sum()
     with torch.no_grad():
-        agree_sum = (terms.top1_agrees.float() * mask).sum()
-        tail_sum = (terms.teacher_tail.float() * mask).sum()
-        student_tail_sum = None if terms.student_tail is None else (terms.student_tail.float() * mask).sum()
+        n = loss_tokens.sum()
+        metrics = {
+            "top1 agreement": (terms.top1_agrees.float() * mask).sum(),
+            "teacher tail mass": (terms.teacher_tail.float() * mask).sum(),
+        }
+        if terms.student_tail is not None:
+            metrics["student tail mass"] = (terms.student_tail.float() * mask).sum()
+        metrics["teacher coverage"] = mask.sum()
     a = cfg.alpha
     p = cfg.report_prefix
     if len(outputs) == 3:
         ce_sum, num_tokens, report = outputs
         total = a * kd_sum + (1.0 - a) * ce_sum
-        n = count.detach()
         report = dict(report or {})
         report[f"{p} loss"] = torch.stack([kd_sum.detach().clone(), n])
         report[f"{p} total loss"] = torch.stack([total.detach().clone().float(),
                                                  torch.as_tensor(num_tokens, device=device).float().reshape(())])
-        report[f"{p} top1 agreement"] = torch.stack([agree_sum, n])
-        report[f"{p} teacher tail mass"] = torch.stack([tail_sum, n])
-        if student_tail_sum is not None:
-            report[f"{p} student tail mass"] = torch.stack([student_tail_sum, n])
-        if present is not None:
-            report[f"{p} sequences without teacher"] = torch.stack(
-                [(~present).sum().float().to(device), torch.tensor(float(b), device=device)])
+        for name, value in metrics.items():
+            report[f"{p} {name}"] = torch.stack([value, n])
         return total, num_tokens, report
     if len(outputs) == 2:
         ce_mean, report = outputs
-        n = count.clamp(min=1)
+        n = n.clamp(min=1)
         kd_mean = kd_sum / n
         total = a * kd_mean + (1.0 - a) * ce_mean
         report = dict(report or {})
         report[f"{p} loss"] = kd_mean.detach().clone()
         report[f"{p} total loss"] = total.detach().clone()
-        report[f"{p} top1 agreement"] = agree_sum / n
-        report[f"{p} teacher tail mass"] = tail_sum / n
-        if student_tail_sum is not None:
-            report[f"{p} student tail mass"] = student_tail_sum / n
+        for name, value in metrics.items():
+            report[f"{p} {name}"] = value / n
         return total, report
     raise ValueError(f"the wrapped loss function returned {len(outputs)} values; Megatron expects 2 or 3")

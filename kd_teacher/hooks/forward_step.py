@@ -38,6 +38,7 @@ from kd_teacher.precision import RECIPE_REMEDY, PrecisionRecipe
 log = logging.getLogger(__name__)
 
 BatchFields = Callable[[Any], tuple]  # micro-batch item -> (tokens [b, s], loss_mask [b, s] or None)
+# Data iterators read ahead at a time (train, validation, test); the least recently used one stops beyond.
 _MAX_READ_AHEAD_STREAMS = 4
 
 
@@ -132,12 +133,16 @@ class KDForwardStep:
         self.vocab_size = vocab_size or cfg.vocab_size or source.info.vocab_size
         # Reading ahead only pays when the source works while the student computes.
         self.read_ahead = (source.asynchronous if read_ahead is None else read_ahead) and cfg.prefetch > 0
-        self._streams: "collections.OrderedDict[int, collections.deque]" = collections.OrderedDict()
+        # id(data iterator) -> (that iterator, its read-ahead); holding the iterator keeps its id unique.
+        self._streams: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
         self._prepared: collections.deque = collections.deque()  # payloads from prefetch(), in order
         # What this run needs of the teacher (the student's recipe is added once the student model is known).
         self.expected = TeacherContract(k=cfg.k, temperature=cfg.temperature, vocab_size=self.vocab_size)
         self._student_known = False
-        self.missing_count = 0
+        # Rows an offline dump lacks: an error in training under kd.offline.missing: error; in evaluation (the
+        # model in eval mode, as Megatron-LM's evaluate() sets it) always cross-entropy only, counted.
+        self._missing_is_error = cfg.source == "offline" and cfg.offline is not None and cfg.offline.missing == "error"
+        self._training = True
         self._check_layout()
         self._check_source()
         if model is not None:
@@ -178,6 +183,7 @@ class KDForwardStep:
             return self.forward_step(data_iterator, model, *args, **kwargs)
         if not self._student_known:
             self._set_student(model)
+        self._training = bool(getattr(model, "training", True))
         feed = _RecordingIterator(self, data_iterator) if data_iterator is not None else None
         capture = _LogitsCapture(model)
         try:
@@ -246,38 +252,58 @@ class KDForwardStep:
         # (in-process, remote over NCCL) by the KD loss, in the one device read it makes per micro-batch.
         payload.validate(values=not payload.values.is_cuda)
         payload.check_tokens(tokens)
+        self._check_coverage(payload)
         self._check_contract(payload.header, "the teacher payload")
         # Offline payloads arrive in page-locked host memory: the copy is queued, the host does not wait.
         return payload.to(_device(), non_blocking=True)
+
+    def _check_coverage(self, payload: TopKPayload) -> None:
+        present = getattr(payload, "present", None)
+        if present is None or not (self._training and self._missing_is_error) or bool(present.all()):
+            return
+        from kd_teacher.offline.format import MissingSamplesError
+
+        missing, rows = int((~present).sum()), present.numel()
+        raise MissingSamplesError(
+            f"{missing} of {rows} sequences of this training micro-batch are not in the offline dump "
+            f"{self.cfg.offline.dir}: was it dumped from this run's dataset (seq length, split, seed, blend, "
+            "samples)? Set kd.offline.missing: ce_only to train such sequences on cross-entropy only (counted "
+            "in the `kd teacher coverage` metric); evaluation always does so"
+        )
 
     # ---- reading ahead (sources that work asynchronously) ----------------------------------------------------
     def _next_item(self, iterator):
         if not self.read_ahead:
             return next(iterator), None
-        stream = self._stream(iterator)
-        while len(stream) <= self.cfg.prefetch:
-            try:
-                item = next(iterator)
-            except StopIteration:
-                break
-            tokens, _ = self.batch_fields(item)
-            # One host copy of the ids per micro-batch, started now and read when the payload is checked.
-            host = HostTokens(tokens)
-            handle = self.source.submit(host if self.source.takes_host_tokens else tokens)
-            stream.append((item, (handle, host)))
-        if not stream:
-            raise StopIteration
-        return stream.popleft()
+        outer, stream = self._stream(iterator)
+        item = next(outer)
+        return item, stream.claim(item)
 
-    def _stream(self, iterator) -> collections.deque:
-        # One read-ahead queue per data iterator (train / validation), the few most recent kept.
+    def _stream(self, iterator):
+        """(what to draw from, the read-ahead of `iterator`); the few most recently used iterators read ahead."""
         key = id(iterator)
         if key not in self._streams:
-            self._streams[key] = collections.deque()
+            rerun = _rerun_iterator(iterator)
+            if rerun is None:
+                stream = _ReadAhead(self, iterator)
+            elif isinstance(rerun.iterable, _ReadAhead) and rerun.iterable.hook is self:
+                stream = rerun.iterable  # installed before, stopped when another iterator evicted it
+                stream.active = True
+            else:
+                stream = rerun.iterable = _ReadAhead(self, rerun.iterable)
+            self._streams[key] = (iterator, stream)
             while len(self._streams) > _MAX_READ_AHEAD_STREAMS:
-                self._streams.popitem(last=False)
+                _, (evicted, old) = self._streams.popitem(last=False)
+                old.stop(drop_items=_rerun_iterator(evicted) is None)
         self._streams.move_to_end(key)
-        return self._streams[key]
+        iterator, stream = self._streams[key]
+        return (stream if stream.iterator is iterator else iterator), stream
+
+    def _submit(self, item):
+        tokens, _ = self.batch_fields(item)
+        # One host copy of the ids per micro-batch, started now and read when the payload is checked.
+        host = HostTokens(tokens)
+        return self.source.submit(host if self.source.takes_host_tokens else tokens), host
 
     # ---- preparing a whole step (teachers that span pipeline stages) -----------------------------------------
     def prefetch(self, data_iterator, num_microbatches: int):
@@ -306,7 +332,73 @@ class KDForwardStep:
         return combine_losses(outputs, logits, payload, loss_mask, self.cfg, self.vocab_size)
 
     def close(self) -> None:
+        for _, stream in self._streams.values():
+            stream.stop(drop_items=False)
+        self._streams.clear()
         self.source.close()
+
+
+class _ReadAhead:
+    """Micro-batches drawn from one data iterator ahead of the user's forward_step, each with its payload
+    request already in flight (`kd.prefetch` of them beyond the one being consumed).
+
+    Megatron-LM wraps its data iterators in a `RerunDataIterator`, which records a step's micro-batches and
+    replays them when it re-runs the step (to tell a transient fault from a reproducible one). Reading ahead
+    above it would record the next step's micro-batches in this one and replay the wrong ones, so for such an
+    iterator the read-ahead goes underneath (as its `iterable`): it records and replays exactly what
+    forward_step drew. A replayed micro-batch is a copy this read-ahead never handed out, so `claim` finds no
+    request for it and the hook fetches its payload again; payloads are always checked against the tokens.
+    """
+
+    def __init__(self, hook: KDForwardStep, iterator):
+        self.hook = hook
+        self.iterator = iterator
+        self.pending: collections.deque = collections.deque()  # (item, request or None), in data order
+        self.handed = None  # the (item, request) handed out last, until the hook claims it
+        self.active = True
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while self.active and len(self.pending) <= self.hook.cfg.prefetch:
+            try:
+                item = next(self.iterator)
+            except StopIteration:
+                break
+            self.pending.append((item, self.hook._submit(item)))
+        self.handed = self.pending.popleft() if self.pending else (next(self.iterator), None)
+        return self.handed[0]
+
+    def claim(self, item):
+        """The request made for `item` if it is the micro-batch handed out last (not a replayed copy)."""
+        handed, self.handed = self.handed, None
+        return handed[1] if handed is not None and handed[0] is item else None
+
+    def stop(self, drop_items: bool) -> None:
+        """Stop reading ahead and cancel the requests in flight. Micro-batches already drawn are still handed
+        out in order (their payloads then fetched on demand) unless `drop_items`: a plain iterator evicted by
+        others is no longer reachable through this read-ahead."""
+        self.active = False
+        entries = list(self.pending) + ([self.handed] if self.handed is not None else [])
+        for _, request in entries:
+            if request is not None:
+                self.hook.source.cancel(request[0])
+        self.pending = collections.deque((item, None) for item, _ in self.pending)
+        self.handed = None
+        if drop_items and self.pending:
+            log.warning("KD hook: %d micro-batches read ahead from a data iterator not used lately are dropped "
+                        "(more than %d data iterators in use)", len(self.pending), _MAX_READ_AHEAD_STREAMS)
+            self.pending.clear()
+
+
+def _rerun_iterator(iterator):
+    """`iterator` if it is Megatron-Core's RerunDataIterator (replays a step's micro-batches), else None."""
+    try:
+        from megatron.core.rerun_state_machine import RerunDataIterator
+    except ImportError:  # a megatron-core without the rerun state machine
+        return None
+    return iterator if isinstance(iterator, RerunDataIterator) else None
 
 
 # ---- tensor-parallel broadcast of the micro-batch and its payload (tokens_from: tp_src_rank) ------------------

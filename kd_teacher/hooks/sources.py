@@ -92,6 +92,9 @@ class TeacherSource(Protocol):
     def result(self, handle: Any) -> TopKPayload:
         return handle
 
+    def cancel(self, handle: Any) -> None:
+        """Give up on a submitted request whose result will never be asked for (nothing to do here)."""
+
     def close(self) -> None:
         return None
 
@@ -174,6 +177,9 @@ class OfflineSource(_OnBackgroundThread):
     def result(self, handle: Future) -> TopKPayload:
         return handle.result()
 
+    def cancel(self, handle: Future) -> None:
+        handle.cancel()  # a lookup already running finishes on its thread and is dropped
+
 
 class RemoteSource(_OnBackgroundThread):
     """The streaming transport's client; requests go out on `submit` and are awaited on `result`.
@@ -203,6 +209,10 @@ class RemoteSource(_OnBackgroundThread):
     def result(self, handle: Future) -> TopKPayload:
         # The submit's own error (a refused request), if any, surfaces here, in the training thread.
         return self._run(lambda: self.client.result(handle.result())).result()
+
+    def cancel(self, handle: Future) -> None:
+        # In call order on the client's thread, after the submit: the request stops counting as in flight.
+        self._run(lambda: self.client.cancel(handle.result()))
 
 
 # ---- construction from the KD config ------------------------------------------------------------------------
@@ -267,7 +277,9 @@ def _offline(cfg: KDConfig) -> OfflineSource:
     expect = {"k": cfg.k, "temperature": cfg.temperature}
     if cfg.vocab_size is not None:
         expect["vocab_size"] = cfg.vocab_size
-    return OfflineSource(OfflineTeacher(ocfg.dir, expect=expect, missing=ocfg.missing))
+    # Rows the dump lacks are always served as placeholders marked absent (`payload.present`): the hook decides
+    # what they mean (an error in training under missing: error, cross-entropy only otherwise and in evaluation).
+    return OfflineSource(OfflineTeacher(ocfg.dir, expect=expect, missing="ce_only"))
 
 
 def _remote(cfg: KDConfig) -> RemoteSource:

@@ -12,7 +12,7 @@ corrupt shard is an error naming the shard file, never wrong numbers.
 Sequences that are not in the dump (`missing=`):
 - "error" (default): `score`/`lookup` raise `MissingSamplesError` saying how many rows of the micro-batch
   are missing.
-- "skip" (alias "ce_only", the training hook's name for it): the call succeeds; the caller learns which rows are real from
+- "ce_only" (the name `kd.offline.missing` uses too): the call succeeds; the caller learns which rows are real from
   * `lookup(tokens) -> OfflineLookup(payload, present)`, `present` a bool tensor [b], or
   * `score(tokens)`, whose payload then carries the same mask as the attribute `payload.present`.
   Missing rows hold a placeholder (a uniform distribution over ids 0..k-1, lse = log k) that is a valid
@@ -77,14 +77,14 @@ class OfflineTeacher:
         directory: str | Path,
         *,
         expect: TeacherContract | dict | None = None,
-        missing: Literal["error", "skip", "ce_only"] = "error",
+        missing: Literal["error", "ce_only"] = "error",
         allow_mismatch: bool = False,
         allow_incomplete: bool = False,
     ):
-        if missing not in ("error", "skip", "ce_only"):
-            raise ValueError(f"missing must be 'error' or 'skip' (alias 'ce_only'), got {missing!r}")
+        if missing not in ("error", "ce_only"):
+            raise ValueError(f"missing must be 'error' or 'ce_only', got {missing!r}")
         self.dir = Path(directory)
-        self.missing_mode = "skip" if missing == "ce_only" else missing
+        self.missing_mode = missing
         self.manifest = fmt.load_manifest(self.dir)
         if not self.manifest.complete and not allow_incomplete:
             raise fmt.DumpError(
@@ -184,7 +184,7 @@ class OfflineTeacher:
             raise fmt.MissingSamplesError(
                 f"{n_missing} of {b} sequences of this micro-batch are not in the offline dump {self.dir} "
                 f"({len(self)} samples): was it dumped from this dataset (seq length, split, seed, blend)? "
-                "Use missing='skip' to train those on cross-entropy only"
+                "Use missing='ce_only' (kd.offline.missing: ce_only) to train those on cross-entropy only"
             )
         header = PayloadHeader(
             **vars(self.manifest.contract()), batch=b, seq_len=s, token_hashes=hashes,
@@ -196,8 +196,8 @@ class OfflineTeacher:
     def score(
         self, tokens: torch.Tensor, *, sample_ids: Optional[Sequence[int]] = None, request_id: Optional[str] = None
     ) -> TopKPayload:
-        """Same contract as `TeacherEngine.score`; with missing='skip' the payload carries `.present`."""
+        """Same contract as `TeacherEngine.score`; with missing='ce_only' the payload carries `.present`."""
         found = self.lookup(tokens, sample_ids=sample_ids, request_id=request_id)
-        if self.missing_mode == "skip":
+        if self.missing_mode == "ce_only":
             found.payload.present = found.present
         return found.payload

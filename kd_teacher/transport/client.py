@@ -195,6 +195,17 @@ class RemoteTeacher:
               request_id: Optional[str] = None) -> TopKPayload:
         return self.result(self.submit(tokens, sample_ids, request_id))
 
+    def cancel(self, handle: Handle) -> None:
+        """Give up on `handle`: it stops counting against `max_in_flight` and its reply is discarded."""
+        pending = self._requests.get(handle.seq)
+        if pending is None:
+            return
+        if pending.done is not None or pending.error is not None:
+            self._requests.pop(handle.seq)
+            return
+        pending.abandoned = True
+        self._trim_abandoned()
+
     def close(self) -> None:
         self.channel.close()
         if self._hashing is not None:

@@ -79,8 +79,8 @@ def test_in_process_and_offline_sources_give_identical_losses(tmp_path):
         assert r["offline"] == r["offline_read_ahead"]
         assert all(m["kd loss"][0] > 0 for m in r["in_process"])
         partial = r["partial"][0]
-        assert partial["kd sequences without teacher"] == [1.0, 2.0]
-        assert partial["kd loss"][1] < partial["lm loss"][1]  # KD counted only the present sequence
+        covered, loss_tokens = partial["kd teacher coverage"]
+        assert 0 < covered < loss_tokens == partial["lm loss"][1] == partial["kd loss"][1]  # row 0 only
 
 
 # ---- start-up errors ------------------------------------------------------------------------------------------
@@ -153,6 +153,9 @@ def test_kd_block_is_strict_and_checked(tmp_path):
         as_kd_config({"source": "in_process", "k": 8})
     with pytest.raises(ConfigError, match="temperature"):
         as_kd_config({**good, "temperature": 0})
+    # An optional section's own error: the field and the values it allows (not "matches none of Optional[...]")
+    with pytest.raises(ConfigError, match=r"kd.offline.missing: 'skip' is not one of \['error', 'ce_only'\]"):
+        as_kd_config({**good, "offline": {"dir": str(tmp_path), "missing": "skip"}})
     path = tmp_path / "student.yaml"
     path.write_text("model: {}\nkd:\n  source: offline\n  k: 4\n  offline: {dir: dump}\n")
     (tmp_path / "dump").mkdir()

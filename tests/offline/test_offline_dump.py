@@ -233,7 +233,7 @@ def test_missing_sequences_error_or_skip_with_a_mask(reference):
     batch = torch.cat([known[:1], unknown[:1], known[1:], unknown[1:]])
     with pytest.raises(fmt.MissingSamplesError, match="2 of 4 sequences"):
         OfflineTeacher(out).score(batch)
-    teacher = OfflineTeacher(out, missing="skip")
+    teacher = OfflineTeacher(out, missing="ce_only")
     payload = teacher.score(batch)
     assert payload.present.tolist() == [True, False, True, False]
     assert torch.equal(payload.rows([0, 2]).values, OfflineTeacher(out).score(known).values)

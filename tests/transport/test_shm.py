@@ -341,3 +341,25 @@ def test_held_payloads_never_change_across_later_replies_and_buffers_come_back_w
         assert client._buffers.allocated == 24  # the dropped ones were lent again
     finally:
         client.close()
+
+
+def test_cancelled_requests_free_their_in_flight_places_and_their_replies_are_discarded(teacher):
+    from kd_teacher.transport import RemoteTeacher, RemoteTeacherConfig
+
+    rt = RemoteTeacher(RemoteTeacherConfig(transport="shm", name=teacher.server.name, k=4, max_in_flight=2,
+                                           student_rank=0, num_students=1, timeout_s=10, connect_timeout_s=5))
+    try:
+        given_up = [rt.submit(torch.randint(0, 1000, (1, 8))) for _ in range(2)]
+        assert rt.in_flight == 2
+        for handle in given_up:
+            rt.cancel(handle)
+        assert rt.in_flight == 0  # a further submit does not wait for the abandoned replies
+        tokens = [torch.randint(0, 1000, (1, 8)) for _ in range(2)]
+        handles = [rt.submit(t) for t in tokens]
+        for t, h in zip(tokens, handles):
+            rt.result(h).check_tokens(t)
+        assert rt.stale_discarded == 2
+        with pytest.raises(KeyError):
+            rt.result(given_up[0])
+    finally:
+        rt.close()
