@@ -126,6 +126,7 @@ class DumpWriter:
         self.is_coordinator = dist.get_rank() == 0
         self.manifest = self._manifest()
         self._lock_fd: Optional[int] = None
+        self._finished_before = False  # rank 0: the directory held a finished dump when this run began
 
     def _manifest(self) -> fmt.Manifest:
         e = self.engine
@@ -195,8 +196,8 @@ class DumpWriter:
         if removed:
             log.info("removed %d temporary files of an interrupted run", removed)
         path = self.dir / fmt.MANIFEST
-        if path.exists():
-            old = fmt.load_manifest(self.dir)
+        old = fmt.load_manifest(self.dir) if path.exists() else None
+        if old is not None:
             diff = fmt.identity_diff(old.identity(), self.manifest.identity())
             if diff and not old.shards and not any((self.dir / fmt.SHARDS_DIR).iterdir()):
                 # A run that failed before its first shard (bad data, out of memory): nothing of it is lost.
@@ -212,7 +213,11 @@ class DumpWriter:
                 raise fmt.NotADumpError(
                     f"{self.dir} is not empty and has no {fmt.MANIFEST}: refusing to write a dump into it"
                 )
-        self._write_manifest(self._known_entries())
+        # A finished dump stays finished while it is rerun: a rerun killed before it finishes must not leave
+        # every training job refusing it (a rerun only adds shards that are missing).
+        self._finished_before = old is not None and old.complete
+        if not self._finished_before:
+            self._write_manifest(self._known_entries())
 
     def _acquire_lock(self) -> None:
         fd = os.open(self.dir / fmt.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
@@ -320,7 +325,8 @@ class DumpWriter:
                 self._agree_in_group()
                 if self.is_writer:
                     inflight = pool.submit(self._write_shard, i, records, t0)
-                if self.is_coordinator and time.monotonic() - last_refresh > _MANIFEST_REFRESH_S:
+                refresh = self.is_coordinator and not self._finished_before
+                if refresh and time.monotonic() - last_refresh > _MANIFEST_REFRESH_S:
                     inflight.result()
                     self._write_manifest(self._known_entries())
                     last_refresh = time.monotonic()

@@ -8,6 +8,8 @@ dump (see conftest.py), and the reader, `verify` and `dump` must refuse or repor
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from kd_teacher.offline import format as fmt
 from kd_teacher.offline.reader import OfflineTeacher
 from kd_teacher.offline.writer import load_dump_config
 from kd_teacher.payload import PayloadError
-from offline_fixtures import build_dataset, fork_cli
+from offline_fixtures import build_dataset, cfg_to, copy_dump, file_bytes, fork_cli, fork_dump
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -93,3 +95,25 @@ def test_a_dump_that_failed_before_its_first_shard_can_be_rerun_with_another_con
     p = fork_cli(["dump", str(config), "output.samples_per_shard=8"])
     p.join(120)
     assert p.exitcode == 0 and fmt.load_manifest(out).complete
+
+
+# ---- reruns ---------------------------------------------------------------------------------------------------------
+def _killed_between_prepare_and_finish():
+    """Fault injection in the forked child: SIGKILL the rerun once its directory is prepared, before it finishes."""
+    from kd_teacher.offline.writer import DumpWriter
+
+    DumpWriter._dump_my_shards = lambda self: os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_rerun_of_a_finished_dump_leaves_it_finished(reference, tmp_path):
+    cfg, _, ref_bytes = reference
+    out = copy_dump(reference, tmp_path)
+    p = fork_dump(cfg_to(cfg, out), before=_killed_between_prepare_and_finish)
+    p.join(120)
+    assert p.exitcode == -signal.SIGKILL
+    assert fmt.load_manifest(out).complete
+    assert len(OfflineTeacher(out)) == fmt.load_manifest(out).num_samples  # training still takes it
+    assert file_bytes(out) == ref_bytes
+    p = fork_dump(cfg_to(cfg, out))  # a rerun that completes changes nothing either
+    p.join(120)
+    assert p.exitcode == 0 and file_bytes(out) == ref_bytes
