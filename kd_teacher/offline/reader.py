@@ -39,6 +39,7 @@ from kd_teacher.config import from_dict
 from kd_teacher.contract import TeacherContract, contract_fields
 from kd_teacher.dtypes import DTYPES, INDEX_DTYPE
 from kd_teacher.offline import format as fmt
+from kd_teacher.offline.shard import ShardFile
 from kd_teacher.payload import PayloadHeader, TopKPayload, token_hashes
 
 
@@ -92,7 +93,7 @@ class OfflineTeacher:
                 "in its manifest): finish it by rerunning `kd-teacher dump`, or pass allow_incomplete=True"
             )
         self._check_expectation(expect, allow_mismatch)
-        self.shards = {e["index"]: fmt.ShardFile(self.dir, e, self.manifest) for e in self.manifest.shards}
+        self.shards = {e["index"]: ShardFile(self.dir, e, self.manifest) for e in self.manifest.shards}
         self.index = self._build_index()
         self.missing_sequences = 0
         self.served_sequences = 0

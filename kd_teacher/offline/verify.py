@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 
 from kd_teacher.offline import format as fmt
+from kd_teacher.offline.shard import ShardFile
 
 
 @dataclass
@@ -79,7 +80,7 @@ def _check_shard(directory: Path, m: fmt.Manifest, entry: dict, report: VerifyRe
         report.fail(f"shard {path}: checksum mismatch (the file is corrupt)")
         return None
     try:
-        shard = fmt.ShardFile(directory, entry, m)
+        shard = ShardFile(directory, entry, m)
         _check_tables(shard, m, entry)
         for row in range(len(shard)):
             shard.read(row)
@@ -91,7 +92,7 @@ def _check_shard(directory: Path, m: fmt.Manifest, entry: dict, report: VerifyRe
     return shard
 
 
-def _check_tables(shard: fmt.ShardFile, m: fmt.Manifest, entry: dict) -> None:
+def _check_tables(shard: ShardFile, m: fmt.Manifest, entry: dict) -> None:
     r = m.shard_range(entry["index"])
     ids = shard.tables["sample_ids"].tolist()
     if ids != list(r):

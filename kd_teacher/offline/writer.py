@@ -40,6 +40,7 @@ from kd_teacher.engine.scheduler import ScoreRequest
 from kd_teacher.offline import format as fmt
 from kd_teacher.offline.data import DataConfig, check_token_range
 from kd_teacher.offline.packing import bits_for_vocab, pack_ids
+from kd_teacher.offline.shard import TABLES, SampleRecord, encode_shard, index_digest
 from kd_teacher.dtypes import DTYPE_NAMES, DTYPES, exact_cast
 
 log = logging.getLogger(__name__)
@@ -299,10 +300,10 @@ class DumpWriter:
         m = self.manifest
         path = self.dir / fmt.shard_file(i)
         with safe_open(str(path), framework="pt") as f:
-            tables = {name: f.get_tensor(name) for name in fmt.TABLES}
+            tables = {name: f.get_tensor(name) for name in TABLES}
         r = m.shard_range(i)
         entry = dict(index=i, file=fmt.shard_file(i), first_sample=r.start, samples=len(r),
-                     tokens=int(tables["token_offsets"][-1]), index_blake2b=fmt.index_digest(tables),
+                     tokens=int(tables["token_offsets"][-1]), index_blake2b=index_digest(tables),
                      bytes=path.stat().st_size, blake2b=fmt.blake2b_file(path))
         fmt.atomic_write(self.dir / fmt.entry_file(i), fmt.canonical_json(entry))
 
@@ -351,12 +352,12 @@ class DumpWriter:
         return tqdm(total=total, initial=done, unit="sample", dynamic_ncols=True,
                     desc=f"dump rank 0/{self.dp_size}")
 
-    def _score_shard(self, i: int, bar) -> list[fmt.SampleRecord]:
+    def _score_shard(self, i: int, bar) -> list[SampleRecord]:
         ids = list(self.manifest.shard_range(i))
         tokens = [self.source.tokens(j) for j in ids]
         for j, t in zip(ids, tokens):
             check_token_range(t, self.engine.vocab_size, j)
-        records: list[fmt.SampleRecord] = []
+        records: list[SampleRecord] = []
         for chunk in plan_chunks([len(t) for t in tokens], self.engine.config.max_tokens_per_batch):
             batch = torch.stack([tokens[c] for c in chunk])
             sample_ids = [ids[c] for c in chunk]
@@ -370,19 +371,19 @@ class DumpWriter:
                 bar.set_postfix_str(f"{rate:,.0f} tok/s", refresh=False)
         return records
 
-    def _to_records(self, payload) -> list[fmt.SampleRecord]:
+    def _to_records(self, payload) -> list[SampleRecord]:
         h = payload.header
         b, s, k = h.batch, h.seq_len, h.k
         values = payload.values.to(DTYPES[self.manifest.values_dtype]).reshape(b, s, k).cpu()
         packed = pack_ids(payload.indices.reshape(b, s * k), self.manifest.index_bits).cpu()
         lse = payload.lse.cpu()
         return [
-            fmt.SampleRecord(h.sample_ids[r], bytes.fromhex(h.token_hashes[r]), values[r], packed[r], lse[r])
+            SampleRecord(h.sample_ids[r], bytes.fromhex(h.token_hashes[r]), values[r], packed[r], lse[r])
             for r in range(b)
         ]
 
-    def _write_shard(self, i: int, records: list[fmt.SampleRecord], t0: float) -> None:
-        data, entry = fmt.encode_shard(self.manifest.shard_meta(i), records)
+    def _write_shard(self, i: int, records: list[SampleRecord], t0: float) -> None:
+        data, entry = encode_shard(self.manifest.shard_meta(i), records)
         path = self.dir / fmt.shard_file(i)
         fmt.atomic_write(path, data)
         entry.update(bytes=len(data), blake2b=hashlib.blake2b(data, digest_size=fmt.DIGEST_BYTES).hexdigest())
