@@ -77,6 +77,9 @@ class PayloadHeader(TeacherContract):
     token_hashes: list = field(default_factory=list)
     sample_ids: Optional[list] = None
     request_id: Optional[str] = None
+    # Per sequence: does it carry the teacher's numbers? False: a placeholder (an offline dump lacked the
+    # sequence, `missing: ce_only`) that the loss must not distil toward. None: every sequence does.
+    present: Optional[list] = None
     schema_version: int = SCHEMA_VERSION
 
     @classmethod
@@ -124,6 +127,9 @@ class PayloadHeader(TeacherContract):
             raise PayloadError(f"payload has {len(self.token_hashes)} token hashes for {self.batch} sequences")
         if self.sample_ids is not None and len(self.sample_ids) != self.batch:
             raise PayloadError(f"payload has {len(self.sample_ids)} sample ids for {self.batch} sequences")
+        if self.present is not None and (len(self.present) != self.batch
+                                         or not all(isinstance(p, bool) for p in self.present)):
+            raise PayloadError(f"payload 'present' must be {self.batch} true/false values, got {self.present!r:.80}")
 
     @property
     def tokens(self) -> int:
@@ -209,6 +215,11 @@ class TopKPayload:
     def temperature(self) -> float:
         return self.header.temperature
 
+    @property
+    def present(self) -> Optional[torch.Tensor]:
+        """bool [b]: which sequences carry the teacher's numbers (`PayloadHeader.present`); None: all."""
+        return None if self.header.present is None else torch.tensor(self.header.present, dtype=torch.bool)
+
     def log_probs(self) -> torch.Tensor:
         """Teacher log-probs at the recorded temperature of the k served ids, fp32 [b, s, k]."""
         return self.values.float() / self.header.temperature - self.lse.unsqueeze(-1)
@@ -293,6 +304,7 @@ class TopKPayload:
             batch=len(rows),
             token_hashes=[h.token_hashes[i] for i in rows] if h.token_hashes else [],
             sample_ids=[h.sample_ids[i] for i in rows] if h.sample_ids is not None else None,
+            present=[h.present[i] for i in rows] if h.present is not None else None,
         )
         return TopKPayload(self.values[idx], self.indices[idx], self.lse[idx], header)
 
@@ -317,33 +329,27 @@ class TopKPayload:
         if all(p.header.sample_ids is not None for p in parts):
             ids = [i for p in parts for i in p.header.sample_ids]
         hashes = [x for p in parts for x in p.header.token_hashes]
+        present = None
+        if any(p.header.present is not None for p in parts):
+            present = [x for p in parts for x in (p.header.present or [True] * p.header.batch)]
         header = replace(h0, batch=sum(p.header.batch for p in parts), sample_ids=ids,
                          token_hashes=hashes if all(p.header.token_hashes for p in parts) else [],
-                         request_id=None)
+                         request_id=None, present=present)
         return TopKPayload(
             torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts]),
             torch.cat([p.lse for p in parts]), header,
         )
 
     def to(self, device, non_blocking: bool = False) -> "TopKPayload":
-        """On `device`; `present` (an offline lookup's found-rows mask), if set, comes along."""
-        moved = TopKPayload(self.values.to(device, non_blocking=non_blocking),
-                            self.indices.to(device, non_blocking=non_blocking),
-                            self.lse.to(device, non_blocking=non_blocking), self.header)
-        present = getattr(self, "present", None)
-        if present is not None:
-            moved.present = present.to(device, non_blocking=non_blocking)
-        return moved
+        return TopKPayload(self.values.to(device, non_blocking=non_blocking),
+                           self.indices.to(device, non_blocking=non_blocking),
+                           self.lse.to(device, non_blocking=non_blocking), self.header)
 
     def pin_memory(self) -> "TopKPayload":
         """In page-locked host memory, so that `to(cuda, non_blocking=True)` does not hold the host."""
         if self.values.is_cuda or not torch.cuda.is_available():
             return self
-        pinned = TopKPayload(self.values.pin_memory(), self.indices.pin_memory(), self.lse.pin_memory(), self.header)
-        present = getattr(self, "present", None)
-        if present is not None:
-            pinned.present = present.pin_memory()
-        return pinned
+        return TopKPayload(self.values.pin_memory(), self.indices.pin_memory(), self.lse.pin_memory(), self.header)
 
     # ---- serialisation ---------------------------------------------------------------------------------
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], str]:

@@ -128,3 +128,24 @@ def test_rows_and_cat_keep_headers_consistent():
     q = TopKPayload.cat([p.rows([1]), p.rows([0])])
     q.validate()
     q.check_tokens(tokens.flip(0), sample_ids=[12, 11])
+
+
+def test_present_is_part_of_the_payload_and_survives_bytes_rows_and_cat():
+    p, _, _ = _payload()
+    p.header.present = [True, False]
+    q = TopKPayload.from_bytes(p.to_bytes())  # what a tensor-parallel broadcast sends
+    assert q.present.tolist() == [True, False] and q.to("cpu").present.tolist() == [True, False]
+    assert q.rows([1, 0]).present.tolist() == [False, True]
+    whole, _, _ = _payload()
+    assert TopKPayload.cat([whole, q]).present.tolist() == [True, True, True, False]
+    assert whole.present is None  # every sequence is the teacher's
+    p.header.present = [True]
+    with pytest.raises(PayloadError, match="'present' must be 2 true/false values"):
+        TopKPayload.from_bytes(p.to_bytes())
+
+
+def test_float64_logits_are_refused_naming_the_supported_dtypes():
+    with pytest.raises(PayloadError, match="float64 cannot be served.*float32, bfloat16, float16"):
+        TopKPayload.from_logits(torch.randn(1, 2, 10, dtype=torch.float64), 2)
+    with pytest.raises(PayloadError, match="a \\[batch, seq, vocab\\] tensor, got list"):
+        TopKPayload.from_logits([[1.0]], 2)

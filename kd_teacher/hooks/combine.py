@@ -51,7 +51,7 @@ def combine_losses(outputs: tuple, logits_sbv: torch.Tensor, payload: TopKPayloa
     loss_tokens = (torch.ones(b, s, device=device) if loss_mask is None
                    else loss_mask.to(device=device, dtype=torch.float32).reshape(b, s))
     mask = loss_tokens
-    present = getattr(payload, "present", None)
+    present = payload.present
     if present is not None:
         # Sequences an offline dump lacks (kd.offline.missing: ce_only, and evaluation) carry a placeholder
         # payload: they get no KD term, only the (1 - alpha)-weighted cross-entropy of the user's loss.

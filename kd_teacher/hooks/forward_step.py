@@ -258,7 +258,7 @@ class KDForwardStep:
         return payload.to(_device(), non_blocking=True)
 
     def _check_coverage(self, payload: TopKPayload) -> None:
-        present = getattr(payload, "present", None)
+        present = payload.present
         if present is None or not (self._training and self._missing_is_error) or bool(present.all()):
             return
         from kd_teacher.offline.format import MissingSamplesError

@@ -13,8 +13,9 @@ Sequences that are not in the dump (`missing=`):
 - "error" (default): `score`/`lookup` raise `MissingSamplesError` saying how many rows of the micro-batch
   are missing.
 - "ce_only" (the name `kd.offline.missing` uses too): the call succeeds; the caller learns which rows are real from
-  * `lookup(tokens) -> OfflineLookup(payload, present)`, `present` a bool tensor [b], or
-  * `score(tokens)`, whose payload then carries the same mask as the attribute `payload.present`.
+  the payload's header, `PayloadHeader.present` (`payload.present`, a bool tensor [b]; also
+  `lookup(tokens) -> OfflineLookup(payload, present)`). It travels with the payload (`to_bytes`), so a
+  tensor-parallel rank that receives the payload by broadcast masks the same rows.
   Missing rows hold a placeholder (a uniform distribution over ids 0..k-1, lse = log k) that is a valid
   payload but not the teacher's: the training hook must drop those rows from the KD term (cross-entropy
   only). `teacher.missing_sequences` / `served_sequences` count them over the teacher's lifetime.
@@ -190,6 +191,7 @@ class OfflineTeacher:
         header = PayloadHeader(
             **vars(self.manifest.contract()), batch=b, seq_len=s, token_hashes=hashes,
             sample_ids=None if sample_ids is None else [int(i) for i in sample_ids], request_id=request_id,
+            present=present.tolist() if self.missing_mode == "ce_only" else None,
         )
         payload = TopKPayload(values, indices, lse, header).to(tokens.device)
         return OfflineLookup(payload, present.to(tokens.device))
@@ -197,8 +199,5 @@ class OfflineTeacher:
     def score(
         self, tokens: torch.Tensor, *, sample_ids: Optional[Sequence[int]] = None, request_id: Optional[str] = None
     ) -> TopKPayload:
-        """Same contract as `TeacherEngine.score`; with missing='ce_only' the payload carries `.present`."""
-        found = self.lookup(tokens, sample_ids=sample_ids, request_id=request_id)
-        if self.missing_mode == "ce_only":
-            found.payload.present = found.present
-        return found.payload
+        """Same contract as `TeacherEngine.score`; with missing='ce_only' the header says which rows are present."""
+        return self.lookup(tokens, sample_ids=sample_ids, request_id=request_id).payload

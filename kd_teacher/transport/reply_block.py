@@ -55,6 +55,8 @@ def encode_ok(seq: int, size: int, header: PayloadHeader) -> bytearray:
     extraction = header.extraction.encode()
     if len(extraction) > 16:
         raise ValueError(f"extraction name {header.extraction!r} is longer than 16 bytes")
+    if header.present is not None and not all(header.present):
+        raise ValueError("a reply block cannot say which sequences are placeholders (PayloadHeader.present)")
     if header.values_dtype not in WIRE_CODES:
         raise ValueError(f"values dtype {header.values_dtype!r} has no wire code")
     if _PREFIX.size + b * _PER_SEQUENCE_BYTES > size:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from kd_teacher.config import ConfigError
 from kd_teacher.hooks.config import KDConfig, as_kd_config, load_kd_config
@@ -172,3 +173,46 @@ def test_example_config_loads_and_a_missing_dump_is_named():
     assert Path(cfg.in_process.config).is_file()
     with pytest.raises(ConfigError, match="not a directory"):
         make_teacher_source(as_kd_config({"source": "offline", "k": 8, "offline": {"dir": "/nonexistent/dump"}}))
+
+
+# ---- tensor-parallel ranks that do not read the data (tokens_from: tp_src_rank) ---------------------------------
+def _tp_src_rank_with_missing_rows(tmp):
+    """One training step with an offline dump that lacks some rows (missing: ce_only), the payload either read on
+    every TP rank (data_iterator) or read on TP rank 0 and broadcast (tp_src_rank): reports and gradients."""
+    import torch
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from kd_teacher.engine.model import build_gpt_model
+    from kd_teacher.hooks import make_teacher_source, wrap_forward_step
+    from kd_teacher.hooks.config import OfflineTeacherConfig
+
+    batches = micro_batches(2, seed=21)
+    directory = _dump(make_teacher_source(kd_config(tp=2)).engine, batches[:1], tmp)
+    others = micro_batches(2, seed=777)
+    others[0]["tokens"][0] = batches[0]["tokens"][0]  # micro-batch 0: row 0 in the dump, row 1 not
+    others[1]["tokens"][1] = batches[0]["tokens"][1]  # micro-batch 1: row 1 in the dump, row 0 not
+    out = {}
+    for mode in ("data_iterator", "tp_src_rank"):
+        torch.manual_seed(5)
+        model, _ = build_gpt_model(student_config(tp=2))
+        kd = KDConfig(source="offline", k=K, alpha=0.6, vocab_size=VOCAB, tokens_from=mode,
+                      offline=OfflineTeacherConfig(dir=directory, missing="ce_only")).check()
+        step = wrap_forward_step(forward_step, kd, model=model)
+        reports = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter([dict(b) for b in others]), model=[model], num_microbatches=2,
+            seq_length=SEQ, micro_batch_size=MBS, forward_only=False,
+        )
+        step.close()
+        out[mode] = {"reports": [{k: v.tolist() for k, v in r.items()} for r in reports],
+                     "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+    return out
+
+
+def test_tp_ranks_that_do_not_read_the_data_distil_exactly_the_rows_the_source_rank_does(tmp_path):
+    ranks = run_distributed(_tp_src_rank_with_missing_rows, 2, str(tmp_path), tp=2)
+    for r in ranks:
+        assert all(0 < m["kd teacher coverage"][0] < m["kd teacher coverage"][1] for m in r["tp_src_rank"]["reports"])
+        assert r["tp_src_rank"]["reports"] == r["data_iterator"]["reports"]
+        for name, grad in r["data_iterator"]["grads"].items():
+            assert torch.equal(r["tp_src_rank"]["grads"][name], grad), name
+    assert ranks[0]["tp_src_rank"]["reports"] == ranks[1]["tp_src_rank"]["reports"]  # every TP rank, one loss

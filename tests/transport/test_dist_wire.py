@@ -154,3 +154,10 @@ def test_long_error_text_is_cut_to_fit_and_a_header_that_does_not_fit_is_refused
     header.extraction = "x" * 17
     with pytest.raises(ValueError, match="longer than 16 bytes"):
         RB.encode_ok(1, RB.block_bytes(2), header)
+
+
+def test_a_payload_with_placeholder_rows_is_not_sent_as_if_it_were_whole():
+    header = _payload(torch.randint(0, 1000, (2, 5))).header
+    header.present = [True, False]
+    with pytest.raises(ValueError, match="cannot say which sequences are placeholders"):
+        RB.encode_ok(1, RB.block_bytes(2), header)
