@@ -12,6 +12,7 @@ It is a no-op when CUDA is available: on a GPU nothing here is ever used.
 from __future__ import annotations
 
 import importlib
+import time
 import types
 
 import torch
@@ -89,6 +90,29 @@ class _CpuGenerator:
         self.gen.manual_seed(int(seed))
 
 
+class _CpuEvent:
+    """`torch.cuda.Event` as a host clock: Megatron-Core's static text-generation loop times every decode step
+    with CUDA events (`tpot`), and the CPU build of torch has only a dummy Event class that refuses creation."""
+
+    def __init__(self, enable_timing: bool = False, *args, **kwargs):
+        self.time: float | None = None
+
+    def record(self, *args, **kwargs) -> None:
+        self.time = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def wait(self, *args, **kwargs) -> None:
+        pass
+
+    def elapsed_time(self, end: "_CpuEvent") -> float:
+        return (end.time - self.time) * 1e3  # milliseconds, as CUDA events report
+
+
 def enable_megatron_on_cpu() -> bool:
     """Install the bridges; returns True if they are active (no CUDA), False on a GPU machine."""
     global _ENABLED
@@ -100,6 +124,7 @@ def enable_megatron_on_cpu() -> bool:
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *a, **k: None
     torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.cuda.Event = _CpuEvent
     # Megatron's optimizer asserts `param.type() == 'torch.cuda.FloatTensor'`: report CPU tensors by their
     # CUDA type name (only the no-argument form, which is a query; conversions are untouched).
     _tensor_type = torch.Tensor.type

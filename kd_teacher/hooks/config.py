@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from kd_teacher.config import ConfigError, from_dict, load_yaml
+from kd_teacher.onpolicy.config import OnPolicyConfig
 
 SourceKind = Literal["in_process", "offline", "remote"]
 
@@ -84,6 +85,9 @@ class KDConfig:
     tokens_from: Literal["data_iterator", "tp_src_rank"] = "data_iterator"
     # Names of the metrics added to the report dict (prefix).
     report_prefix: str = "kd"
+    # On-policy distillation: the student's own completions of prompts, scored by the teacher
+    # (`kd_teacher.onpolicy`); None: the dataset's sequences.
+    on_policy: Optional[OnPolicyConfig] = None
 
     def check(self) -> "KDConfig":
         """Values that are wrong whatever the run: raises ConfigError naming the key."""
@@ -106,7 +110,22 @@ class KDConfig:
         section = {"in_process": self.in_process, "offline": self.offline, "remote": self.remote}[self.source]
         if section is None:
             raise ConfigError(f"kd.source is {self.source!r} but the kd.{self.source} section is missing")
+        if self.on_policy is not None:
+            self._check_on_policy()
         return self
+
+    def _check_on_policy(self) -> None:
+        self.on_policy.check()
+        if self.source == "offline":
+            raise ConfigError(
+                "kd.on_policy: an offline teacher dump holds payloads for the dataset's sequences only and cannot "
+                "score the student's new samples; use kd.source: in_process or remote for on-policy distillation"
+            )
+        if self.tokens_from != "data_iterator":
+            raise ConfigError(
+                "kd.on_policy: generation is a collective of every tensor-parallel rank, so the on-policy data "
+                "iterator runs on each of them; set kd.tokens_from: data_iterator"
+            )
 
 
 def kd_config_from_dict(data: dict, where: str = "kd") -> KDConfig:
@@ -142,6 +161,8 @@ def resolve_paths(cfg: KDConfig, base: Path) -> None:
         cfg.in_process.checkpoint = resolve(cfg.in_process.checkpoint)
     if cfg.offline is not None:
         cfg.offline.dir = resolve(cfg.offline.dir)
+    if cfg.on_policy is not None:
+        cfg.on_policy.prompts = resolve(cfg.on_policy.prompts)
 
 
 def as_kd_config(kd: Any) -> KDConfig:

@@ -32,6 +32,7 @@ from kd_teacher.contract import TeacherContract
 from kd_teacher.hooks.combine import combine_losses
 from kd_teacher.hooks.config import KDConfig, as_kd_config
 from kd_teacher.hooks.sources import HostTokens, TeacherSource, make_teacher_source
+from kd_teacher.onpolicy.consistency import add_logprob_gap
 from kd_teacher.payload import PayloadError, TopKPayload
 from kd_teacher.precision import RECIPE_REMEDY, PrecisionRecipe
 
@@ -162,6 +163,10 @@ class KDForwardStep:
     def _check_source(self) -> None:
         """What the source says it serves, against this run's expectation (recipe: see `_set_student`)."""
         self._check_contract(self.source.info, f"the {self.cfg.source} teacher")
+        if self.cfg.on_policy is not None and self.vocab_size is None:
+            raise PayloadError(
+                "kd.on_policy: the student's true vocabulary size is needed (the teacher must score every id the "
+                "student can sample): set kd.vocab_size or pass vocab_size= to wrap_forward_step")
 
     def _check_contract(self, served: TeacherContract, what: str) -> None:
         accept = ("recipe_fingerprint",) if self.cfg.allow_recipe_mismatch else ()
@@ -193,7 +198,9 @@ class KDForwardStep:
         if capture.logits is None:
             raise RuntimeError("KD hook: the model's output_layer did not run in forward_step; no logits to distil")
         tokens, loss_mask, payload = self._micro_batch(feed)
-        return output_tensor, functools.partial(self._loss, loss_func, capture.logits, tokens, loss_mask, payload)
+        batch = feed.drawn[0][0] if feed is not None and feed.drawn else None
+        return output_tensor, functools.partial(self._loss, loss_func, capture.logits, tokens, loss_mask, payload,
+                                                batch)
 
     # ---- 3. the payload of this micro-batch ---------------------------------------------------------------
     def _micro_batch(self, feed: Optional[_RecordingIterator]):
@@ -325,11 +332,16 @@ class KDForwardStep:
         return iter(items)
 
     # ---- 4. the loss ---------------------------------------------------------------------------------------
-    def _loss(self, user_loss_func, logits, tokens, loss_mask, payload, output_tensor, *args, **kwargs):
+    def _loss(self, user_loss_func, logits, tokens, loss_mask, payload, batch, output_tensor, *args, **kwargs):
         if kwargs.get("non_loss_data"):
             return user_loss_func(output_tensor, *args, **kwargs)
         outputs = user_loss_func(output_tensor, *args, **kwargs)
-        return combine_losses(outputs, logits, payload, loss_mask, self.cfg, self.vocab_size)
+        outputs = combine_losses(outputs, logits, payload, loss_mask, self.cfg, self.vocab_size)
+        if self.cfg.on_policy is not None and self.cfg.on_policy.report_logprob_gap:
+            # The student's samples carry their sampling-time log-probs (kd_teacher.onpolicy.OnPolicyIterator).
+            outputs = add_logprob_gap(outputs, logits, batch if isinstance(batch, dict) else None,
+                                      self.vocab_size, _mpu().get_tensor_model_parallel_group())
+        return outputs
 
     def close(self) -> None:
         for _, stream in self._streams.values():
