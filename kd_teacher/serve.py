@@ -30,6 +30,7 @@ from kd_teacher.engine.loading import TeacherConfig, build_engine
 from kd_teacher.engine.model import ModelConfig
 from kd_teacher.engine.scheduler import ScoreRequest
 from kd_teacher.transport import protocol as P
+from kd_teacher.transport.channel import Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ def _server_info(cfg: ServeConfig, engine, replicas: int) -> P.ServerInfo:
     )
 
 
-def _endpoint(opts: ServeOptions, info: P.ServerInfo, replica: int):
+def _endpoint(opts: ServeOptions, info: P.ServerInfo, replica: int) -> Endpoint:
     if opts.transport == "shm":
         from kd_teacher.transport.shm import ShmServer
 
@@ -157,11 +158,10 @@ def _collect(endpoint, opts: ServeOptions, stop: threading.Event, stats: ServeSt
     return ("score" if requests else "idle"), requests
 
 
-def _score(engine, requests: list, endpoint=None) -> list:
+def _score(engine, requests: list, endpoint: Optional[Endpoint] = None) -> list:
     """Payloads (or error texts) for the requests, in order: one score_many, so the scheduler packs them. On a
     head whose endpoint offers them, the payloads are written straight into its reply buffers."""
-    views = getattr(endpoint, "payload_views", None)
-    out = [views(r.student, r.seq) for r in requests] if views is not None else None
+    out = [endpoint.payload_views(r.student, r.seq) for r in requests] if endpoint is not None else None
     try:
         return engine.score_many([ScoreRequest(r.tokens, r.sample_ids, r.request_id) for r in requests], out)
     except Exception as e:  # noqa: BLE001 - a failed batch is answered with its error, the server goes on

@@ -31,6 +31,7 @@ from kd_teacher.config import from_dict
 from kd_teacher.contract import TeacherContract
 from kd_teacher.payload import PayloadError, TopKPayload, check_token_ids, token_hashes
 from kd_teacher.transport import protocol as P
+from kd_teacher.transport.channel import Channel
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class _Pending:
 class RemoteTeacher:
     def __init__(self, config: RemoteTeacherConfig):
         self.config = config
-        self.channel = self._connect(config)
+        self.channel: Channel = self._connect(config)
         self.info = self.channel.info
         self._seq = 0
         self._requests: "OrderedDict[int, _Pending]" = OrderedDict()
@@ -111,7 +112,7 @@ class RemoteTeacher:
         self._hashing = ThreadPoolExecutor(threads, thread_name_prefix="kd-token-hash") if threads else None
 
     @staticmethod
-    def _connect(cfg: RemoteTeacherConfig):
+    def _connect(cfg: RemoteTeacherConfig) -> Channel:
         rank, size = cfg.student_rank, cfg.num_students
         if rank is None or size is None:
             import torch.distributed as dist
@@ -225,13 +226,9 @@ class RemoteTeacher:
         self.close()
 
     # ---- taking in replies ----------------------------------------------------------------------------------
-    def _shape_of(self, seq: int):
-        p = self._requests.get(seq)
-        return None if p is None else p.shape
-
     def _take_one(self, deadline: float) -> bool:
         """Take in one reply (for any request); False when the deadline passed first."""
-        item = self.channel.receive(deadline, self._shape_of)
+        item = self.channel.receive(deadline)
         if item is None:
             return False
         seq, payload, error = item

@@ -428,7 +428,7 @@ class DistClient:
         self._posted.append(_Posted(seq, (b, s), request_id, block, buf, recv, sent))
 
     # ---- receiving ------------------------------------------------------------------------------------------
-    def receive(self, deadline: float, shape_of: Callable[[int], Optional[tuple]] = None):
+    def receive(self, deadline: float):
         """(seq, payload, None) or (seq, None, error text) of the next reply, or None at the deadline."""
         if self._early:
             return self._early.popleft()

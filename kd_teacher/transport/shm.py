@@ -489,8 +489,9 @@ class ShmServer:
         req.student = cid
         return req
 
-    def reply(self, cid: int, seq: int, payload: Optional[TopKPayload] = None, error: Optional[str] = None) -> None:
-        ch = self.channels.get(cid)
+    def reply(self, student: int, seq: int, payload: Optional[TopKPayload] = None, error: Optional[str] = None) -> None:
+        """`student`: the channel id, which this server's Requests carry as their `student`."""
+        ch = self.channels.get(student)
         if ch is None or seq < 0:
             return
         ch.outbox.append((seq, payload, error))
@@ -520,6 +521,9 @@ class ShmServer:
     def flush(self) -> None:
         for ch in self.channels.values():
             self._flush(ch)
+
+    def payload_views(self, student: int, seq: int) -> None:
+        return None  # a payload is copied into its reply slot once the slot is free
 
     def finished(self) -> bool:
         return False
@@ -557,6 +561,7 @@ class ShmClient:
         self.path = SHM_DIR / f"kdt-{name}.c{student}-{os.getpid()}-{secrets.token_hex(4)}"
         self.mm: Optional[mmap.mmap] = None
         self._server = None  # (map, inode, generation, pid) of the server we are attached to
+        self._shapes: dict[int, tuple] = {}  # [b, s] of each request sent and not answered yet
         self._beat = (0, 0.0)
         self._checked = 0.0
         self.info = self._connect(time.monotonic() + connect_timeout_s)
@@ -649,6 +654,7 @@ class ShmClient:
                                f"{now - self._beat[1]:.1f} s")
         if problem:
             self._server = None
+            self._shapes.clear()  # their replies will not come
             _close_map(mm)
             raise P.TeacherUnavailableError(problem)
 
@@ -684,30 +690,32 @@ class ShmClient:
                 raise P.TeacherTimeoutError(f"teacher server {self.name!r} takes no requests (ring full)")
             wait()
         self.req.put(meta, [tokens])
+        self._shapes[seq] = tuple(tokens.shape)
 
-    def receive(self, deadline: float, shape_of: Callable[[int], Optional[tuple]]):
+    def receive(self, deadline: float):
         """(seq, payload or None, error or None) of the next reply; None when the deadline passes first."""
         wait = _Wait()
         while True:
-            item = self.rep.take(lambda header, _, data: self._parse(header, data, shape_of))
+            item = self.rep.take(lambda header, _, data: self._parse(header, data))
             if item is not None:
+                self._shapes.pop(item[0], None)
                 return item
             self._check_server()
             if time.monotonic() >= deadline:
                 return None
             wait()
 
-    def _parse(self, header: dict, data: torch.Tensor, shape_of):
+    def _parse(self, header: dict, data: torch.Tensor):
         seq = P.reply_seq(header)
+        shape = self._shapes.get(seq)  # not popped here: a slot rewritten while read is parsed again
         if header.get("status") != "ok":
             return seq, None, str(header.get("error"))
-        shape = shape_of(seq)
         ph = P.check_payload_header(header, shape if shape is not None else _claimed_shape(header), self.info)
         nv, ni, nl = ph.buffer_sizes()
         if header["buffers"] != [ni, nl, nv]:
             raise P.ProtocolError(f"reply buffers of {header['buffers']} bytes, its payload header implies "
                                   f"[{ni}, {nl}, {nv}] (indices, lse, values)")
-        if shape is None:  # a stale reply: its request is gone, nobody reads the data
+        if shape is None:  # a reply to a request of an earlier attachment: nobody reads the data
             return seq, None, None
         buf = self._buffers.take(ni + nl + nv)  # lent until the payload's views are gone (reused: no page faults)
         buf.copy_(data)  # the one copy out of the slot, straight to the payload's device

@@ -102,3 +102,28 @@ def test_packed_views_are_recognised_only_as_the_buffer_they_view():
     assert not P.is_packed_in(TopKPayload(values, indices, lse, header), torch.zeros_like(buf))
     unpacked = P.unpack_payload(buf, header)  # the student's views of a received buffer: the same layout
     assert unpacked.values.data_ptr() == values.data_ptr() and unpacked.lse.data_ptr() == lse.data_ptr()
+
+
+def _members(protocol) -> dict:
+    """A Protocol's methods and their parameter names (what its implementations must accept)."""
+    import inspect
+
+    return {name: list(inspect.signature(fn).parameters) for name, fn in vars(protocol).items()
+            if inspect.isfunction(fn) and not name.startswith("_")}
+
+
+@pytest.mark.parametrize("protocol, classes", [
+    ("Channel", ["kd_teacher.transport.shm.ShmClient", "kd_teacher.transport.dist_transport.DistClient"]),
+    ("Endpoint", ["kd_teacher.transport.shm.ShmServer", "kd_teacher.transport.dist_server.DistServer"]),
+])
+def test_transport_ends_implement_their_protocol(protocol, classes):
+    import importlib
+    import inspect
+
+    from kd_teacher.transport import channel
+
+    for path in classes:
+        module, name = path.rsplit(".", 1)
+        cls = getattr(importlib.import_module(module), name)
+        for member, params in _members(getattr(channel, protocol)).items():
+            assert list(inspect.signature(getattr(cls, member)).parameters)[1:] == params[1:], (path, member)
