@@ -95,7 +95,7 @@ def echo_server(transport: str, preset: str, where: str, stats_path: str = "") -
                            values_dtype=p["dtype"], teacher_fingerprint="bench", recipe_fingerprint="bench")
     raw = torch.cat([t.reshape(-1).view(torch.uint8) for t in (values, indices, lse)])
     if transport == "shm":
-        from kd_teacher.transport.shm import ShmServer
+        from kd_teacher.transport.shm_server import ShmServer
 
         server = ShmServer(where, info)
     else:
@@ -447,7 +447,8 @@ def shm_cost_breakdown(preset: str, n: int = 200) -> dict:
 
     from kd_teacher.contract import TeacherContract
     from kd_teacher.payload import PayloadHeader, TopKPayload, token_hashes
-    from kd_teacher.transport.shm import ShmClient, ShmServer
+    from kd_teacher.transport.shm import ShmClient
+    from kd_teacher.transport.shm_server import ShmServer
 
     p = PRESETS[preset]
     where = f"bench-parts-{os.getpid()}"

@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import typing
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Collection, Optional
@@ -120,9 +121,26 @@ class TeacherContract:
         if unknown:
             raise error(f"{where} has unknown fields {unknown}")
         try:
-            return cls(**data)
+            out = cls(**data)
         except TypeError as e:
             raise error(f"{where} is malformed: {e}") from None
+        for name, allowed in _json_types().items():
+            value = getattr(out, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, allowed)):
+                raise error(f"{where} field {name}={value!r:.80} is not of type "
+                            f"{' or '.join(t.__name__ for t in allowed)}")
+        return out
+
+
+@lru_cache(maxsize=1)
+def _json_types() -> dict:
+    """The JSON types each contract field may take (from its annotation; a float field takes an integer too)."""
+    hints = typing.get_type_hints(TeacherContract)
+    out = {}
+    for name in contract_fields():
+        allowed = tuple(t for t in typing.get_args(hints[name]) if t is not type(None))
+        out[name] = allowed + (int,) if float in allowed else allowed
+    return out
 
 
 @lru_cache(maxsize=1)

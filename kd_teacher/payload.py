@@ -61,6 +61,15 @@ def token_hashes(tokens: torch.Tensor) -> list[str]:
     return [hashlib.blake2b(row, digest_size=16).hexdigest() for row in host.numpy()]
 
 
+def parse_json(text, error: type[Exception], what: str):
+    """json.loads of a header that came from outside: anything malformed (bytes that are not UTF-8 or not JSON,
+    nesting too deep for the parser) is `error` naming `what`, never another exception type."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise error(f"{what} is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from None
+
+
 @dataclass(kw_only=True)
 class PayloadHeader(TeacherContract):
     """What a receiver needs to check before it uses a payload (and to size buffers before allocating): what the
@@ -84,11 +93,7 @@ class PayloadHeader(TeacherContract):
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "PayloadHeader":
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise PayloadError(f"payload header is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(parse_json(text, PayloadError, "payload header"))
 
     @classmethod
     def from_dict(cls, data) -> "PayloadHeader":
@@ -121,10 +126,21 @@ class PayloadHeader(TeacherContract):
             raise PayloadError(f"payload vocab size {self.vocab_size} does not fit int32 ids")
         if not isinstance(self.temperature, (int, float)) or not (0 < self.temperature < math.inf):
             raise PayloadError(f"payload temperature {self.temperature!r} is not a positive finite number")
-        if self.values_dtype not in DTYPES:
-            raise PayloadError(f"payload values dtype {self.values_dtype!r} is not one of {sorted(DTYPES)}")
+        if not isinstance(self.values_dtype, str) or self.values_dtype not in DTYPES:
+            raise PayloadError(f"payload values dtype {self.values_dtype!r:.80} is not one of {sorted(DTYPES)}")
+        # The types a JSON header could get wrong, refused here rather than as a TypeError further on.
+        for name in ("extraction", "teacher_fingerprint", "recipe_fingerprint", "request_id"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise PayloadError(f"payload header field {name}={value!r:.80} is not a string")
+        if not isinstance(self.token_hashes, list) or not all(isinstance(h, str) for h in self.token_hashes):
+            raise PayloadError(f"payload token hashes {self.token_hashes!r:.80} are not a list of strings")
         if len(self.token_hashes) not in (0, self.batch):
             raise PayloadError(f"payload has {len(self.token_hashes)} token hashes for {self.batch} sequences")
+        if self.sample_ids is not None and (
+                not isinstance(self.sample_ids, list)
+                or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.sample_ids)):
+            raise PayloadError(f"payload sample ids {self.sample_ids!r:.80} are not a list of integers")
         if self.sample_ids is not None and len(self.sample_ids) != self.batch:
             raise PayloadError(f"payload has {len(self.sample_ids)} sample ids for {self.batch} sequences")
         if self.present is not None and (len(self.present) != self.batch

@@ -35,12 +35,15 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | 
 
         enable_megatron_on_cpu()
     if not dist.is_initialized():
-        if "WORLD_SIZE" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(free_port()))
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend or ("nccl" if cuda else "gloo"))
+        backend = backend or ("nccl" if cuda else "gloo")
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend)  # torchrun's environment
+        else:
+            # A one-rank world of our own, passed as arguments: the process environment is the user's (another
+            # library, or a torchrun started from this process, must not find our MASTER_PORT there).
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of TP x PP = {tp} x {pp}")

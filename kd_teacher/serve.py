@@ -130,7 +130,7 @@ def _server_info(cfg: ServeConfig, engine, replicas: int) -> P.ServerInfo:
 
 def _endpoint(opts: ServeOptions, info: P.ServerInfo, replica: int) -> Endpoint:
     if opts.transport == "shm":
-        from kd_teacher.transport.shm import ShmServer
+        from kd_teacher.transport.shm_server import ShmServer
 
         return ShmServer(opts.name, info, replica, heartbeat_interval_s=opts.heartbeat_interval_s)
     from kd_teacher.transport.dist_server import DistServer

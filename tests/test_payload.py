@@ -81,6 +81,37 @@ def test_absurd_or_unknown_headers_refused_before_allocation(edit, match):
         TopKPayload.from_bytes(_tamper_header(p.to_bytes(), edit))
 
 
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda h: h.update(token_hashes=5), "token hashes"),
+        (lambda h: h.update(token_hashes=[1, 2]), "token hashes"),
+        (lambda h: h.update(values_dtype=["bfloat16"]), "values dtype"),
+        (lambda h: h.update(sample_ids="ab"), "sample ids"),
+        (lambda h: h.update(sample_ids=[[1], {}]), "sample ids"),
+        (lambda h: h.update(request_id={"a": 1}), "request_id"),
+        (lambda h: h.update(teacher_fingerprint=7), "teacher_fingerprint"),
+        (lambda h: h.update(extraction=[]), "extraction"),
+    ],
+)
+def test_header_fields_of_the_wrong_json_type_are_payload_errors(edit, match):
+    """A transport hands PayloadHeader.from_dict a parsed JSON object from another process: wrong types are
+    PayloadErrors naming the field, not TypeErrors further on."""
+    from kd_teacher.payload import PayloadHeader
+
+    header = json.loads(_payload()[0].header.to_json())
+    edit(header)
+    with pytest.raises(PayloadError, match=match):
+        PayloadHeader.from_dict(header)
+
+
+def test_header_nested_too_deep_for_the_parser_is_a_payload_error():
+    from kd_teacher.payload import PayloadHeader
+
+    with pytest.raises(PayloadError, match="RecursionError"):
+        PayloadHeader.from_json('{"k": ' + "[" * 100_000 + "]" * 100_000 + "}")
+
+
 def test_flipped_data_byte_is_refused():
     p, _, _ = _payload()
     buf = bytearray(p.to_bytes())

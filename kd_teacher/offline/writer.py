@@ -191,8 +191,14 @@ class DumpWriter:
 
     # ---- rank 0: directory, lock, manifest --------------------------------------------------------------------
     def _prepare(self) -> None:
-        (self.dir / fmt.SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-        self._acquire_lock()
+        try:
+            (self.dir / fmt.SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+            self._acquire_lock()
+        except fmt.DumpError:
+            raise
+        except OSError as e:  # read-only, not ours, not a directory: say where and what, not a traceback
+            raise fmt.DumpError(f"cannot write the dump into {self.dir}: {e.strerror or e} ({e.filename}); "
+                                "choose a writable output.dir") from e
         removed = fmt.remove_temp_files(self.dir)
         if removed:
             log.info("removed %d temporary files of an interrupted run", removed)

@@ -1,10 +1,10 @@
 """The two ends of a streaming transport, as the rest of the package uses them: `Channel` (a student's end:
 `shm.ShmClient`, `dist_transport.DistClient`; used by `RemoteTeacher`) and `Endpoint` (a teacher replica head's
-end: `shm.ShmServer`, `dist_server.DistServer`; used by `kd-teacher serve`)."""
+end: `shm_server.ShmServer`, `dist_server.DistServer`; used by `kd-teacher serve`)."""
 
 from __future__ import annotations
 
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -35,8 +35,12 @@ class Channel(Protocol):
 class Endpoint(Protocol):
     """A teacher replica head's end: requests in, exactly one reply per request out."""
 
-    def poll(self, timeout: float, max_requests: int = 64) -> list:
-        """`protocol.Request`s and (student, seq, error text) triples for requests refused on arrival."""
+    def poll(self, timeout: float, max_requests: int = 64,
+             allowance: Optional[Callable[[int], int]] = None) -> list:
+        """`protocol.Request`s and (student, seq, error text) triples for requests refused on arrival (seq -1: the
+        endpoint answered it already), waiting up to `timeout` for the first. `allowance(student)`: how many more
+        of that student's requests the caller takes now; the rest wait in the transport (backpressure on that
+        student alone)."""
 
     def payload_views(self, student: int, seq: int) -> Optional[tuple]:
         """(values, indices, lse) to write request `seq`'s payload into so that it goes out without a copy, or

@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -71,6 +71,7 @@ class DistServer:
         self._warm_up(connect_timeout_s)
         self._inbox: "queue.SimpleQueue" = queue.SimpleQueue()
         self._order = {s: collections.deque() for s in self.students}  # seqs in arrival order, not yet answered
+        self._waiting = {s: collections.deque() for s in self.students}  # taken in, not yet handed to poll's caller
         self._expected: dict = {}  # (student, seq) -> _Expected
         self._held = {s: {} for s in self.students}  # replies ready before an earlier one of the same student
         self._staged: dict = {}  # (student, seq) -> reply buffer whose payload views `payload_views` handed out
@@ -173,19 +174,25 @@ class DistServer:
         self._order[header.student].append(header.seq)
 
     # ---- the serving thread's interface -----------------------------------------------------------------------
-    def poll(self, timeout: float, max_requests: int = 64) -> list:
-        """Requests and (student, seq, error) triples that arrived within `timeout` (blocking on the first)."""
+    def poll(self, timeout: float, max_requests: int = 64,
+             allowance: Optional[Callable[[int], int]] = None) -> list:
+        """Requests and (student, seq, error) triples that arrived within `timeout` (blocking on the first).
+        `allowance(student)`: how many more of that student's requests the caller takes now; the rest wait here
+        in arrival order."""
         self._reap()
-        out = []
         try:
-            item = self._inbox.get(timeout=timeout)
+            item = self._inbox.get(timeout=timeout) if not any(self._waiting.values()) else self._inbox.get_nowait()
             while item is not None:
-                out.append(item)
-                if len(out) >= max_requests:
-                    break
+                self._waiting[item.student if isinstance(item, P.Request) else item[0]].append(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
+        out = []
+        for student, waiting in self._waiting.items():
+            room = min(max_requests - len(out), allowance(student) if allowance is not None else len(waiting))
+            while waiting and room > 0:
+                out.append(waiting.popleft())
+                room -= 1
         return out
 
     def payload_views(self, student: int, seq: int):

@@ -24,7 +24,7 @@ import torch
 
 from kd_teacher.contract import TeacherContract
 from kd_teacher.dtypes import DTYPES, INDEX_DTYPE
-from kd_teacher.payload import PayloadError, PayloadHeader, TopKPayload
+from kd_teacher.payload import PayloadError, PayloadHeader, TopKPayload, parse_json
 
 PROTOCOL_VERSION = 2  # 2: torch.distributed requests in one message, binary reply blocks
 MAGIC = b"KDTM"
@@ -102,10 +102,7 @@ def decode(buf: bytes | bytearray | memoryview, max_bytes: int) -> tuple[dict, l
         raise ProtocolError(f"not a kd-teacher message (magic {magic!r})")
     if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(view):
         raise ProtocolError(f"message header length {hlen} is absurd for a {len(view)}-byte message")
-    try:
-        header = json.loads(bytes(view[_PREFIX.size:_PREFIX.size + hlen]))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"message header is not valid JSON: {e}") from None
+    header = parse_json(bytes(view[_PREFIX.size:_PREFIX.size + hlen]), ProtocolError, "message header")
     if not isinstance(header, dict) or not isinstance(header.get("buffers"), list):
         raise ProtocolError("message header is not a JSON object with a 'buffers' list")
     sizes = header["buffers"]
@@ -157,11 +154,8 @@ class ServerInfo(TeacherContract):
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "ServerInfo":
-        try:
-            data = json.loads(text)
-        except (ValueError, TypeError) as e:
-            raise ProtocolError(f"teacher server info is malformed: {e}") from None
-        return cls.from_mapping(data, ProtocolError, "teacher server info")
+        return cls.from_mapping(parse_json(text, ProtocolError, "teacher server info"), ProtocolError,
+                                "teacher server info")
 
 
 def student_expectation(hello: dict) -> TeacherContract:
@@ -225,22 +219,31 @@ def decode_request(header: dict, buffers: list[memoryview], info: ServerInfo) ->
         )
     if len(buffers) != 1:
         raise RequestRejectedError(f"request carries {len(buffers)} buffers, expected 1 (the token ids)")
-    tokens = tensor_from(buffers[0], TOKEN_DTYPE, (b, s))
+    try:
+        tokens = tensor_from(buffers[0], TOKEN_DTYPE, (b, s))
+    except ProtocolError as e:  # the frame is whole, only its token buffer disagrees with its shape: answerable
+        raise RequestRejectedError(f"request token ids: {e}") from None
     lo, hi = int(tokens.min()), int(tokens.max())
     if lo < 0 or hi >= info.vocab_size:
         raise RequestRejectedError(f"token ids out of range: [{lo}, {hi}] for vocabulary size {info.vocab_size}")
     sample_ids = header.get("sample_ids")
-    if sample_ids is not None and (not isinstance(sample_ids, list) or len(sample_ids) != b):
-        raise RequestRejectedError(f"request has {sample_ids!r:.80} sample ids for {b} sequences")
+    if sample_ids is not None and (not isinstance(sample_ids, list) or len(sample_ids) != b or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in sample_ids)):
+        raise RequestRejectedError(f"request has sample ids {sample_ids!r:.80} for {b} sequences (integers)")
     request_id = header.get("request_id")
-    return Request(student, seq, tokens, sample_ids,
-                   None if request_id is None else str(request_id))
+    if request_id is not None and not isinstance(request_id, str):
+        raise RequestRejectedError(f"request id {request_id!r:.80} is not a string")
+    return Request(student, seq, tokens, sample_ids, request_id)
 
 
 # ---- replies ----------------------------------------------------------------------------------------------------
-def reply_header(seq: int, payload: Optional[TopKPayload] = None, error: Optional[str] = None) -> dict:
+def reply_header(seq: Optional[int], payload: Optional[TopKPayload] = None, error: Optional[str] = None,
+                 slot: Optional[int] = None) -> dict:
+    """`slot`: for an error reply to a frame whose request seq could not be read, the transport's own number of
+    that frame (the shared-memory ring's message number), which the student maps back to its request."""
     if payload is None:
-        return {"type": "reply", "seq": seq, "status": "error", "error": error or "unknown error"}
+        header = {"type": "reply", "seq": seq, "status": "error", "error": error or "unknown error"}
+        return header if slot is None else dict(header, slot=slot)
     return {"type": "reply", "seq": seq, "status": "ok", "payload": json.loads(payload.header.to_json())}
 
 

@@ -58,6 +58,8 @@ Student i is served by replica i % replicas.
 
 from __future__ import annotations
 
+import collections
+import fcntl
 import json
 import logging
 import mmap
@@ -66,7 +68,6 @@ import platform
 import re
 import secrets
 import struct
-import threading
 import time
 import zlib
 from pathlib import Path
@@ -76,7 +77,7 @@ import torch
 
 from kd_teacher.contract import TeacherContract
 from kd_teacher.dtypes import DTYPES
-from kd_teacher.payload import TopKPayload
+from kd_teacher.payload import parse_json
 from kd_teacher.transport import protocol as P
 from kd_teacher.transport.buffers import HostBuffers
 
@@ -103,6 +104,10 @@ _ATTACHED_GEN, _VERDICT_LEN, _HELLO_LEN, _FLAGS = 64, 72, 80, 88
 # server header fields
 _GEN, _PID, _HEARTBEAT, _INFO_LEN, _INFO_AT = 8, 16, 24, 32, 64
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+# channel files kdt-<name>.c<rank>-<pid>-<hex>, half-made segments <file>.tmp-<pid>
+_OWNED_NAME_RE = re.compile(r"\.c\d+-(\d+)-[0-9a-f]+$|\.tmp-(\d+)$")
+_WAIT_LOG_S = 10.0  # a student waiting for a teacher server says so this often
+_SLOTS_REMEMBERED = 4096  # request ring numbers -> request seqs kept for error replies named by slot
 
 
 def _check_name(name: str) -> str:
@@ -172,7 +177,7 @@ def _get_json(mm, at: int, limit: int, len_at: int):
     n = _get(mm, len_at)
     if n == 0 or n > limit:
         raise P.ProtocolError(f"handshake field length {n} outside [1, {limit}]")
-    return json.loads(bytes(mm[at:at + n]))
+    return parse_json(bytes(mm[at:at + n]), P.ProtocolError, "handshake field")
 
 
 # ---- waiting ----------------------------------------------------------------------------------------------------
@@ -229,6 +234,13 @@ class _Ring:
 
     def free(self) -> bool:
         return _get(self.mm, self.written_at) - _get(self.mm, self.consumed_at) < self.slots
+
+    def written(self) -> int:
+        return _get(self.mm, self.written_at)
+
+    def next_seq(self) -> int:
+        """The number of the next message `take` reads."""
+        return _get(self.mm, self.consumed_at) + 1
 
     def pending(self) -> bool:
         return _get(self.mm, self.consumed_at) < _get(self.mm, self.written_at)
@@ -301,11 +313,11 @@ class _Ring:
         """The checked slot's header and buffer views; ProtocolError if its (hash-verified) JSON is malformed."""
         _, length, meta_len = _SLOT.unpack_from(self.mm, at)[:3]
         data_at = at + _SLOT_HEADER
-        try:
-            header = json.loads(bytes(self.view[data_at:data_at + meta_len]))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise P.ProtocolError(f"shared-memory message header is not valid JSON: {e}") from None
-        sizes = header.get("buffers") if isinstance(header, dict) else None
+        header = parse_json(bytes(self.view[data_at:data_at + meta_len]), P.ProtocolError,
+                              "shared-memory message header")
+        if not isinstance(header, dict):
+            raise P.ProtocolError(f"shared-memory message header is a JSON {type(header).__name__}, not an object")
+        sizes = header.get("buffers")
         if (not isinstance(sizes, list)
                 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes)
                 or meta_len + sum(sizes) != length):
@@ -347,203 +359,6 @@ def slot_sizes(info: P.ServerInfo) -> tuple[int, int]:
     return header_room + 8 * n, header_room + n * (info.k * (item + 4) + 4)
 
 
-# ---- server -----------------------------------------------------------------------------------------------------
-class _Attached:
-    def __init__(self, cid: int, path: Path, mm: mmap.mmap, student: int, pid: int):
-        self.cid, self.path, self.mm, self.student, self.pid = cid, path, mm, student, pid
-        self.req, self.rep = _rings(mm)
-        self.outbox: list = []  # replies waiting for a free slot (a slow student does not block the others)
-
-    def close(self) -> None:
-        _release_rings(self.req, self.rep)
-        _close_map(self.mm)
-
-
-class ShmServer:
-    """The teacher replica's end: publishes the server segment, attaches student channels, moves messages."""
-
-    def __init__(self, name: str, info: P.ServerInfo, replica: int = 0, heartbeat_interval_s: float = 0.05):
-        self.name, self.info, self.replica = _check_name(name), info, replica
-        self.path = server_path(name, replica)
-        self._claim_name()
-        self.generation = secrets.randbits(62) + 1
-        mm, tmp = _create(self.path, _SERVER_BYTES)
-        mm[0:8] = _SERVER_MAGIC
-        _put(mm, _GEN, self.generation)
-        _put(mm, _PID, os.getpid())
-        _put_json(mm, _INFO_AT, _SERVER_BYTES - _INFO_AT, _INFO_LEN, json.loads(info.to_json()))
-        os.rename(tmp, self.path)
-        self.mm = mm
-        self.channels: dict[int, _Attached] = {}
-        self._seen: dict[Path, float] = {}
-        self._next_id = 0
-        self._last_scan = 0.0
-        self._stop = threading.Event()
-        self._beat = threading.Thread(target=self._heartbeat, args=(heartbeat_interval_s,), daemon=True)
-        self._beat.start()
-        log.info("shm teacher server %s replica %d up (generation %x)", name, replica, self.generation)
-
-    def _claim_name(self) -> None:
-        if not self.path.exists():
-            return
-        try:
-            mm, _ = _open_owned(self.path)
-            pid, beat = _get(mm, _PID), _get(mm, _HEARTBEAT)
-            if _pid_alive(pid):
-                time.sleep(0.5)  # a live server beats every heartbeat_interval_s; a dead or frozen one does not
-                frozen = _get(mm, _HEARTBEAT) == beat
-            mm.close()
-        except (P.ProtocolError, OSError, ValueError) as e:
-            raise RuntimeError(f"cannot take over shared-memory name {self.path}: {e}") from e
-        if _pid_alive(pid) and not frozen:
-            raise RuntimeError(f"another teacher server (pid {pid}) serves {self.path}; stop it or pick another name")
-        log.info("replacing the segment of a dead or frozen server (pid %d) at %s", pid, self.path)
-
-    def _heartbeat(self, interval: float) -> None:
-        beat = 0
-        while not self._stop.wait(interval):
-            beat += 1
-            _put(self.mm, _HEARTBEAT, beat)
-
-    # ---- attaching students ------------------------------------------------------------------------------------
-    def _scan(self) -> None:
-        prefix = f"kdt-{self.name}.c"
-        for path in SHM_DIR.glob(prefix + "*"):
-            if ".tmp-" in path.name or path in self._seen:
-                continue
-            self._seen[path] = time.monotonic()
-            try:
-                self._attach(path)
-            except (P.ProtocolError, OSError, ValueError, KeyError) as e:
-                log.warning("ignoring shared-memory channel %s: %s", path, e)
-        for cid, ch in list(self.channels.items()):
-            if not ch.path.exists() or not _pid_alive(ch.pid):
-                log.info("student %d (pid %d) is gone; dropping its channel", ch.student, ch.pid)
-                if ch.path.exists():
-                    ch.path.unlink(missing_ok=True)
-                self._drop(ch)
-
-    def _drop(self, ch: _Attached) -> None:
-        self.channels.pop(ch.cid, None)
-        self._seen.pop(ch.path, None)
-        ch.close()
-
-    def _attach(self, path: Path) -> None:
-        mm, _ = _open_owned(path)
-        if len(mm) < _RINGS_AT or bytes(mm[0:8]) != _CHANNEL_MAGIC:
-            mm.close()
-            raise P.ProtocolError("not a kd-teacher channel")
-        hello = _get_json(mm, _HELLO_AT, _HELLO_MAX, _HELLO_LEN)
-        student, pid = int(hello["student"]), int(hello["pid"])
-        if student % self.info.replicas != self.replica:
-            mm.close()
-            return
-        problems = P.incompatibilities(self.info, P.student_expectation(hello))
-        verdict = {"ok": not problems, "reason": "; ".join(problems)}
-        _put_json(mm, _VERDICT_AT, _VERDICT_MAX, _VERDICT_LEN, verdict)
-        _put(mm, _ATTACHED_GEN, self.generation)
-        if problems:
-            log.warning("refused student %d: %s", student, verdict["reason"])
-            mm.close()
-            return
-        self._next_id += 1
-        self.channels[self._next_id] = _Attached(self._next_id, path, mm, student, pid)
-        log.info("attached student %d (pid %d) via %s", student, pid, path.name)
-
-    # ---- the endpoint interface --------------------------------------------------------------------------------
-    def poll(self, timeout: float, max_requests: int = 64) -> list:
-        """Requests (protocol.Request, `student` = channel id) and (channel id, seq, error text) pairs."""
-        deadline = time.monotonic() + timeout
-        wait = _Wait(max_sleep_s=0.002)
-        while True:
-            now = time.monotonic()
-            if now - self._last_scan > 0.05:
-                self._scan()
-                self._last_scan = now
-            out = []
-            for cid, ch in list(self.channels.items()):
-                self._flush(ch)
-                while len(out) < max_requests and cid in self.channels:
-                    try:
-                        item = ch.req.take(lambda header, views, _, cid=cid: self._parse(cid, header, views))
-                    except P.ProtocolError as e:  # the slot is released: the student's request times out
-                        log.warning("dropping a corrupt request from channel %d: %s", cid, e)
-                        continue
-                    if item is None:
-                        break
-                    out.append(item)
-            if out or time.monotonic() >= deadline:
-                return out
-            wait()
-
-    def _parse(self, cid: int, header: dict, buffers: list):
-        try:
-            _, seq = P.request_header_ok(header)
-        except P.ProtocolError as e:
-            log.warning("dropping a malformed request from channel %d: %s", cid, e)
-            return (cid, -1, str(e))
-        try:
-            req = P.decode_request(header, buffers, self.info)  # copies the token ids out of the slot
-        except P.RequestRejectedError as e:
-            return (cid, seq, str(e))
-        req.student = cid
-        return req
-
-    def reply(self, student: int, seq: int, payload: Optional[TopKPayload] = None, error: Optional[str] = None) -> None:
-        """`student`: the channel id, which this server's Requests carry as their `student`."""
-        ch = self.channels.get(student)
-        if ch is None or seq < 0:
-            return
-        ch.outbox.append((seq, payload, error))
-        self._flush(ch)
-
-    def _flush(self, ch: _Attached) -> None:
-        while ch.outbox and ch.rep.free():
-            if _get(ch.mm, _ATTACHED_GEN) != self.generation:  # another server took this student over
-                log.warning("student %d is attached to another server now; dropping its channel", ch.student)
-                self._drop(ch)
-                return
-            seq, payload, error = ch.outbox.pop(0)
-            if payload is None:
-                meta, buffers = _meta(P.reply_header(seq, error=error), []), []
-            else:
-                # protocol.reply_header's fields; the payload header's dict as it is (its to_json() costs 20 us)
-                header = {"type": "reply", "seq": seq, "status": "ok", "payload": vars(payload.header)}
-                # indices, lse, values: each starts 4-byte aligned, so the student views one buffer as all three
-                buffers = [payload.indices, payload.lse, payload.values]
-                sizes = [t.numel() * t.element_size() for t in buffers]
-                meta = _meta(header, sizes)
-                if not ch.rep.fits(meta, sizes):  # cannot happen for requests within max_tokens_per_request
-                    error = f"reply of {len(meta) + sum(sizes)} bytes does not fit the {ch.rep.slot_bytes}-byte slot"
-                    meta, buffers = _meta(P.reply_header(seq, error=error), []), []
-            ch.rep.put(meta, buffers)
-
-    def flush(self) -> None:
-        for ch in self.channels.values():
-            self._flush(ch)
-
-    def payload_views(self, student: int, seq: int) -> None:
-        return None  # a payload is copied into its reply slot once the slot is free
-
-    def finished(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        self._stop.set()
-        self._beat.join(timeout=1)
-        try:
-            mm, ino = _open_owned(self.path)
-            mine = _get(mm, _GEN) == self.generation
-            mm.close()
-            if mine:
-                self.path.unlink()
-        except (OSError, P.ProtocolError):
-            pass
-        for ch in self.channels.values():
-            ch.close()
-        self.channels.clear()
-
-
 # ---- client -----------------------------------------------------------------------------------------------------
 class ShmClient:
     """A student's end: its channel file, the handshake, and liveness checks of the server it is attached to."""
@@ -562,6 +377,7 @@ class ShmClient:
         self.mm: Optional[mmap.mmap] = None
         self._server = None  # (map, inode, generation, pid) of the server we are attached to
         self._shapes: dict[int, tuple] = {}  # [b, s] of each request sent and not answered yet
+        self._slot_seqs: "collections.OrderedDict[int, int]" = collections.OrderedDict()  # request ring -> seq
         self._beat = (0, 0.0)
         self._checked = 0.0
         self.info = self._connect(time.monotonic() + connect_timeout_s)
@@ -569,6 +385,7 @@ class ShmClient:
     # ---- connecting ---------------------------------------------------------------------------------------------
     def _open_server(self, replica: int, deadline: float):
         path = server_path(self.name, replica)
+        started = logged = time.monotonic()
         while True:
             try:
                 mm, ino = _open_owned(path)
@@ -580,8 +397,14 @@ class ShmClient:
                 pass
             except (ValueError, OSError) as e:
                 log.debug("server segment %s not ready: %s", path, e)
-            if time.monotonic() > deadline:
-                raise P.TeacherUnavailableError(f"no live teacher server at {path} (shared-memory name {self.name!r})")
+            now = time.monotonic()
+            if now > deadline:
+                raise P.TeacherUnavailableError(f"no live teacher server at {path} (shared-memory name {self.name!r}) "
+                                                f"within {now - started:.0f} s")
+            if now - logged >= _WAIT_LOG_S:
+                logged = now
+                log.warning("student %d: waiting for a teacher server at %s (%.0f s so far, giving up in %.0f s)",
+                            self.student, path, now - started, deadline - now)
             time.sleep(0.02)
 
     def _connect(self, deadline: float) -> P.ServerInfo:
@@ -603,10 +426,11 @@ class ShmClient:
                 raise P.TeacherUnavailableError(f"teacher server {self.name!r} (pid {pid}) did not attach this student")
             time.sleep(0.005)
         verdict = _get_json(self.mm, _VERDICT_AT, _VERDICT_MAX, _VERDICT_LEN)
-        if not verdict.get("ok"):
+        if not isinstance(verdict, dict) or not verdict.get("ok"):
             mm0.close()
             self.close()
-            raise P.IncompatibleTeacherError(f"teacher {self.name!r} refused this student: {verdict.get('reason')}")
+            reason = verdict.get("reason") if isinstance(verdict, dict) else verdict
+            raise P.IncompatibleTeacherError(f"teacher {self.name!r} refused this student: {reason}")
         self._server = (mm0, ino0, gen, pid)
         self._beat = (_get(mm0, _HEARTBEAT), time.monotonic())
         self.replica = replica
@@ -661,6 +485,8 @@ class ShmClient:
     def _ensure_attached(self, deadline: float) -> None:
         if self._server is not None:
             return
+        log.warning("student %d: teacher server %r is not attached; waiting for it up to %.1f s (the request's "
+                    "timeout)", self.student, self.name, max(deadline - time.monotonic(), 0.0))
         info = self._connect(deadline)
         info.check(self.info, served="the restarted teacher", expecting="this student's channel",
                    error=P.IncompatibleTeacherError, identity=False)
@@ -671,7 +497,9 @@ class ShmClient:
 
     # ---- the channel interface -----------------------------------------------------------------------------------
     def send(self, seq: int, tokens: torch.Tensor, sample_ids, request_id, deadline: float) -> None:
-        self._ensure_attached(max(deadline, time.monotonic() + self.connect_timeout_s))
+        # Bounded by the request's own deadline (its timeout_s), not connect_timeout_s: a request sent while the
+        # teacher is down fails like any request that gets no reply; the wait is logged.
+        self._ensure_attached(deadline)
         header = {"type": "request", "student": self.student, "seq": seq, "shape": list(tokens.shape),
                   "sample_ids": None if sample_ids is None else [int(i) for i in sample_ids],
                   "request_id": request_id}
@@ -689,6 +517,9 @@ class ShmClient:
             if time.monotonic() > deadline:
                 raise P.TeacherTimeoutError(f"teacher server {self.name!r} takes no requests (ring full)")
             wait()
+        self._slot_seqs[self.req.written() + 1] = seq
+        while len(self._slot_seqs) > _SLOTS_REMEMBERED:
+            self._slot_seqs.popitem(last=False)
         self.req.put(meta, [tokens])
         self._shapes[seq] = tuple(tokens.shape)
 
@@ -706,6 +537,10 @@ class ShmClient:
             wait()
 
     def _parse(self, header: dict, data: torch.Tensor):
+        if header.get("seq") is None and isinstance(header.get("slot"), int):
+            # An error reply to a request frame the server could not read: it names the frame by ring slot.
+            seq = self._slot_seqs.get(header["slot"], -1)
+            return seq, None, str(header.get("error"))
         seq = P.reply_seq(header)
         shape = self._shapes.get(seq)  # not popped here: a slot rewritten while read is parsed again
         if header.get("status") != "ok":
@@ -725,6 +560,8 @@ class ShmClient:
         if self._server is not None:
             _close_map(self._server[0])
             self._server = None
+        _remove_if_unlocked(server_path(self.name, self.student % self.info.replicas) if hasattr(self, "info")
+                            else server_path(self.name, 0))
         if self.mm is not None:
             _release_rings(self.req, self.rep)
             _close_map(self.mm)
@@ -747,6 +584,42 @@ def _close_map(mm: mmap.mmap) -> None:
         mm.close()
     except BufferError:  # a payload view still points into it; the mapping goes with the last view
         pass
+
+
+def _remove_if_unlocked(path: Path) -> None:
+    """Remove a server segment that no live server holds (its server was killed: nothing else removes it until a
+    server of that name starts again). A live server keeps a shared flock on its segment."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        if os.fstat(fd).st_uid != os.getuid():
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return  # held: a live (or frozen) server
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            log.info("removing %s: its teacher server is gone", path.name)
+            path.unlink(missing_ok=True)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def channel_owner_pid(path: Path) -> Optional[int]:
+    """The pid that made a channel file or a half-made segment of ours (from its name), None for other files."""
+    match = _OWNED_NAME_RE.search(path.name)
+    if match is None:
+        return None
+    try:
+        if os.stat(path).st_uid != os.getuid():
+            return None
+    except OSError:
+        return None
+    return int(match.group(1) or match.group(2))
 
 
 def _claimed_shape(header: dict) -> tuple:

@@ -65,9 +65,11 @@ def test_bad_requests_are_rejected_with_a_reason(tokens, message):
 
 
 def test_request_whose_buffer_does_not_match_its_shape_is_rejected():
+    """Rejected (the server answers it with this error), not a ProtocolError (which the shm server could not
+    answer by seq: the student waited timeout_s)."""
     header, buffers = P.decode(P.encode_request(0, 1, torch.zeros(2, 4, dtype=torch.long)), 1 << 20)
     header["shape"] = [2, 5]
-    with pytest.raises(P.ProtocolError, match="bytes for a"):
+    with pytest.raises(P.RequestRejectedError, match="bytes for a"):
         P.decode_request(header, buffers, INFO)
 
 
@@ -114,7 +116,7 @@ def _members(protocol) -> dict:
 
 @pytest.mark.parametrize("protocol, classes", [
     ("Channel", ["kd_teacher.transport.shm.ShmClient", "kd_teacher.transport.dist_transport.DistClient"]),
-    ("Endpoint", ["kd_teacher.transport.shm.ShmServer", "kd_teacher.transport.dist_server.DistServer"]),
+    ("Endpoint", ["kd_teacher.transport.shm_server.ShmServer", "kd_teacher.transport.dist_server.DistServer"]),
 ])
 def test_transport_ends_implement_their_protocol(protocol, classes):
     import importlib
@@ -127,3 +129,11 @@ def test_transport_ends_implement_their_protocol(protocol, classes):
         cls = getattr(importlib.import_module(module), name)
         for member, params in _members(getattr(channel, protocol)).items():
             assert list(inspect.signature(getattr(cls, member)).parameters)[1:] == params[1:], (path, member)
+
+
+@pytest.mark.parametrize("expect", [{"k": "8"}, {"temperature": "hot"}, {"vocab_size": True}, {"k": [8]}])
+def test_hello_expectation_of_the_wrong_json_types_is_a_protocol_error(expect):
+    """Compared later as numbers (float(temperature)): refused at the door instead, naming the field."""
+    field = next(iter(expect))
+    with pytest.raises(P.ProtocolError, match=f"field {field}="):
+        P.student_expectation({"expect": expect})

@@ -17,7 +17,7 @@ import torch
 from kd_teacher.contract import TeacherContract
 from kd_teacher.payload import DTYPES, TopKPayload
 from kd_teacher.transport import protocol as P
-from kd_teacher.transport import shm
+from kd_teacher.transport import shm, shm_server
 
 INFO = P.ServerInfo(vocab_size=1000, k=4, temperature=1.0, values_dtype="float32", teacher_fingerprint="t",
                     recipe_fingerprint="r", max_tokens_per_request=64, max_seq_len=32)
@@ -29,7 +29,7 @@ class EchoTeacher:
     def __init__(self, name, info=INFO):
         self.info = info
         self.sent = {}  # seq -> the payload the server replied with
-        self.server = shm.ShmServer(name, info)
+        self.server = shm_server.ShmServer(name, info)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -290,7 +290,7 @@ def test_student_expecting_another_k_is_refused_at_connect(teacher):
 
 def test_second_server_with_a_live_name_is_refused(teacher):
     with pytest.raises(RuntimeError, match="another teacher server"):
-        shm.ShmServer(teacher.server.name, INFO)
+        shm_server.ShmServer(teacher.server.name, INFO)
 
 
 def test_student_reconnecting_from_the_same_process_is_attached_again(teacher):
