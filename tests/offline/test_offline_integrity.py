@@ -97,6 +97,20 @@ def test_a_dump_that_failed_before_its_first_shard_can_be_rerun_with_another_con
     assert p.exitcode == 0 and fmt.load_manifest(out).complete
 
 
+def test_unwritable_output_dir_is_a_clear_error_not_a_traceback(tmp_path):
+    """/sys refuses new directories even to root (issue 25 item 8): one error line naming the directory."""
+    import subprocess
+    import sys
+
+    config = _jsonl_dump_yaml(tmp_path, [list(range(1, 9))])
+    out = "/sys/kd-teacher-unwritable-test/dump"
+    run = subprocess.run([sys.executable, "-m", "kd_teacher.cli", "dump", str(config), f"output.dir={out}"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 2, run.stderr
+    assert f"cannot write the dump into {out}" in run.stderr and "choose a writable output.dir" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 # ---- reruns ---------------------------------------------------------------------------------------------------------
 def _killed_between_prepare_and_finish():
     """Fault injection in the forked child: SIGKILL the rerun once its directory is prepared, before it finishes."""
@@ -117,17 +131,3 @@ def test_a_killed_rerun_of_a_finished_dump_leaves_it_finished(reference, tmp_pat
     p = fork_dump(cfg_to(cfg, out))  # a rerun that completes changes nothing either
     p.join(120)
     assert p.exitcode == 0 and file_bytes(out) == ref_bytes
-
-
-def test_unwritable_output_dir_is_a_clear_error_not_a_traceback(tmp_path):
-    """/sys refuses new directories even to root (issue 25 item 8): one error line naming the directory."""
-    import subprocess
-    import sys
-
-    config = _jsonl_dump_yaml(tmp_path, [list(range(1, 9))])
-    out = "/sys/kd-teacher-unwritable-test/dump"
-    run = subprocess.run([sys.executable, "-m", "kd_teacher.cli", "dump", str(config), f"output.dir={out}"],
-                         capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert run.returncode == 2, run.stderr
-    assert f"cannot write the dump into {out}" in run.stderr and "choose a writable output.dir" in run.stderr
-    assert "Traceback" not in run.stderr
