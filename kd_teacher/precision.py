@@ -25,7 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Optional, Union
 
 import torch
@@ -55,6 +55,11 @@ class PrecisionRecipe:
     Backward-only settings (`fp8_wgrad`) and settings that only shape scale updates during training
     (`tp_only_amax_red`) are left out: they do not change what a teacher forward computes, and recording
     them would make a teacher and a student with the same forward look different.
+
+    The library versions ride along for the record (a dump's manifest keeps them) but are not part of the
+    recipe: they are not compared and not in the fingerprint. A source checkout's version carries the VCS
+    hash of whatever repository it sits in, so a fingerprint with it would refuse a dump after any commit;
+    a version difference is a warning (`version_differences`), recorded without the local "+..." suffix.
     """
 
     params_dtype: str
@@ -70,8 +75,8 @@ class PrecisionRecipe:
     first_last_layers_bf16: bool = False
     num_layers_at_start_in_bf16: int = 0
     num_layers_at_end_in_bf16: int = 0
-    te_version: Optional[str] = None
-    mcore_version: Optional[str] = None
+    te_version: Optional[str] = field(default=None, compare=False)
+    mcore_version: Optional[str] = field(default=None, compare=False)
 
     @classmethod
     def from_transformer_config(cls, config) -> "PrecisionRecipe":
@@ -149,12 +154,13 @@ class PrecisionRecipe:
 
     # ---- fingerprint --------------------------------------------------------------------------------------
     def fingerprint(self) -> str:
-        """`<name>:<hash>|<field=value;...>`: a stable hash of every field, readable without a lookup table.
+        """`<name>:<hash>|<field=value;...>`: a stable hash of the recipe's fields (not the library versions),
+        readable without a lookup table.
 
         The fields ride along so that a receiver can say in words which recipe a payload was made under
         (and how it differs from its own) even when it has never seen that recipe.
         """
-        fields = ";".join(f"{k}={_render(v)}" for k, v in sorted(asdict(self).items()))
+        fields = ";".join(f"{k}={_render(v)}" for k, v in sorted(_numerics(self).items()))
         return f"{self.name}:{_digest(self)}|{fields}"
 
     @classmethod
@@ -174,8 +180,13 @@ class PrecisionRecipe:
         return recipe if _digest(recipe) == digest else None
 
 
+def _numerics(recipe: PrecisionRecipe) -> dict:
+    """The fields that decide the numbers (every field but the recorded library versions)."""
+    return {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe) if f.compare}
+
+
 def _digest(recipe: PrecisionRecipe) -> str:
-    blob = json.dumps(asdict(recipe), sort_keys=True).encode()
+    blob = json.dumps(_numerics(recipe), sort_keys=True).encode()
     return hashlib.blake2b(blob, digest_size=8).hexdigest()
 
 
@@ -202,11 +213,16 @@ def _parse(raw: str, tp: str):
     return raw
 
 
+def public_version(version: Optional[str]) -> Optional[str]:
+    """A version without its local part: "0.19.1+1f415a5" (a source checkout's VCS hash) -> "0.19.1"."""
+    return None if version is None else version.split("+", 1)[0]
+
+
 def _te_version() -> Optional[str]:
     try:
         import transformer_engine
 
-        return str(transformer_engine.__version__)
+        return public_version(str(transformer_engine.__version__))
     except Exception:  # noqa: BLE001 - TE absent or broken: no version to record
         return None
 
@@ -215,9 +231,24 @@ def _mcore_version() -> Optional[str]:
     try:
         from megatron.core import package_info
 
-        return str(package_info.__version__)
+        return public_version(str(package_info.__version__))
     except Exception:  # noqa: BLE001
         return None
+
+
+_VERSION_NAMES = {"mcore_version": "megatron-core", "te_version": "Transformer Engine"}
+
+
+def version_differences(recorded: dict) -> list[str]:
+    """Library versions in a recorded recipe (a dump manifest's `recipe`) that differ from this process's,
+    each as "megatron-core 0.19.1 (here 0.20.0)". Differences in the local "+..." part do not count."""
+    here = {"mcore_version": _mcore_version(), "te_version": _te_version()}
+    out = []
+    for key, name in _VERSION_NAMES.items():
+        then, now = public_version(recorded.get(key)), here[key]
+        if then is not None and now is not None and then != now:
+            out.append(f"{name} {then} (here {now})")
+    return out
 
 
 # ---- the student side: refuse a payload made under another recipe ----------------------------------------------
@@ -239,8 +270,9 @@ def check_recipe(
     raise RecipeMismatchError(message + ". " + RECIPE_REMEDY)
 
 
-RECIPE_REMEDY = ("Serve the teacher under the student's recipe (copy the student's fp8 settings into the teacher "
-                 "config's model.precision), or set kd.allow_recipe_mismatch: true to accept it deliberately")
+RECIPE_REMEDY = ("Serve the teacher under the student's recipe (the teacher config's model.precision settings "
+                 "named above; for a bf16 Megatron-LM student see configs/teacher_megatron_lm_bf16.yaml), or set "
+                 "kd.allow_recipe_mismatch: true to accept it deliberately")
 
 
 def recipe_mismatch(payload_fingerprint: str, expected: Union[str, PrecisionRecipe]) -> str:
@@ -254,16 +286,36 @@ def recipe_mismatch(payload_fingerprint: str, expected: Union[str, PrecisionReci
     )
     if theirs is not None and ours is not None:
         message += f"; they differ in {recipe_differences(theirs, ours)}"
+        settings = teacher_settings_for(ours, theirs)
+        if settings:
+            message += f"; to serve this run, set {', '.join(settings)} in the teacher config"
     return message
 
 
 def recipe_differences(a: PrecisionRecipe, b: PrecisionRecipe) -> str:
     diffs = [
-        f"{f.name} ({_render(getattr(a, f.name))} vs {_render(getattr(b, f.name))})"
-        for f in dataclasses.fields(PrecisionRecipe)
-        if getattr(a, f.name) != getattr(b, f.name)
+        f"{name} ({_render(value)} vs {_render(getattr(b, name))})"
+        for name, value in _numerics(a).items()
+        if value != getattr(b, name)
     ]
     return ", ".join(diffs) if diffs else "nothing but the fingerprint format"
+
+
+# Recipe fields a teacher config sets as `model.precision.<field>` (kd_teacher.engine.model.PrecisionConfig);
+# the others follow from them or from the model's layer spec.
+_TEACHER_SETTINGS = ("params_dtype", "fp8", "fp8_recipe", "fp8_margin", "fp8_amax_history_len",
+                     "fp8_amax_compute_algo", "fp8_param", "first_last_layers_bf16", "num_layers_at_start_in_bf16",
+                     "num_layers_at_end_in_bf16")
+
+
+def teacher_settings_for(wanted: PrecisionRecipe, served: PrecisionRecipe) -> list[str]:
+    """The teacher-config lines (`model.precision.params_dtype: bfloat16`, ...) that make `served` `wanted`."""
+    return [f"model.precision.{name}: {_yaml(getattr(wanted, name))}"
+            for name in _TEACHER_SETTINGS if getattr(wanted, name) != getattr(served, name)]
+
+
+def _yaml(value) -> str:
+    return "null" if value is None else _render(value)
 
 
 def _words(recipe: Optional[PrecisionRecipe], fingerprint: str) -> str:

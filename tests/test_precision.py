@@ -54,7 +54,7 @@ def _all_fingerprints():
 def test_recipe_is_read_off_the_transformer_config_for_every_recipe():
     bf16 = _recipe(None)
     assert (bf16.name, bf16.fp8, bf16.batch_invariant, bf16.te_version) == ("bfloat16", None, True, None)
-    assert bf16.mcore_version  # megatron-core's version is part of every recipe
+    assert bf16.mcore_version and "+" not in bf16.mcore_version  # recorded, without a VCS suffix
     history = dict(fp8_margin=2, fp8_amax_history_len=16, fp8_amax_compute_algo="max")
     for name in FP8_RECIPES:
         r = _recipe(name, fp8_param=True, **history)
@@ -86,6 +86,36 @@ def test_fingerprints_are_distinct_stable_across_processes_and_readable():
     tampered = delayed.fingerprint().replace("fp8_margin=0", "fp8_margin=3")
     assert tampered != delayed.fingerprint() and PrecisionRecipe.from_fingerprint(tampered) is None
     assert PrecisionRecipe.from_fingerprint("fp8-delayed:0123abcd") is None
+
+
+def test_library_versions_are_recorded_but_not_part_of_the_recipe(caplog):
+    """A dump made before a commit to a megatron-core source checkout (version 0.19.1+<hash>) or an upgrade
+    still fits: versions are not in the fingerprint; a difference is named in a warning."""
+    import dataclasses
+
+    from kd_teacher.precision import _mcore_version, public_version, version_differences
+
+    here = _recipe("blockwise")
+    elsewhere = dataclasses.replace(here, mcore_version="0.19.1", te_version="2.19.0")
+    assert elsewhere == here and elsewhere.fingerprint() == here.fingerprint()
+    assert "version" not in here.fingerprint()
+    check_recipe(elsewhere.fingerprint(), here)
+    assert public_version("0.19.1+1f415a5") == public_version("0.19.1+f4fe165") == "0.19.1"
+    assert version_differences({"mcore_version": f"{_mcore_version()}+abc123", "te_version": None}) == []
+    (line,) = version_differences({"mcore_version": "0.19.1", "te_version": "2.20.2"})
+    assert line == f"megatron-core 0.19.1 (here {_mcore_version()})"  # no TE here: nothing to compare
+
+
+def test_recipe_mismatch_names_the_teacher_setting_and_its_value():
+    fp32_teacher, bf16_student = _recipe(None, dtype="float32"), _recipe(None, dtype="bfloat16")
+    with pytest.raises(RecipeMismatchError) as e:
+        check_recipe(fp32_teacher.fingerprint(), bf16_student)
+    msg = str(e.value)
+    assert "params_dtype (float32 vs bfloat16)" in msg
+    assert "set model.precision.params_dtype: bfloat16 in the teacher config" in msg
+    with pytest.raises(RecipeMismatchError, match="set model.precision.fp8: hybrid, model.precision.fp8_recipe: "
+                                                  "tensorwise in the teacher config"):
+        check_recipe(bf16_student.fingerprint(), _recipe("tensorwise"))
 
 
 # ---- the student's check --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Used by the engine (`TeacherEngine.from_checkpoint`, `reload_weights`) and by to
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -22,18 +23,58 @@ def save_checkpoint(model: torch.nn.Module, checkpoint_dir: str | Path) -> None:
     dist_checkpointing.save(model.sharded_state_dict(), str(checkpoint_dir))
 
 
+TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron-LM's, beside the iter_NNNNNNN directories
+
+
+def resolve_checkpoint_dir(checkpoint_dir: str | Path, iteration: Optional[int] = None) -> Path:
+    """The distributed-checkpoint directory meant by `checkpoint_dir`, as Megatron-LM's `--load` reads it.
+
+    `checkpoint_dir` is a checkpoint itself (it has `metadata.json`), or a Megatron-LM `--save` directory:
+    then `iter_{iteration:07d}` inside it, the iteration being `iteration` or else the one its
+    `latest_checkpointed_iteration.txt` names (`release` for a released checkpoint).
+    """
+    path = Path(checkpoint_dir)
+    if iteration is None and (path / "metadata.json").is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"teacher checkpoint {path} does not exist")
+    if iteration is not None:
+        chosen = path / f"iter_{iteration:07d}"
+        if not chosen.is_dir():
+            found = sorted(p.name for p in path.glob("iter_*"))
+            raise FileNotFoundError(f"{path} has no checkpoint of iteration {iteration} ({chosen.name}); it has "
+                                    f"{found or 'none'}")
+    else:
+        tracker = path / TRACKER_FILE
+        if not tracker.is_file():
+            raise FileNotFoundError(
+                f"{path} is not a Megatron-Core distributed checkpoint (no metadata.json) nor a Megatron-LM --save "
+                f"directory (no {TRACKER_FILE}); point at a checkpoint directory (iter_NNNNNNN)")
+        text = tracker.read_text().strip()
+        if text == "release":
+            chosen = path / "release"
+        elif text.isdigit():
+            chosen = path / f"iter_{int(text):07d}"
+        else:
+            raise FileNotFoundError(f"{tracker} holds {text!r}, not an iteration number or 'release'")
+    if not (chosen / "metadata.json").is_file():
+        raise FileNotFoundError(f"{chosen} is not a Megatron-Core distributed checkpoint (no metadata.json): was it "
+                                "saved with --ckpt-format torch_dist (Megatron-LM's default)?")
+    return chosen
+
+
 def load_checkpoint(
     model: torch.nn.Module,
     checkpoint_dir: str | Path,
     *,
     recipe=None,
     accept_initial_fp8_scales: bool = False,
+    iteration: Optional[int] = None,
 ) -> None:
-    """Load into `model`. With an FP8 delayed-scaling `recipe` (a `PrecisionRecipe`), a checkpoint without
-    FP8 scales is refused before anything is copied, unless `accept_initial_fp8_scales`."""
-    path = Path(checkpoint_dir)
-    if not path.is_dir() or not (path / "metadata.json").exists():
-        raise FileNotFoundError(f"{path} is not a Megatron-Core distributed checkpoint (no metadata.json)")
+    """Load into `model` (`checkpoint_dir` and `iteration` as `resolve_checkpoint_dir` reads them). With an
+    FP8 delayed-scaling `recipe` (a `PrecisionRecipe`), a checkpoint without FP8 scales is refused before
+    anything is copied, unless `accept_initial_fp8_scales`."""
+    path = resolve_checkpoint_dir(checkpoint_dir, iteration)
     if recipe is not None and recipe.delayed_scaling:
         # Only the small `_extra_state` objects first: dist_checkpointing loads into the model's own
         # tensors, so a refusal after the full load would already have overwritten the weights.

@@ -231,13 +231,15 @@ class TeacherEngine:
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_checkpoint(
-        cls, checkpoint_dir: str | Path, model_config: ModelConfig, config: Optional[EngineConfig] = None
+        cls, checkpoint_dir: str | Path, model_config: ModelConfig, config: Optional[EngineConfig] = None,
+        iteration: Optional[int] = None,
     ) -> "TeacherEngine":
-        """Build the model for this rank's layout and load a `megatron.core.dist_checkpointing` checkpoint."""
+        """Build the model for this rank's layout and load a `megatron.core.dist_checkpointing` checkpoint
+        (or a Megatron-LM `--save` directory's latest one, or its `iteration`: `resolve_checkpoint_dir`)."""
         model, tconfig = build_gpt_model(model_config)
         config = config or EngineConfig()
         load_checkpoint(model, checkpoint_dir, recipe=PrecisionRecipe.from_transformer_config(tconfig),
-                        accept_initial_fp8_scales=config.accept_initial_fp8_scales)
+                        accept_initial_fp8_scales=config.accept_initial_fp8_scales, iteration=iteration)
         return cls(model, model_config.vocab_size, config, model_config=model_config)
 
     # ---- weights changing in place ------------------------------------------------------------------------

@@ -22,7 +22,9 @@ from kd_teacher.engine.model import ModelConfig, build_gpt_model
 class TeacherConfig:
     model: ModelConfig
     engine: EngineConfig = field(default_factory=EngineConfig)
+    # A dist-checkpoint directory, or a Megatron-LM --save directory (its latest iteration, or this one).
     checkpoint: Optional[str] = None
+    checkpoint_iteration: Optional[int] = None
 
 
 def load_teacher_config(path: str | Path, overrides: list[str] | None = None, section: str | None = None) -> TeacherConfig:
@@ -35,7 +37,7 @@ def load_teacher_config(path: str | Path, overrides: list[str] | None = None, se
 def build_engine(cfg: TeacherConfig) -> TeacherEngine:
     """Build this rank's teacher (parallel_state initialised with the config's TP/PP) and its engine."""
     if cfg.checkpoint:
-        return TeacherEngine.from_checkpoint(cfg.checkpoint, cfg.model, cfg.engine)
+        return TeacherEngine.from_checkpoint(cfg.checkpoint, cfg.model, cfg.engine, iteration=cfg.checkpoint_iteration)
     torch.manual_seed(cfg.model.seed)
     model, _ = build_gpt_model(cfg.model)
     return TeacherEngine(model, cfg.model.vocab_size, cfg.engine, model_config=cfg.model)

@@ -25,6 +25,7 @@ from kd_teacher.config import ConfigError
 from kd_teacher.contract import TeacherContract
 from kd_teacher.hooks.config import KDConfig
 from kd_teacher.payload import TopKPayload
+from kd_teacher.precision import version_differences
 
 log = logging.getLogger(__name__)
 
@@ -237,11 +238,13 @@ def _in_process(cfg: KDConfig) -> InProcessSource:
     tcfg = load_teacher_config(icfg.config, icfg.overrides)
     if icfg.checkpoint is not None:
         tcfg.checkpoint = icfg.checkpoint
-    if tcfg.checkpoint is not None and not (Path(tcfg.checkpoint) / "metadata.json").is_file():
-        raise ConfigError(
-            f"teacher checkpoint {tcfg.checkpoint} is missing or is not a Megatron-Core distributed checkpoint "
-            "(no metadata.json)"
-        )
+    if tcfg.checkpoint is not None:
+        from kd_teacher.engine.checkpoint import resolve_checkpoint_dir
+
+        try:
+            resolve_checkpoint_dir(tcfg.checkpoint, tcfg.checkpoint_iteration)
+        except FileNotFoundError as e:
+            raise ConfigError(f"kd.in_process.checkpoint: {e}") from None
     if tcfg.checkpoint is None and not icfg.allow_random_weights:
         raise ConfigError(
             f"kd.in_process: the teacher config {icfg.config} names no checkpoint, so the teacher would have "
@@ -279,7 +282,12 @@ def _offline(cfg: KDConfig) -> OfflineSource:
         expect["vocab_size"] = cfg.vocab_size
     # Rows the dump lacks are always served as placeholders marked absent (`payload.present`): the hook decides
     # what they mean (an error in training under missing: error, cross-entropy only otherwise and in evaluation).
-    return OfflineSource(OfflineTeacher(ocfg.dir, expect=expect, missing="ce_only"))
+    reader = OfflineTeacher(ocfg.dir, expect=expect, missing="ce_only")
+    versions = version_differences(reader.manifest.recipe)
+    if versions:
+        log.warning("the offline dump %s was made with %s: its precision recipe is this run's, but other library "
+                    "versions can compute other numbers", ocfg.dir, ", ".join(versions))
+    return OfflineSource(reader)
 
 
 def _remote(cfg: KDConfig) -> RemoteSource:

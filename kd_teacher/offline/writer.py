@@ -68,6 +68,8 @@ class DumpConfig:
     data: DataConfig
     output: OutputConfig
     teacher_config: Optional[str] = None  # a teacher YAML that `teacher:` is merged over
+    # A teacher without `teacher.checkpoint` has random weights: only meant in tests and benchmarks.
+    allow_random_weights: bool = False
 
 
 def load_dump_config(path: str | Path, overrides: list[str] | None = None) -> DumpConfig:
@@ -405,6 +407,11 @@ def run_dump(cfg: DumpConfig, engine=None, source=None) -> fmt.Manifest:
     from kd_teacher.engine.loading import build_engine
     from kd_teacher.offline.data import build_source
 
+    if engine is None and cfg.teacher.checkpoint is None and not cfg.allow_random_weights:
+        raise ConfigError(
+            "teacher.checkpoint is not set, so the dump's teacher would have random weights: set it (a "
+            "Megatron-Core distributed checkpoint, or a Megatron-LM --save directory), or set "
+            "allow_random_weights: true if a random teacher is meant (tests, benchmarks)")
     engine = engine or build_engine(cfg.teacher)
     source = source or build_source(cfg.data)
     return DumpWriter(cfg, engine, source).run()

@@ -133,7 +133,7 @@ def _startup_errors(tmp):
 def test_config_contradicting_the_run_fails_at_start_up(tmp_path):
     errors = run_distributed(_startup_errors, 2, str(tmp_path), tp=2)[0]
     assert "TP=1" in errors["teacher_tp"] and "student runs TP=2" in errors["teacher_tp"]
-    assert "no_such_checkpoint" in errors["checkpoint"] and "missing" in errors["checkpoint"]
+    assert "no_such_checkpoint" in errors["checkpoint"] and "does not exist" in errors["checkpoint"]
     assert "random weights" in errors["random"]
     assert "vocab_size: this run (kd block and student) expects 999, the in_process teacher has 1000" in errors["vocab"]
     assert "k: this run (kd block and student) expects 16, the in_process teacher has 8" in errors["k"]

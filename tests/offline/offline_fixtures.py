@@ -57,7 +57,7 @@ def gpt_dump_config(out: Path, prefix: str, vocab: int = 1000, samples_per_shard
                     **teacher_kw) -> DumpConfig:
     data = DataConfig(kind="gpt", blend=[prefix], split="90,10,0", seq_length=seq, seed=7,
                       tokenizer=TokenizerConfig(vocab_size=vocab, eod=vocab - 1, name="test-tokenizer"))
-    return DumpConfig(teacher=tiny_teacher(vocab, **teacher_kw), data=data,
+    return DumpConfig(teacher=tiny_teacher(vocab, **teacher_kw), data=data, allow_random_weights=True,
                       output=OutputConfig(dir=str(out), samples_per_shard=samples_per_shard, progress=False))
 
 

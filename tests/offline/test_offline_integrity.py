@@ -32,7 +32,7 @@ def _jsonl_dump_yaml(tmp_path: Path, rows: list[list[int]]) -> Path:
     config = tmp_path / "dump.yaml"
     config.write_text(yaml.safe_dump({
         "teacher_config": str(REPO / "configs" / "teacher_tiny.yaml"), "teacher": {"engine": {"k": 4}},
-        "data": {"kind": "jsonl", "path": str(data)},
+        "data": {"kind": "jsonl", "path": str(data)}, "allow_random_weights": True,
         "output": {"dir": str(tmp_path / "dump"), "samples_per_shard": 2, "progress": False},
     }))
     return config
