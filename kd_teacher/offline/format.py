@@ -11,9 +11,10 @@ DIR/.dump.lock                       flock of the running `dump`
 A shard's layout is in shard.py.
 
 Integrity, at three grains: the manifest records each shard's size and BLAKE2b of the whole file (checked
-by `verify`); `index_blake2b` covers the four small tables (checked by the reader when it opens a shard);
-the per-sample digests are checked by the reader on every sample it serves. So a flipped byte is found
-wherever it is, and the reader never serves numbers it has not checked.
+by `verify`); when the reader opens a shard it checks the header (every tensor's dtype, shape and place)
+against the manifest and its copy of the four small tables against `index_blake2b`; the per-sample digests
+are checked by the reader on every sample it serves, on the bytes it serves. So a flipped byte is found
+wherever it is, and the reader never serves numbers it has not checked (docs/offline_format.md).
 """
 
 from __future__ import annotations

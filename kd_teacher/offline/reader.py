@@ -5,9 +5,10 @@
 
 Every row of `tokens` is found by its token hash (BLAKE2b-128 of its ids, the same `token_hash` the payload
 header carries), so the student may use any DP/TP/CP layout, micro-batch size, rank count or data order: it
-only has to train on sequences the dump saw. Shards are memory-mapped; a served sample is read and its
-checksum verified on each request, and a shard's tables are checked when the teacher opens it, so a
-corrupt shard is an error naming the shard file, never wrong numbers.
+only has to train on sequences the dump saw. A shard's header and tables are checked against the manifest
+when the teacher opens it, and every served sample is read into memory of its own and its checksum verified
+(`shard.ShardFile`), so a corrupt shard, or one changed or truncated while training reads it, is an error
+naming the shard file, never wrong numbers. At most `max_open_shards` files are held open at a time.
 
 Sequences that are not in the dump (`missing=`):
 - "error" (default): `score`/`lookup` raise `MissingSamplesError` saying how many rows of the micro-batch
@@ -29,6 +30,7 @@ deliberate choice.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Sequence
@@ -82,9 +84,14 @@ class OfflineTeacher:
         missing: Literal["error", "ce_only"] = "error",
         allow_mismatch: bool = False,
         allow_incomplete: bool = False,
+        max_open_shards: int = 64,
     ):
         if missing not in ("error", "ce_only"):
             raise ValueError(f"missing must be 'error' or 'ce_only', got {missing!r}")
+        if max_open_shards < 1:
+            raise ValueError(f"max_open_shards must be >= 1, got {max_open_shards}")
+        self.max_open_shards = max_open_shards
+        self._open_shards: OrderedDict[int, None] = OrderedDict()  # shards holding a file open, oldest first
         self.dir = Path(directory)
         self.missing_mode = missing
         self.manifest = fmt.load_manifest(self.dir)
@@ -128,9 +135,18 @@ class OfflineTeacher:
         return sum(len(s) for s in self.shards.values())
 
     def close(self) -> None:
-        """Drop the shard memory maps (they are also dropped when the teacher is garbage-collected)."""
+        """Close every shard file; the teacher serves nothing afterwards."""
+        for shard in self.shards.values():
+            shard.close()
+        self._open_shards.clear()
         self.shards = {}
         self.index = _HashIndex(np.zeros((0, 16), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+    def __enter__(self) -> "OfflineTeacher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- opening ---------------------------------------------------------------------------------------------
     def _check_expectation(self, expect, allow_mismatch: bool) -> None:
@@ -153,6 +169,16 @@ class OfflineTeacher:
             return _HashIndex(np.zeros((0, 16), np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64))
         return _HashIndex(np.concatenate(hashes), np.concatenate(shard), np.concatenate(row))
 
+    def _read(self, shard: int, row: int):
+        """`ShardFile.read`, keeping at most `max_open_shards` files open (the least recently read is closed)."""
+        try:
+            return self.shards[shard].read(row)
+        finally:
+            self._open_shards[shard] = None
+            self._open_shards.move_to_end(shard)
+            while len(self._open_shards) > self.max_open_shards:
+                self.shards[self._open_shards.popitem(last=False)[0]].close()
+
     # ---- serving ----------------------------------------------------------------------------------------------
     def lookup(
         self, tokens: torch.Tensor, *, sample_ids: Optional[Sequence[int]] = None, request_id: Optional[str] = None
@@ -171,7 +197,7 @@ class OfflineTeacher:
             where = self.index.find(bytes.fromhex(h))
             if where is None:
                 continue
-            v, ids, l_ = self.shards[where[0]].read(where[1])
+            v, ids, l_ = self._read(*where)
             if v.shape[0] != s:
                 raise fmt.ShardCorruptError(
                     f"shard {self.shards[where[0]].path}: row {where[1]} has {v.shape[0]} positions for a "

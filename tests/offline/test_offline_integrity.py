@@ -8,8 +8,11 @@ dump (see conftest.py), and the reader, `verify` and `dump` must refuse or repor
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+import re
 import signal
+import struct
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from kd_teacher.offline import format as fmt
 from kd_teacher.offline.reader import OfflineTeacher
 from kd_teacher.offline.writer import load_dump_config
 from kd_teacher.payload import PayloadError
+from kd_teacher.offline.verify import verify
 from offline_fixtures import build_dataset, cfg_to, copy_dump, file_bytes, fork_cli, fork_dump
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,3 +135,111 @@ def test_a_killed_rerun_of_a_finished_dump_leaves_it_finished(reference, tmp_pat
     p = fork_dump(cfg_to(cfg, out))  # a rerun that completes changes nothing either
     p.join(120)
     assert p.exitcode == 0 and file_bytes(out) == ref_bytes
+
+
+# ---- shard headers: every tensor's dtype and shape is the manifest's ---------------------------------------------
+def _edit_header(path: Path, tensor: str, field: str, new: str) -> None:
+    """Replace `field` ("dtype" or "shape") of `tensor` in a safetensors header by `new`, same length, in place."""
+    data = bytearray(path.read_bytes())
+    n = struct.unpack("<Q", data[:8])[0]
+    header = data[8 : 8 + n].decode()
+    m = re.search(rf'"{tensor}":\{{[^}}]*"{field}":(\[[0-9,]*\]|"[A-Z0-9]+")', header)
+    assert m is not None and len(new) == len(m.group(1)), (tensor, field, new)
+    start = 8 + m.start(1)
+    data[start : start + len(new)] = new.encode()
+    path.write_bytes(bytes(data))
+
+
+SAME_WIDTH = {"F32": '"I32"', "I64": '"U64"', "U8": '"I8"'}
+
+
+@pytest.mark.parametrize("tensor", ["values", "indices", "lse", "token_offsets", "sample_ids", "token_hashes",
+                                    "sample_digests"])
+def test_a_tensor_of_another_dtype_is_refused_when_the_shard_is_opened(reference, tmp_path, tensor):
+    """One changed byte of a header turns lse F32 into I32: same bytes, so every checksum still holds, and
+    lse ~ 1e9 would be served. The dtype is checked against the manifest instead."""
+    out = copy_dump(reference, tmp_path)
+    shard = out / fmt.shard_file(1)
+    header = shard.read_bytes()[8:2048].decode(errors="replace")
+    dtype = re.search(rf'"{tensor}":{{"dtype":"([A-Z0-9]+)"', header).group(1)
+    _edit_header(shard, tensor, "dtype", SAME_WIDTH[dtype])
+    with pytest.raises(fmt.ShardCorruptError, match=rf"shard-00001.*{tensor}.*dtype"):
+        OfflineTeacher(out)
+    assert any("shard-00001" in p for p in verify(out).problems)
+
+
+def test_a_tensor_of_another_shape_is_refused_when_the_shard_is_opened(reference, tmp_path):
+    out = copy_dump(reference, tmp_path)
+    shard = out / fmt.shard_file(1)
+    tokens = fmt.load_manifest(out).shards[1]["tokens"]
+    _edit_header(shard, "values", "shape", f"[8,{tokens}]")  # was [tokens, 8]: same size, same length
+    with pytest.raises(fmt.ShardCorruptError, match=r"shard-00001.*values.*shape"):
+        OfflineTeacher(out)
+
+
+# ---- shards changed underneath an open reader ------------------------------------------------------------------
+def _rows_of_shard(cfg, manifest, i: int) -> torch.Tensor:
+    source = build_dataset(cfg)
+    return torch.stack([source.tokens(j) for j in manifest.shard_range(i)])
+
+
+def test_a_shard_overwritten_in_place_is_an_error_never_another_samples_numbers(reference, tmp_path):
+    """`cp`/`rsync --inplace` of another shard over an open one: data and checksums change together in the
+    file, but the reader checks what it read against the tables it copied (and checked) at open."""
+    cfg, _, ref_bytes = reference
+    out = copy_dump(reference, tmp_path)
+    teacher = OfflineTeacher(out)
+    rows = _rows_of_shard(cfg, teacher.manifest, 2)
+    want = teacher.score(rows)
+    assert len(ref_bytes["shards/shard-00003.safetensors"]) == len(ref_bytes["shards/shard-00002.safetensors"])
+    with open(out / fmt.shard_file(2), "r+b") as f:  # in place: same inode
+        f.write(ref_bytes["shards/shard-00003.safetensors"])
+    for r in range(rows.shape[0]):
+        with pytest.raises(fmt.ShardCorruptError, match="shard-00002"):
+            teacher.score(rows[r : r + 1])
+    with open(out / fmt.shard_file(2), "r+b") as f:  # put back: served again, and right
+        f.write(ref_bytes["shards/shard-00002.safetensors"])
+    got = teacher.score(rows)
+    assert torch.equal(got.values, want.values) and torch.equal(got.lse, want.lse)
+
+
+def _score_after_truncation(out: Path, rows: torch.Tensor, shard: Path) -> None:
+    teacher = OfflineTeacher(out)
+    os.truncate(shard, shard.stat().st_size // 2)
+    try:
+        teacher.score(rows)
+    except fmt.ShardCorruptError as e:
+        os._exit(0 if "shard-00002" in str(e) else 5)
+    os._exit(6)
+
+
+def test_a_shard_truncated_in_place_is_an_error_not_sigbus(reference, tmp_path):
+    cfg = reference[0]
+    out = copy_dump(reference, tmp_path)
+    rows = _rows_of_shard(cfg, fmt.load_manifest(out), 2)
+    p = multiprocessing.get_context("fork").Process(target=_score_after_truncation,
+                                                     args=(out, rows, out / fmt.shard_file(2)))
+    p.start()
+    p.join(120)
+    assert p.exitcode == 0, f"exit code {p.exitcode} (-7: SIGBUS)"
+
+
+def _open_shard_handles() -> list[str]:
+    """Shard files this process holds open or mapped."""
+    fds = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+           if os.path.exists(f"/proc/self/fd/{fd}")]
+    maps = Path("/proc/self/maps").read_text().splitlines()
+    return [x for x in fds + maps if ".safetensors" in x]
+
+
+def test_shard_handles_are_closed_and_bounded(reference):
+    cfg, out, _ = reference
+    m = fmt.load_manifest(out)
+    assert m.num_shards > 3
+    before = _open_shard_handles()
+    with OfflineTeacher(out, max_open_shards=3) as teacher:
+        for i in range(m.num_shards):
+            teacher.score(_rows_of_shard(cfg, m, i))
+            assert len(_open_shard_handles()) - len(before) <= 3
+    assert _open_shard_handles() == before
+    assert verify(out).ok and _open_shard_handles() == before
