@@ -1,4 +1,4 @@
-"""`kd-teacher dump CONFIG [key=value ...]`, `kd-teacher verify DIR`, `kd-teacher inspect DIR`.
+"""`kd-teacher dump CONFIG [key=value ...] [--megatron-args ARGS...]`, `kd-teacher verify DIR`, `kd-teacher inspect DIR`.
 
 `dump` runs as one process or under torchrun (`torchrun --nproc-per-node 8 -m kd_teacher.cli dump ...`):
 the world is split into the teacher's TP x PP and data-parallel ranks, each DP rank writing its own shards.
@@ -6,6 +6,7 @@ the world is split into the teacher's TP x PP and data-parallel ranks, each DP r
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -17,6 +18,9 @@ def register(sub) -> None:
     p = sub.add_parser("dump", help="run the teacher over a dataset and write an offline safetensors dump")
     p.add_argument("config", help="dump YAML (teacher: or teacher_config:, data:, output:)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. output.dir=/dumps/x")
+    p.add_argument("--megatron-args", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
+                   help="last: the student's Megatron-LM arguments (data ones are read): dump its datasets "
+                        "(data.kind: megatron_lm)")
     p.set_defaults(func=_dump)
 
     p = sub.add_parser("verify", help="check a dump's checksums and manifest; optionally re-score samples")
@@ -37,6 +41,8 @@ def _dump(args) -> int:
     from kd_teacher.runtime import init_distributed, is_main_rank
 
     cfg = load_dump_config(args.config, args.overrides)
+    if args.megatron_args is not None:
+        cfg.data.kind, cfg.data.megatron_args = "megatron_lm", list(args.megatron_args)
     m = cfg.teacher.model
     init_distributed(m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.seed)
     manifest = run_dump(cfg)

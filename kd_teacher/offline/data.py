@@ -5,6 +5,10 @@
 sequence length, split and seed. Sample i of the dump is `dataset[i]["tokens"]` (pads already mapped to 0
 by the dataset), which is exactly the row the student's micro-batch will hold, so its token hash matches.
 
+`megatron_lm`: the student's Megatron-LM command-line arguments (`data.megatron_args`, or `kd-teacher dump ...
+--megatron-args <the student's arguments>`): the GPTDatasets its pretrain_gpt.py builds, with the samples it
+reads, per split (`kd_teacher.megatron_lm.datasets`).
+
 `jsonl`: one sequence per line, either a JSON list of token ids or an object with a `tokens` list; the
 sample id is the line number (blank lines are errors, not skipped, so that ids stay line numbers).
 
@@ -13,6 +17,7 @@ Both give `len(source)`, `source.tokens(i)` (1-D int64) and an identity dict for
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -38,7 +43,7 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    kind: Literal["gpt", "jsonl"] = "gpt"
+    kind: Literal["gpt", "jsonl", "megatron_lm"] = "gpt"
     # gpt: the student's dataset settings (Megatron-LM's --data-path / --split / --seq-length / --seed)
     blend: list[str] = field(default_factory=list)  # .bin/.idx prefixes
     blend_weights: Optional[list[float]] = None
@@ -56,6 +61,11 @@ class DataConfig:
     eod_mask_loss: bool = False
     # jsonl
     path: Optional[str] = None
+    # megatron_lm: the student's Megatron-LM arguments (data ones are read, the rest ignored), and which of its
+    # splits to dump (train; add valid so that evaluation gets KD metrics too). `tokenizer` gives EOD / pad ids
+    # for tokenizers other than NullTokenizer.
+    megatron_args: list[str] = field(default_factory=list)
+    splits: list[Literal["train", "valid", "test"]] = field(default_factory=lambda: ["train"])
 
 
 class _Tokenizer:
@@ -179,7 +189,15 @@ def _file_digest(path: Path) -> str:
     return blake2b_file(path)
 
 
-def build_source(cfg: DataConfig) -> GPTSource | JsonlSource:
+def build_source(cfg: DataConfig):
+    if cfg.kind == "megatron_lm":
+        from kd_teacher.megatron_lm.datasets import MegatronLMSource
+
+        if not cfg.megatron_args:
+            raise ConfigError("data.megatron_args: the student's Megatron-LM arguments are needed for "
+                              "data.kind: megatron_lm (or pass them after --megatron-args)")
+        tokenizer = None if cfg.tokenizer is None else dataclasses.asdict(cfg.tokenizer)
+        return MegatronLMSource(cfg.megatron_args, cfg.splits, tokenizer)
     return GPTSource(cfg) if cfg.kind == "gpt" else JsonlSource(cfg)
 
 

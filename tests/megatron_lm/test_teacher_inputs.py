@@ -93,3 +93,10 @@ def test_shipped_megatron_lm_configs_load_and_agree_on_the_vocabulary():
     assert teacher.model.precision.params_dtype == "bfloat16" and teacher.model.layer_spec == "transformer_engine"
     dump = load_dump_config(ROOT / "configs" / "dump_gpt.yaml")
     assert dump.data.tokenizer.vocab_size == dump.teacher.model.vocab_size == teacher.model.vocab_size
+
+
+def test_the_megatron_lm_dump_config_loads():
+    from kd_teacher.offline.writer import load_dump_config
+
+    cfg = load_dump_config(ROOT / "configs" / "dump_megatron_lm.yaml")
+    assert cfg.data.kind == "megatron_lm" and cfg.data.splits == ["train", "valid"]
