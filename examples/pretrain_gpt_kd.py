@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kd_teacher.config import apply_overrides, from_dict, load_yaml
+from kd_teacher.config import load_config
 from kd_teacher.engine.model import ModelConfig, build_gpt_model
 from kd_teacher.hooks import KDConfig, wrap_forward_step
 from kd_teacher.runtime import init_distributed
@@ -234,12 +234,9 @@ def evaluate(cfg: ExampleConfig, model, step_fn, valid_ds, prepare=None) -> dict
 
 
 def load_example_config(path: str, overrides: Optional[list[str]] = None) -> ExampleConfig:
-    data = apply_overrides(load_yaml(path), overrides or [])
-    cfg = from_dict(ExampleConfig, data)
+    cfg = load_config(ExampleConfig, path, overrides)
     if cfg.kd is not None:
-        from kd_teacher.hooks.config import resolve_paths
-
-        resolve_paths(cfg.kd.check(), Path(path).parent)
+        cfg.kd.check()
     return cfg
 
 

@@ -1,8 +1,15 @@
 """Typed configuration: dataclasses loaded from YAML, unknown keys are errors, dotted overrides.
 
-Every component owns one dataclass (`ModelConfig`, `KDConfig`, `DumpConfig`, ...). This module only knows how
-to turn nested dicts into those dataclasses strictly, so that a typo in a YAML key is an error at start-up
-rather than a silently ignored setting.
+Every component owns one dataclass (`ModelConfig`, `KDConfig`, `DumpConfig`, ...). This module turns nested
+dicts into those dataclasses strictly, so that a typo in a YAML key is an error at start-up rather than a
+silently ignored setting, and `load_config` is the one YAML loader every command uses:
+
+1. read the file; apply the dotted `key=value` overrides (full dotted paths from the file's top level);
+2. take the `section` (e.g. `kd:` of a student's config), if one is named; it must be there;
+3. includes: a key `<name>_config: FILE` next to a field `<name>` of the dataclass reads FILE and merges
+   `<name>:` over it (a dump config's `teacher_config: teacher.yaml` with `teacher: {engine: {k: 8}}`);
+4. build the dataclass (`from_dict`), then resolve relative paths in fields marked `PATH`: relative to the
+   working directory if they exist there, else to the YAML file's folder.
 """
 
 from __future__ import annotations
@@ -94,13 +101,19 @@ def from_dict(cls: type[T], data: dict, where: str = "") -> T:
             f"unknown key(s) {', '.join(prefix + k for k in unknown)} for {cls.__name__}; "
             f"known keys: {', '.join(sorted(fields))}"
         )
+    required = [name for name, f in fields.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in data]
+    if missing:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"missing required key(s) {', '.join(prefix + k for k in missing)} for {cls.__name__}")
     kwargs = {}
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
         kwargs[name] = _coerce(value, hints[name], key)
     try:
         return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
+    except TypeError as e:
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
     except ConfigError as e:  # the dataclass's own checks (__post_init__): say where it sits in the file
         raise ConfigError(f"{where}: {e}" if where else str(e)) from None
@@ -130,6 +143,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def load_yaml(path: str | Path, overrides: list[str] | None = None) -> dict:
+    """A YAML file's top-level mapping, with dotted overrides applied (ConfigError if it is not one)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -140,9 +154,57 @@ def load_yaml(path: str | Path, overrides: list[str] | None = None) -> dict:
     return apply_overrides(data, overrides or [])
 
 
+# Field metadata of a file or directory path that a YAML file may give relative to its own folder.
+PATH = {"path": True}
+
+
 def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = None, section: str | None = None) -> T:
-    """Load dataclass `cls` from a YAML file (optionally one top-level `section` of it)."""
+    """Dataclass `cls` from a YAML file (optionally one top-level `section` of it): see the module docstring."""
+    path = Path(path)
     data = load_yaml(path, overrides)
-    if section is not None:
-        data = data.get(section, {})
-    return from_dict(cls, data, section or "")
+    if section:
+        if section not in data:
+            raise ConfigError(f"{path} has no top-level `{section}:` block")
+        data = data[section]
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: `{section}:` must be a mapping, got {data!r}")
+    cfg = from_dict(cls, _with_includes(cls, data, path.parent), section or "")
+    resolve_paths(cfg, path.parent)
+    return cfg
+
+
+def _with_includes(cls: type, data: dict, base: Path) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    out = dict(data)
+    for name in sorted(names):
+        key = f"{name}_config"
+        if key in out and key not in names:
+            ref = out.pop(key)
+            if ref is not None:
+                out[name] = _deep_merge(load_yaml(_resolved(str(ref), base)), out.get(name) or {})
+    return out
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def resolve_paths(cfg: Any, base: Path) -> None:
+    """Fields marked `PATH` (in `cfg` and the dataclasses it holds): relative to the working directory if they
+    exist there, else to `base` (the YAML's folder) if they exist there; otherwise left as written."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("path") and isinstance(value, str):
+            setattr(cfg, f.name, _resolved(value, base))
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            resolve_paths(value, base)
+
+
+def _resolved(p: str, base: Path) -> str:
+    if Path(p).is_absolute() or Path(p).exists():
+        return p
+    candidate = base / p
+    return str(candidate) if candidate.exists() else p

@@ -24,7 +24,7 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-from kd_teacher.config import from_dict, load_yaml
+from kd_teacher.config import load_config
 from kd_teacher.engine.engine import EngineConfig
 from kd_teacher.engine.loading import TeacherConfig, build_engine
 from kd_teacher.engine.model import ModelConfig
@@ -63,7 +63,7 @@ class ServeConfig:
 
 
 def load_serve_config(path: str, overrides: Optional[list] = None) -> ServeConfig:
-    return from_dict(ServeConfig, load_yaml(path, overrides))
+    return load_config(ServeConfig, path, overrides)
 
 
 @dataclass

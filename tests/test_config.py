@@ -35,3 +35,32 @@ def test_overrides_parse_yaml_values():
 def test_missing_file():
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(TeacherConfig, "configs/nope.yaml")
+
+
+def test_the_one_loader_takes_a_section_merges_includes_and_resolves_paths_against_the_yaml(tmp_path, monkeypatch):
+    from dataclasses import dataclass, field
+    from typing import Optional
+
+    from kd_teacher.config import PATH
+
+    @dataclass
+    class Inner:
+        k: int
+        where: Optional[str] = field(default=None, metadata=PATH)
+
+    @dataclass
+    class Outer:
+        inner: Inner
+        name: str = "x"
+
+    (tmp_path / "inner.yaml").write_text("k: 3\nwhere: data\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "run.yaml").write_text("block:\n  inner_config: inner.yaml\n  inner: {k: 4}\nother: 1\n")
+    (tmp_path / "bare.yaml").write_text("block: {name: z}\n")
+    monkeypatch.chdir("/")
+    cfg = load_config(Outer, tmp_path / "run.yaml", ["block.name=y"], section="block")
+    assert (cfg.inner.k, cfg.name, cfg.inner.where) == (4, "y", str(tmp_path / "data"))
+    with pytest.raises(ConfigError, match="has no top-level `kd:` block"):
+        load_config(Outer, tmp_path / "run.yaml", section="kd")
+    with pytest.raises(ConfigError, match="missing required key\\(s\\) block.inner for Outer"):
+        load_config(Outer, tmp_path / "bare.yaml", section="block")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from kd_teacher.assets import TINY_TEACHER_DIR
-from kd_teacher.config import from_dict, load_yaml, to_dict
+from kd_teacher.config import load_config, to_dict
 from kd_teacher.engine.model import ModelConfig, build_gpt_model
 
 FORMAT = "kd-teacher/gpt-state-dict-v1"
@@ -35,7 +35,7 @@ class TeacherCheckpointError(ValueError):
 
 
 def load_model_config(directory: str | Path = TINY_TEACHER_DIR, overrides: list[str] | None = None) -> ModelConfig:
-    return from_dict(ModelConfig, load_yaml(Path(directory) / CONFIG_FILE, overrides), "model")
+    return load_config(ModelConfig, Path(directory) / CONFIG_FILE, overrides)
 
 
 def load_training_record(directory: str | Path = TINY_TEACHER_DIR) -> dict:

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from kd_teacher.config import from_dict, load_yaml
+from kd_teacher.config import load_config
 from kd_teacher.engine.engine import EngineConfig, TeacherEngine
 from kd_teacher.engine.model import ModelConfig, build_gpt_model
 
@@ -28,10 +28,7 @@ class TeacherConfig:
 
 
 def load_teacher_config(path: str | Path, overrides: list[str] | None = None, section: str | None = None) -> TeacherConfig:
-    data = load_yaml(path, overrides)
-    if section is not None:
-        data = data.get(section) or {}
-    return from_dict(TeacherConfig, data, section or "")
+    return load_config(TeacherConfig, path, overrides, section)
 
 
 def build_engine(cfg: TeacherConfig) -> TeacherEngine:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from kd_teacher.config import ConfigError, from_dict, load_yaml
+from kd_teacher.config import PATH, ConfigError, from_dict, load_config, load_yaml
 from kd_teacher.onpolicy.config import OnPolicyConfig
 
 SourceKind = Literal["in_process", "offline", "remote"]
@@ -33,9 +33,9 @@ class InProcessTeacherConfig:
     """A `TeacherEngine` on the student's own ranks: teacher TP equals the student's."""
 
     # A teacher YAML (`kd_teacher.engine.loading.TeacherConfig`: model, engine, checkpoint).
-    config: str
+    config: str = field(metadata=PATH)
     # Overrides the teacher YAML's `checkpoint:`; a path that is not a checkpoint is a start-up error.
-    checkpoint: Optional[str] = None
+    checkpoint: Optional[str] = field(default=None, metadata=PATH)
     # Dotted overrides of the teacher YAML (e.g. `model.tensor_model_parallel_size=2` to match the student).
     overrides: list[str] = field(default_factory=list)
     # Random teacher weights are only right in tests and benchmarks: say so explicitly.
@@ -46,7 +46,7 @@ class InProcessTeacherConfig:
 class OfflineTeacherConfig:
     """A dump written by `kd-teacher dump`, read by content (token hash) for any student layout."""
 
-    dir: str
+    dir: str = field(metadata=PATH)
     # What to do with a sequence the dump lacks: fail, or train that sequence on CE only (counted).
     missing: Literal["error", "ce_only"] = "error"
 
@@ -133,36 +133,12 @@ def kd_config_from_dict(data: dict, where: str = "kd") -> KDConfig:
 
 
 def load_kd_config(path: str | Path, overrides: Optional[list[str]] = None, section: str = "kd") -> KDConfig:
-    """The `kd:` block of a YAML file (the student's own config, or a file holding only that block).
+    """The `kd:` block of a YAML file (the student's own config, or a file holding only that block); its paths
+    may be relative to the YAML's folder (`config.load_config`).
 
     Overrides use the full dotted path (`kd.alpha=0.5`) when reading a section.
     """
-    data = load_yaml(path, overrides)
-    if section:
-        if section not in data:
-            raise ConfigError(f"{path} has no top-level `{section}:` block")
-        data = data[section]
-    cfg = kd_config_from_dict(data, section or "kd")
-    resolve_paths(cfg, Path(path).parent)
-    return cfg
-
-
-def resolve_paths(cfg: KDConfig, base: Path) -> None:
-    """Relative paths in a KD block are relative to the working directory, else to the YAML's folder."""
-
-    def resolve(p: Optional[str]) -> Optional[str]:
-        if p is None or Path(p).is_absolute() or Path(p).exists():
-            return p
-        candidate = base / p
-        return str(candidate) if candidate.exists() else p
-
-    if cfg.in_process is not None:
-        cfg.in_process.config = resolve(cfg.in_process.config)
-        cfg.in_process.checkpoint = resolve(cfg.in_process.checkpoint)
-    if cfg.offline is not None:
-        cfg.offline.dir = resolve(cfg.offline.dir)
-    if cfg.on_policy is not None:
-        cfg.on_policy.prompts = resolve(cfg.on_policy.prompts)
+    return load_config(KDConfig, path, overrides, section or None).check()
 
 
 def as_kd_config(kd: Any) -> KDConfig:

@@ -34,7 +34,7 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-from kd_teacher.config import ConfigError, from_dict, load_yaml
+from kd_teacher.config import ConfigError, load_config
 from kd_teacher.engine.loading import TeacherConfig
 from kd_teacher.engine.scheduler import ScoreRequest
 from kd_teacher.offline import format as fmt
@@ -67,30 +67,13 @@ class DumpConfig:
     teacher: TeacherConfig
     data: DataConfig
     output: OutputConfig
-    teacher_config: Optional[str] = None  # a teacher YAML that `teacher:` is merged over
     # A teacher without `teacher.checkpoint` has random weights: only meant in tests and benchmarks.
     allow_random_weights: bool = False
 
 
 def load_dump_config(path: str | Path, overrides: list[str] | None = None) -> DumpConfig:
-    """Dump YAML with `teacher_config: FILE` resolved (relative to the working directory, else to the YAML)."""
-    data = load_yaml(path, overrides)
-    ref = data.pop("teacher_config", None)
-    if ref is not None:
-        ref_path = Path(ref)
-        if not ref_path.is_file() and not ref_path.is_absolute():
-            ref_path = Path(path).parent / ref
-        data["teacher"] = _deep_merge(load_yaml(ref_path), data.get("teacher") or {})
-    if "teacher" not in data:
-        raise ConfigError(f"{path}: needs a teacher: section or teacher_config: FILE")
-    return from_dict(DumpConfig, data)
-
-
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+    """Dump YAML; `teacher_config: FILE` is a teacher YAML that `teacher:` is merged over (`config.load_config`)."""
+    return load_config(DumpConfig, path, overrides)
 
 
 def plan_chunks(lengths: list[int], max_tokens: int) -> list[range]:
@@ -143,7 +126,6 @@ class DumpWriter:
         stored_config = asdict(self.cfg)
         stored_config["output"].pop("dir")  # where the dump lives is not what it is
         stored_config["output"].pop("progress")
-        stored_config.pop("teacher_config")
         identity = self.source.identity() if self.is_coordinator else {}
         return fmt.Manifest(
             teacher_fingerprint=e.fingerprint, recipe_fingerprint=e.recipe_fingerprint, k=e.config.k,

@@ -24,16 +24,16 @@ model and the prompts); see docs/onpolicy.md.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from kd_teacher.config import ConfigError
+from kd_teacher.config import PATH, ConfigError
 
 
 @dataclass
 class OnPolicyConfig:
     # JSONL file of prompts (token ids); None: the prompts are handed to `OnPolicyIterator` in code.
-    prompts: Optional[str] = None
+    prompts: Optional[str] = field(default=None, metadata=PATH)
     # GKD's lambda: each micro-batch is the student's own sample with this probability (seeded), else the next
     # micro-batch of the dataset iterator (which is then required).
     lmbda: float = 1.0

@@ -105,7 +105,6 @@ def test_cli_dump_killed_and_rerun_gives_the_same_dump(reference, tmp_path):
     cfg, _, ref_bytes = reference
     out = tmp_path / "cli"
     data = asdict(cfg_to(cfg, out))
-    data.pop("teacher_config")
     config = tmp_path / "dump.yaml"
     config.write_text(yaml.safe_dump(data))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
