@@ -324,13 +324,6 @@ class TopKPayload:
         )
         return TopKPayload(self.values[idx], self.indices[idx], self.lse[idx], header)
 
-    def truncate(self, seq_len: int) -> "TopKPayload":
-        """The first `seq_len` positions (used to strip right-padding added when batching)."""
-        return TopKPayload(
-            self.values[:, :seq_len], self.indices[:, :seq_len], self.lse[:, :seq_len],
-            replace(self.header, seq_len=seq_len),
-        )
-
     @staticmethod
     def cat(parts: Sequence["TopKPayload"]) -> "TopKPayload":
         """Concatenate payloads of the same teacher/k/T/length along the batch dimension."""

@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -299,10 +299,14 @@ class TeacherEngine:
         """Payloads for many requests, batched by the scheduler; one payload per request, in order. `out`: per
         request, None or (values, indices, lse) tensors to write that payload into (a transport's reply buffer,
         `DistServer.payload_views`), so that it goes out without another copy."""
-        hosts = []
-        for req in requests:
-            req.tokens, host = self._checked_tokens(req.tokens)
+        if out is not None and len(out) != len(requests):
+            raise ValueError(f"score_many got {len(out)} destinations for {len(requests)} requests (out=)")
+        checked, hosts = [], []
+        for req in requests:  # the caller's requests stay as they are: checked copies go forward
+            tokens, host = self._checked_tokens(req.tokens)
+            checked.append(replace(req, tokens=tokens))
             hosts.append(host)
+        requests = checked
         rows: list[list] = [[None] * req.tokens.shape[0] for req in requests]
         for batch in self.scheduler.plan(requests):
             tokens = TokenBudgetScheduler.gather_tokens(requests, batch)
@@ -314,7 +318,7 @@ class TeacherEngine:
             for j, (i, r, length) in enumerate(batch.rows):
                 rows[i][r] = (values[j, :length], indices[j, :length], lse[j, :length])
         # Hashed once the forwards are queued: the host works while the GPU runs them.
-        into = out or [None] * len(requests)
+        into = out if out is not None else [None] * len(requests)
         payloads = [self._payload(req, r, token_hashes(h), dst) for req, r, h, dst in zip(requests, rows, hosts, into)]
         check_finite_lse([p.lse for p in payloads])
         return payloads

@@ -66,30 +66,6 @@ def encode(header: dict, buffers: Sequence[bytes | memoryview | torch.Tensor] = 
     return b"".join([_PREFIX.pack(MAGIC, len(text)), text, *raw])
 
 
-def encode_into(out: memoryview, header: dict, buffers: Sequence[torch.Tensor]) -> int:
-    """`encode` written straight into `out` (a shared-memory slot): no intermediate copy of the buffers.
-    Returns the message length; raises ProtocolError if it does not fit."""
-    sizes = [t.numel() * t.element_size() for t in buffers]
-    text = json.dumps(dict(header, buffers=sizes), separators=(",", ":")).encode()
-    total = _PREFIX.size + len(text) + sum(sizes)
-    if total > len(out):
-        raise ProtocolError(f"message of {total} bytes does not fit a {len(out)}-byte slot")
-    _PREFIX.pack_into(out, 0, MAGIC, len(text))
-    pos = _PREFIX.size + len(text)
-    out[_PREFIX.size:pos] = text
-    for t, n in zip(buffers, sizes):
-        if n:
-            dst = torch.frombuffer(out[pos:pos + n], dtype=torch.uint8)
-            dst.copy_(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8))
-        pos += n
-    return total
-
-
-def header_size(header: dict, buffer_sizes: Sequence[int]) -> int:
-    text = json.dumps(dict(header, buffers=list(buffer_sizes)), separators=(",", ":")).encode()
-    return _PREFIX.size + len(text) + sum(buffer_sizes)
-
-
 def decode(buf: bytes | bytearray | memoryview, max_bytes: int) -> tuple[dict, list[memoryview]]:
     """Header and buffer views of one message; every length is checked before anything is sliced."""
     view = memoryview(buf).cast("B")
@@ -247,10 +223,6 @@ def reply_header(seq: Optional[int], payload: Optional[TopKPayload] = None, erro
     return {"type": "reply", "seq": seq, "status": "ok", "payload": json.loads(payload.header.to_json())}
 
 
-def payload_buffers(payload: TopKPayload) -> list[torch.Tensor]:
-    return [payload.values, payload.indices, payload.lse]
-
-
 def reply_seq(header: dict) -> int:
     seq = header.get("seq")
     if header.get("type") != "reply" or not isinstance(seq, int) or isinstance(seq, bool):
@@ -275,10 +247,6 @@ def check_payload_fits(ph: PayloadHeader, shape: Sequence[int], info: ServerInfo
         raise ProtocolError(f"reply is for [batch, seq] = [{ph.batch}, {ph.seq_len}], the request was {list(shape)}")
     ph.check(info, served="the reply", expecting="the handshake", error=ProtocolError, identity=False)
     return ph
-
-
-def payload_from_buffers(ph: PayloadHeader, values, indices, lse) -> TopKPayload:
-    return TopKPayload(values, indices, lse, ph)
 
 
 def pack_payload(payload: TopKPayload, device) -> torch.Tensor:
@@ -315,11 +283,3 @@ def is_packed_in(payload: TopKPayload, buf: torch.Tensor) -> bool:
             and ni + nl + values.numel() * values.element_size() == buf.numel() and ids.dtype == INDEX_DTYPE
             and lse.dtype == torch.float32
             and all(t.is_contiguous() and t.device == buf.device for t in (values, ids, lse)))
-
-
-def empty_payload_tensors(ph: PayloadHeader, device) -> list[torch.Tensor]:
-    """Receive buffers for a checked payload header (sizes bounded by the request shape and the handshake)."""
-    b, s, k = ph.batch, ph.seq_len, ph.k
-    return [torch.empty((b, s, k), dtype=DTYPES[ph.values_dtype], device=device),
-            torch.empty((b, s, k), dtype=INDEX_DTYPE, device=device),
-            torch.empty((b, s), dtype=torch.float32, device=device)]

@@ -174,6 +174,16 @@ def _bad_inputs():
         TeacherEngine.from_checkpoint("/nonexistent/ckpt", _model_config())
     except FileNotFoundError as e:
         errors["missing_checkpoint"] = str(e)
+    # score_many(out=...): one destination per request, and the caller's requests are left as they were
+    from kd_teacher.engine.scheduler import ScoreRequest
+
+    mine = torch.tensor([[1, 2, 3]], dtype=torch.int32)
+    requests = [ScoreRequest(mine), ScoreRequest(torch.tensor([[4, 5, 6]]))]
+    try:
+        engine.score_many(requests, out=[None])
+    except ValueError as e:
+        errors["out_too_short"] = str(e)
+    errors["tokens_kept"] = requests[0].tokens is mine and mine.dtype == torch.int32
     with torch.no_grad():  # a teacher gone bad: its logits are NaN, so no payload may come out
         next(engine.model.parameters()).fill_(float("nan"))
     try:
@@ -190,8 +200,10 @@ def test_bad_input_is_named():
     assert "integers" in errors["float"] and "[batch, seq]" in errors["1d"]
     assert "larger than the true vocabulary" in errors["k_too_big"]
     assert "larger than the model's padded vocabulary" in errors["vocab_too_big"]
-    assert "not a Megatron-Core distributed checkpoint" in errors["missing_checkpoint"]
+    assert "/nonexistent/ckpt does not exist" in errors["missing_checkpoint"]
     assert "non-finite" in errors["nan_teacher"]
+    assert "1 destinations for 2 requests" in errors["out_too_short"]
+    assert errors["tokens_kept"] is True
 
 
 def _score_many_vs_score():
