@@ -162,8 +162,11 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def forward_step(data_iterator, model):
-    """The user's forward_step, as in Megatron-LM's pretrain_gpt.py: the model computes CE from labels."""
-    batch = next(data_iterator)
+    """The user's forward_step, as in Megatron-LM's pretrain_gpt.py: the data iterator yields host tensors,
+    which go to the model's device without a host wait (get_batch's `.cuda(non_blocking=True)`); the model
+    computes CE from labels."""
+    device = next(model.parameters()).device
+    batch = {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])
 

@@ -397,7 +397,9 @@ class TeacherEngine:
         if lo < 0 or hi >= self.vocab_size:
             raise PayloadError(f"token ids out of range: [{lo}, {hi}] for vocabulary size {self.vocab_size}")
         device = next(self.model.parameters()).device
-        return tokens.to(device=device, dtype=torch.long), host
+        # Queued behind the GPU's work, not waited for: a data loader's page-locked ids (Megatron-LM's) copy
+        # without holding the host (torch's host allocator keeps their memory until the copy has run).
+        return tokens.to(device=device, dtype=torch.long, non_blocking=True), host
 
     def _run_schedule(self, tokens: torch.Tensor, on_logits):
         """One micro-batch through `get_forward_backward_func()` forward-only; on the last stage, returns

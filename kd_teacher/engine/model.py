@@ -36,6 +36,37 @@ class PrecisionConfig:
 
 
 @dataclass
+class FusionConfig:
+    """The kernel fusions Megatron-LM enables by default for a Transformer Engine run on CUDA.
+
+    `enabled: null` (auto) turns them on where CUDA and Transformer Engine are present and the layer spec is
+    `transformer_engine`, and off elsewhere: the local spec on a CPU has none of these kernels. A benchmark's
+    baseline must be the student users train, so the GPU presets run with them. The per-fusion switches say
+    which ones; Megatron-LM's flags: --no-bias-dropout-fusion, --no-bias-swiglu-fusion, --no-rope-fusion,
+    --no-masked-softmax-fusion, --no-persist-layer-norm, --no-gradient-accumulation-fusion, and
+    --cross-entropy-loss-fusion with --cross-entropy-fusion-impl (Megatron-LM leaves CE fusion off by default;
+    production recipes turn it on: it is the student's fastest CE path that Megatron-Core offers).
+    """
+
+    enabled: Optional[bool] = None
+    bias_dropout_fusion: bool = True
+    bias_activation_fusion: bool = True
+    apply_rope_fusion: bool = True
+    masked_softmax_fusion: bool = True
+    persist_layer_norm: bool = True
+    # TE linears add weight gradients straight into Megatron DDP's fp32 main_grad buffers.
+    gradient_accumulation_fusion: bool = True
+    cross_entropy_loss_fusion: bool = True
+    cross_entropy_fusion_impl: Literal["native", "te"] = "native"
+
+
+def _te_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+@dataclass
 class ModelConfig:
     """A GPT model as Megatron-Core builds it. `vocab_size` is the true (tokenizer) vocabulary."""
 
@@ -61,6 +92,7 @@ class ModelConfig:
     init_method_std: float = 0.02
     seed: int = 1234
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    fusions: FusionConfig = field(default_factory=FusionConfig)
 
     def __post_init__(self):
         if self.vocab_size <= 0:
@@ -69,6 +101,18 @@ class ModelConfig:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
             )
+
+    def fusions_active(self) -> bool:
+        """Whether `fusions` apply to this model here (see `FusionConfig`); raises where asked for and impossible."""
+        want = self.fusions.enabled
+        if want is None:
+            return self.layer_spec == "transformer_engine" and torch.cuda.is_available() and _te_installed()
+        if want and self.layer_spec != "transformer_engine":
+            raise ValueError("fusions.enabled: true needs layer_spec: transformer_engine (the fused kernels are "
+                             "Transformer Engine's and Megatron's CUDA ones); set fusions.enabled: false or null")
+        if want and not torch.cuda.is_available():
+            raise ValueError("fusions.enabled: true needs CUDA; set fusions.enabled: false or null on a CPU")
+        return bool(want)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -111,11 +155,7 @@ def transformer_config(cfg: ModelConfig):
         # CPU initialisation builds the full master weight from the default generator and splits it, so
         # a model is the same whatever the TP size; it is also the only path that works without CUDA.
         use_cpu_initialization=True,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        **_fusion_kwargs(cfg, dtype),
     )
     if p.fp8 is not None:
         kwargs.update(
@@ -130,6 +170,24 @@ def transformer_config(cfg: ModelConfig):
             num_layers_at_end_in_bf16=p.num_layers_at_end_in_bf16,
         )
     return TransformerConfig(**kwargs)
+
+
+def _fusion_kwargs(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """TransformerConfig's fusion fields: Megatron-LM's defaults where `cfg.fusions_active()`, all off elsewhere."""
+    names = ("bias_dropout_fusion", "bias_activation_fusion", "apply_rope_fusion", "masked_softmax_fusion",
+             "persist_layer_norm", "gradient_accumulation_fusion", "cross_entropy_loss_fusion")
+    if not cfg.fusions_active():
+        return {name: False for name in names}
+    f = cfg.fusions
+    kwargs = {name: bool(getattr(f, name)) for name in names}
+    # Megatron-LM turns rope fusion off for other position embeddings (arguments.py), and Megatron-Core's
+    # native fused CE hard-codes a bf16 gradient: it is only right for a bf16 model.
+    kwargs["apply_rope_fusion"] &= cfg.position_embedding_type == "rope"
+    # Megatron-LM: bias_swiglu_fusion for SwiGLU; bias_gelu_fusion is turned off where linears have no bias.
+    kwargs["bias_activation_fusion"] &= cfg.activation == "swiglu"
+    kwargs["cross_entropy_loss_fusion"] &= dtype == torch.bfloat16
+    kwargs["cross_entropy_fusion_impl"] = f.cross_entropy_fusion_impl
+    return kwargs
 
 
 def layer_spec(cfg: ModelConfig, config=None):

@@ -26,6 +26,14 @@ def _tp_group():
     return parallel_state.get_tensor_model_parallel_group()
 
 
+def _queued_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device` without holding the host: a data loader's host tensor (Megatron-LM's loss_mask) is copied
+    through page-locked memory behind the queued work, where a plain `.to(device)` would wait for all of it."""
+    if t.device == device or device.type != "cuda":
+        return t.to(device)
+    return (t if t.is_pinned() else t.pin_memory()).to(device, non_blocking=True)
+
+
 def kd_terms_for(logits_sbv: torch.Tensor, payload: TopKPayload, mask: torch.Tensor, cfg: KDConfig,
                  vocab_size: Optional[int]):
     """Per-token KD loss and statistics (`kd_teacher.losses.KDTerms`) from the output layer's [s, b, V/TP]."""
@@ -49,7 +57,7 @@ def combine_losses(outputs: tuple, logits_sbv: torch.Tensor, payload: TopKPayloa
     b, s = payload.header.batch, payload.header.seq_len
     device = logits_sbv.device
     loss_tokens = (torch.ones(b, s, device=device) if loss_mask is None
-                   else loss_mask.to(device=device, dtype=torch.float32).reshape(b, s))
+                   else _queued_copy(loss_mask, device).to(torch.float32).reshape(b, s))
     mask = loss_tokens
     present = payload.present
     if present is not None:

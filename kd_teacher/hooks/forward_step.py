@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from kd_teacher.contract import TeacherContract
 from kd_teacher.hooks.combine import combine_losses
@@ -236,33 +237,39 @@ class KDForwardStep:
         payload = self._payload(tokens, handle) if is_src else None
         return tokens, loss_mask, _broadcast_payload(payload)
 
+    # The record_function ranges name the hook's host work in a torch.profiler trace (benchmarks/kd_step.py
+    # --profile accounts for them); without a profiler they cost a few microseconds per micro-batch.
     def _payload(self, tokens: torch.Tensor, handle) -> TopKPayload:
         host = None
-        if self._prepared:
-            payload = self._prepared.popleft()
-        elif handle is not None:
-            source_handle, host = handle
-            payload = self.source.result(source_handle)
-        elif self.source.pipeline_collective:
-            raise RuntimeError(
-                "KD hook: the in-process teacher spans pipeline stages, so its payloads must be computed before "
-                "the pipeline schedule runs: pass data_iterator=kd_step.prefetch(data_iterator, num_microbatches) "
-                "to forward_backward_func (or use an offline or remote teacher)"
-            )
-        else:
-            payload = self.source.score(tokens)
+        with record_function("kd_teacher.hook.payload"):
+            if self._prepared:
+                payload = self._prepared.popleft()
+            elif handle is not None:
+                source_handle, host = handle
+                payload = self.source.result(source_handle)
+            elif self.source.pipeline_collective:
+                raise RuntimeError(
+                    "KD hook: the in-process teacher spans pipeline stages, so its payloads must be computed before "
+                    "the pipeline schedule runs: pass data_iterator=kd_step.prefetch(data_iterator, "
+                    "num_microbatches) to forward_backward_func (or use an offline or remote teacher)"
+                )
+            else:
+                payload = self.source.score(tokens)
         return self._checked(payload, host.get() if host is not None else tokens)
 
     def _checked(self, payload: TopKPayload, tokens: torch.Tensor) -> TopKPayload:
         """Everything the loss relies on, before it is used; the payload ends up on the student's device."""
         # Values of a host payload (offline) are checked here, off the device; those of a device payload
         # (in-process, remote over NCCL) by the KD loss, in the one device read it makes per micro-batch.
-        payload.validate(values=not payload.values.is_cuda)
-        payload.check_tokens(tokens)
+        with record_function("kd_teacher.hook.validate"):
+            payload.validate(values=not payload.values.is_cuda)
+        with record_function("kd_teacher.hook.token_hash"):
+            payload.check_tokens(tokens)
         self._check_coverage(payload)
         self._check_contract(payload.header, "the teacher payload")
         # Offline payloads arrive in page-locked host memory: the copy is queued, the host does not wait.
-        return payload.to(_device(), non_blocking=True)
+        with record_function("kd_teacher.hook.payload_to_device"):
+            return payload.to(_device(), non_blocking=True)
 
     def _check_coverage(self, payload: TopKPayload) -> None:
         present = payload.present
@@ -336,7 +343,8 @@ class KDForwardStep:
         if kwargs.get("non_loss_data"):
             return user_loss_func(output_tensor, *args, **kwargs)
         outputs = user_loss_func(output_tensor, *args, **kwargs)
-        outputs = combine_losses(outputs, logits, payload, loss_mask, self.cfg, self.vocab_size)
+        with record_function("kd_teacher.kd_loss"):
+            outputs = combine_losses(outputs, logits, payload, loss_mask, self.cfg, self.vocab_size)
         if self.cfg.on_policy is not None and self.cfg.on_policy.report_logprob_gap:
             # The student's samples carry their sampling-time log-probs (kd_teacher.onpolicy.OnPolicyIterator).
             outputs = add_logprob_gap(outputs, logits, batch if isinstance(batch, dict) else None,

@@ -106,7 +106,8 @@ def _payload_value_flags(payload: TopKPayload) -> torch.Tensor:
 
 
 def _raise_on_flags(payload: TopKPayload, payload_flags: torch.Tensor, bad_rows: torch.Tensor) -> None:
-    invalid, repeated, n_bad = torch.cat([payload_flags, bad_rows.reshape(1)]).tolist()  # the one host read
+    with torch.profiler.record_function("kd_teacher.kd_loss.read_flags"):
+        invalid, repeated, n_bad = torch.cat([payload_flags, bad_rows.reshape(1)]).tolist()  # the one host read
     if invalid:
         payload.validate()
         raise PayloadError("payload values, ids or lse failed validation")  # not reached: validate() names it
