@@ -3,6 +3,7 @@ identical losses through the wrapped forward_step (also when payloads are read a
 contradicts the run is refused at start-up with an error naming the problem."""
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -25,8 +26,7 @@ def _dump(engine, batches, tmp):
 
     rows = Path(tmp) / "rows.jsonl"
     rows.write_text("".join(json.dumps(r.tolist()) + "\n" for b in batches for r in b["tokens"]))
-    teacher = json.loads(json.dumps({"model": {**engine.model_config.__dict__, "precision": vars(
-        engine.model_config.precision)}, "engine": {"k": K}}))
+    teacher = json.loads(json.dumps({"model": asdict(engine.model_config), "engine": {"k": K}}))
     cfg = from_dict(DumpConfig, {"teacher": teacher, "data": {"kind": "jsonl", "path": str(rows)},
                                  "output": {"dir": str(Path(tmp) / "dump"), "progress": False}})
     run_dump(cfg, engine=engine)
