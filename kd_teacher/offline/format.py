@@ -10,8 +10,13 @@ DIR/.dump.lock                       flock of the running `dump`
 
 A shard's layout is in shard.py.
 
-Integrity, at three grains: the manifest records each shard's size and BLAKE2b of the whole file (checked
-by `verify`); when the reader opens a shard it checks the header (every tensor's dtype, shape and place)
+The manifest and each shard entry carry a checksum of their own (`manifest_blake2b`, `entry_blake2b`:
+BLAKE2b-128 of their canonical JSON without it), checked wherever they are read, and the manifest's fields
+are checked for type and consistency, so a damaged manifest is an error or a `verify` report, not a crash
+or a dump that silently describes something else.
+
+Integrity of the data, at three grains: the manifest records each shard's size and BLAKE2b of the whole file
+(checked by `verify`); when the reader opens a shard it checks the header (every tensor's dtype, shape and place)
 against the manifest and its copy of the four small tables against `index_blake2b`; the per-sample digests
 are checked by the reader on every sample it serves, on the bytes it serves. So a flipped byte is found
 wherever it is, and the reader never serves numbers it has not checked (docs/offline_format.md).
@@ -22,14 +27,26 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
+import math
 import os
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+from kd_teacher.config import ConfigError, from_dict
 from kd_teacher.contract import TeacherContract
+from kd_teacher.dtypes import DTYPES
+
+log = logging.getLogger(__name__)
 
 FORMAT = "kd-teacher-offline-dump"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the manifest and shard entries carry their own checksums
+READABLE_SCHEMA_VERSIONS = (1, 2)  # a version-1 manifest has no checksum: read, with a warning
+SEALED_SINCE = 2
+MANIFEST_CHECKSUM = "manifest_blake2b"
+ENTRY_CHECKSUM = "entry_blake2b"
 MANIFEST = "manifest.json"
 SHARDS_DIR = "shards"
 LOCK_FILE = ".dump.lock"
@@ -51,6 +68,10 @@ class DumpMismatchError(DumpError):
 
 class ShardCorruptError(DumpError):
     pass
+
+
+class ManifestCorruptError(DumpError):
+    """A manifest or shard entry that fails its checksum, or whose fields are of the wrong type or disagree."""
 
 
 class MissingSamplesError(DumpError):
@@ -139,6 +160,62 @@ def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, indent=1, separators=(",", ": ")) + "\n"
 
 
+# ---- JSON files with their own checksum -----------------------------------------------------------------------
+def _json_digest(obj: dict) -> str:
+    return hashlib.blake2b(canonical_json(obj).encode(), digest_size=DIGEST_BYTES).hexdigest()
+
+
+def sealed_json(obj: dict, key: str) -> str:
+    """`canonical_json(obj)` with one more field, `key`: the digest of the rest. The digest is of the parsed
+    form (a JSON round trip first), so that a reader recomputes it from what it parsed."""
+    obj = json.loads(canonical_json(obj))
+    return canonical_json({**obj, key: _json_digest(obj)})
+
+
+def read_sealed(raw: bytes | str, key: str, where: str, required: bool = True) -> tuple[dict, bool]:
+    """(the JSON object without its checksum field `key`, whether it had one); ManifestCorruptError when it is
+    not a JSON object or its checksum does not match (or is missing and `required`)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ManifestCorruptError(f"{where} is not valid JSON ({e}): damaged, or not written by kd-teacher") from None
+    if not isinstance(data, dict):
+        raise ManifestCorruptError(f"{where} is not a JSON object: damaged, or not written by kd-teacher")
+    stored = data.pop(key, None)
+    if stored is None:
+        if required:
+            raise ManifestCorruptError(f"{where} has no checksum ({key}): damaged, or not written by kd-teacher")
+        return data, False
+    if stored != _json_digest(data):
+        raise ManifestCorruptError(f"{where}: checksum mismatch, the file was damaged or edited after kd-teacher "
+                                   "wrote it")
+    return data, True
+
+
+@dataclass
+class ShardEntry:
+    """One shard's line in the manifest (the writer keeps it as a dict; this is its type, for checking)."""
+
+    index: int
+    file: str
+    first_sample: int
+    samples: int
+    tokens: int
+    index_blake2b: str
+    bytes: int
+    blake2b: str
+
+
+def read_entry(path: Path) -> dict:
+    """A shard entry file, its checksum and field types checked; ManifestCorruptError otherwise."""
+    data, _ = read_sealed(path.read_bytes(), ENTRY_CHECKSUM, str(path))
+    try:
+        from_dict(ShardEntry, data, str(path))
+    except ConfigError as e:
+        raise ManifestCorruptError(str(e)) from None
+    return data
+
+
 # ---- the manifest ---------------------------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class Manifest(TeacherContract):
@@ -156,12 +233,12 @@ class Manifest(TeacherContract):
     num_samples: int
     samples_per_shard: int
     num_shards: int
-    recipe: dict = field(default_factory=dict)
-    tokenizer: dict = field(default_factory=dict)
-    dataset: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
     extraction: str = "topk"
-    shards: list = field(default_factory=list)
+    shards: list[dict[str, Any]] = field(default_factory=list)  # ShardEntry fields
     complete: bool = False
     format: str = FORMAT
     schema_version: int = SCHEMA_VERSION
@@ -173,7 +250,7 @@ class Manifest(TeacherContract):
         return d
 
     def to_json(self) -> str:
-        return canonical_json(asdict(self))
+        return sealed_json(asdict(self), MANIFEST_CHECKSUM)
 
     def shard_range(self, i: int) -> range:
         lo = i * self.samples_per_shard
@@ -190,31 +267,69 @@ class Manifest(TeacherContract):
     def shard_meta(self, i: int) -> dict:
         """The dump-wide fields a shard repeats in its own metadata (so a lone shard explains itself)."""
         r = self.shard_range(i)
-        return dict(format=FORMAT, schema_version=SCHEMA_VERSION, shard=i, first_sample=r.start, samples=len(r),
+        return dict(format=FORMAT, schema_version=self.schema_version, shard=i, first_sample=r.start, samples=len(r),
                     k=self.k, temperature=self.temperature, vocab_size=self.vocab_size, index_bits=self.index_bits,
                     values_dtype=self.values_dtype, teacher_fingerprint=self.teacher_fingerprint,
                     recipe_fingerprint=self.recipe_fingerprint)
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> "Manifest":
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise NotADumpError(f"{where} is not valid JSON ({e}): not a kd-teacher dump manifest") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+    def from_json(cls, raw: bytes | str, where: str) -> "Manifest":
+        """Parse a manifest, checking its checksum, the type of every field and their consistency."""
+        data, sealed = read_sealed(raw, MANIFEST_CHECKSUM, where, required=False)
+        if data.get("format") != FORMAT:
             raise NotADumpError(f"{where} is not a kd-teacher dump manifest (format field is not {FORMAT!r})")
-        if data.get("schema_version") != SCHEMA_VERSION:
-            raise NotADumpError(
-                f"{where} has dump schema version {data.get('schema_version')!r}; this reader knows {SCHEMA_VERSION}"
-            )
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise NotADumpError(f"{where} has unknown fields {unknown}")
+        version = data.get("schema_version")
+        if version not in READABLE_SCHEMA_VERSIONS:
+            raise NotADumpError(f"{where} has dump schema version {version!r}; this reader knows "
+                                f"{READABLE_SCHEMA_VERSIONS}")
+        if not sealed and version >= SEALED_SINCE:
+            raise ManifestCorruptError(f"{where} has no checksum ({MANIFEST_CHECKSUM}): damaged or edited")
+        if not sealed:
+            log.warning("%s: a version-%d manifest has no checksum of its own; damage to it is found only where "
+                        "it makes the shards disagree", where, version)
         try:
-            return cls(**data)
-        except TypeError as e:
-            raise NotADumpError(f"{where} lacks fields: {e}") from None
+            manifest = from_dict(cls, data, where)
+            for i, entry in enumerate(manifest.shards):
+                from_dict(ShardEntry, entry, f"{where}: shards[{i}]")
+        except ConfigError as e:
+            raise ManifestCorruptError(str(e)) from None
+        manifest.check_consistent(where)
+        return manifest
+
+    def check_consistent(self, where: str) -> None:
+        """ManifestCorruptError unless the fields agree with each other (what a re-sealed or hand-made manifest
+        could get wrong: every reader relies on these)."""
+        from kd_teacher.offline.packing import bits_for_vocab
+
+        problems = []
+        if not (self.k >= 1 and self.vocab_size >= self.k and 0 < self.temperature < math.inf):
+            problems.append(f"k {self.k}, vocab_size {self.vocab_size}, temperature {self.temperature} are not "
+                            "1 <= k <= vocab_size and a positive finite temperature")
+        elif self.vocab_size >= 2**31 or self.index_bits != bits_for_vocab(self.vocab_size):
+            problems.append(f"index_bits {self.index_bits} is not the {self.vocab_size}-id vocabulary's")
+        if self.values_dtype not in DTYPES or self.logits_dtype not in DTYPES:
+            problems.append(f"dtypes {self.values_dtype!r}/{self.logits_dtype!r} are not of {sorted(DTYPES)}")
+        if not (self.num_samples >= 0 and self.samples_per_shard >= 1
+                and self.num_shards == -(-self.num_samples // self.samples_per_shard)):
+            problems.append(f"{self.num_shards} shards of {self.samples_per_shard} do not hold {self.num_samples} "
+                            "samples")
+        previous = -1
+        for e in self.shards if not problems else []:
+            i = e["index"]
+            r = self.shard_range(i)
+            if not (previous < i < self.num_shards and e["file"] == shard_file(i) and e["first_sample"] == r.start
+                    and e["samples"] == len(r) and e["tokens"] >= e["samples"] and e["bytes"] > 8
+                    and _HEX_DIGEST.fullmatch(e["blake2b"]) and _HEX_DIGEST.fullmatch(e["index_blake2b"])):
+                problems.append(f"shard entry {e} does not fit shard {i} of this dump (or comes out of order)")
+                break
+            previous = i
+        if self.complete and not problems and len(self.shards) != self.num_shards:
+            problems.append(f"complete, with {len(self.shards)} of {self.num_shards} shards listed")
+        if problems:
+            raise ManifestCorruptError(f"{where}: {'; '.join(problems)}")
+
+
+_HEX_DIGEST = re.compile(f"[0-9a-f]{{{2 * DIGEST_BYTES}}}")
 
 
 def load_manifest(directory: str | Path) -> Manifest:
@@ -224,7 +339,7 @@ def load_manifest(directory: str | Path) -> Manifest:
     path = directory / MANIFEST
     if not path.is_file():
         raise NotADumpError(f"{directory} is not a kd-teacher dump: it has no {MANIFEST}")
-    return Manifest.from_json(path.read_text(), str(path))
+    return Manifest.from_json(path.read_bytes(), str(path))
 
 
 def identity_diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -236,7 +236,10 @@ class DumpWriter:
         for i in range(self.manifest.num_shards):
             p = self.dir / fmt.entry_file(i)
             if p.exists() and (self.dir / fmt.shard_file(i)).exists():
-                entries[i] = json.loads(p.read_text())
+                try:
+                    entries[i] = fmt.read_entry(p)
+                except fmt.DumpError:  # its writer rank finds it too (`_has_entry`) and scores the shard again
+                    continue
         return entries
 
     def _write_manifest(self, entries: dict[int, dict], complete: bool = False) -> None:
@@ -266,9 +269,7 @@ class DumpWriter:
         pending = []
         if self.is_writer:
             for i in self.my_shards():
-                if (self.dir / fmt.shard_file(i)).exists():
-                    self._repair_entry(i)
-                else:
+                if not ((self.dir / fmt.shard_file(i)).exists() and self._has_entry(i)):
                     pending.append(i)
         group_size = dist.get_world_size(self.mp_group)
         if group_size == 1:
@@ -281,10 +282,23 @@ class DumpWriter:
         dist.broadcast(buf, src=src, group=self.mp_group)
         return buf[1 : 1 + int(buf[0])].tolist()
 
+    def _has_entry(self, i: int) -> bool:
+        """Whether shard i (on disk) has a sound entry. A shard renamed into place just before a kill may lack its
+        entry: recomputed from the file. A damaged entry: the shard and it are removed, to be scored again."""
+        path = self.dir / fmt.entry_file(i)
+        if not path.exists():
+            self._repair_entry(i)
+            return True
+        try:
+            fmt.read_entry(path)
+            return True
+        except fmt.DumpError as e:
+            log.warning("%s; shard %d will be scored again", e, i)
+            (self.dir / fmt.shard_file(i)).unlink()
+            path.unlink()
+            return False
+
     def _repair_entry(self, i: int) -> None:
-        """A shard renamed into place just before a kill may lack its entry: recompute it from the file."""
-        if (self.dir / fmt.entry_file(i)).exists():
-            return
         from safetensors import safe_open
 
         m = self.manifest
@@ -295,7 +309,7 @@ class DumpWriter:
         entry = dict(index=i, file=fmt.shard_file(i), first_sample=r.start, samples=len(r),
                      tokens=int(tables["token_offsets"][-1]), index_blake2b=index_digest(tables),
                      bytes=path.stat().st_size, blake2b=fmt.blake2b_file(path))
-        fmt.atomic_write(self.dir / fmt.entry_file(i), fmt.canonical_json(entry))
+        fmt.atomic_write(self.dir / fmt.entry_file(i), fmt.sealed_json(entry, fmt.ENTRY_CHECKSUM))
 
     def _dump_my_shards(self) -> int:
         pending = self._pending()
@@ -377,7 +391,7 @@ class DumpWriter:
         path = self.dir / fmt.shard_file(i)
         fmt.atomic_write(path, data)
         entry.update(bytes=len(data), blake2b=hashlib.blake2b(data, digest_size=fmt.DIGEST_BYTES).hexdigest())
-        fmt.atomic_write(self.dir / fmt.entry_file(i), fmt.canonical_json(entry))
+        fmt.atomic_write(self.dir / fmt.entry_file(i), fmt.sealed_json(entry, fmt.ENTRY_CHECKSUM))
         dt = time.monotonic() - t0
         log.info("shard %d/%d written by DP rank %d: %d samples, %d tokens, %.1f MB, %.2f s (%.0f tok/s)",
                  i + 1, self.manifest.num_shards, self.dp_rank, entry["samples"], entry["tokens"], len(data) / 1e6,

@@ -219,7 +219,9 @@ def test_not_a_dump_directory(tmp_path):
         OfflineTeacher(tmp_path / "nope")
     (tmp_path / fmt.MANIFEST).write_text('{"format": "something-else"}')
     with pytest.raises(fmt.NotADumpError, match="format"):
-        verify(tmp_path)
+        OfflineTeacher(tmp_path)
+    report = verify(tmp_path)  # verify reports what it cannot check
+    assert not report.ok and "format field" in report.problems[0]
 
 
 def test_missing_sequences_error_or_skip_with_a_mask(reference):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import random
 import re
 import signal
 import struct
@@ -137,6 +138,20 @@ def test_a_killed_rerun_of_a_finished_dump_leaves_it_finished(reference, tmp_pat
     assert p.exitcode == 0 and file_bytes(out) == ref_bytes
 
 
+
+def test_a_damaged_shard_entry_is_scored_again_not_trusted(reference, tmp_path):
+    """Entries are what a rerun builds the manifest from: one with a changed digit would be sealed into it."""
+    cfg, _, ref_bytes = reference
+    out = copy_dump(reference, tmp_path)
+    entry = out / fmt.entry_file(1)
+    text = entry.read_text()
+    entry.write_text(text.replace('"tokens": 160', '"tokens": 161'))
+    assert entry.read_text() != text
+    p = fork_dump(cfg_to(cfg, out))
+    p.join(120)
+    assert p.exitcode == 0 and file_bytes(out) == ref_bytes
+
+
 # ---- shard headers: every tensor's dtype and shape is the manifest's ---------------------------------------------
 def _edit_header(path: Path, tensor: str, field: str, new: str) -> None:
     """Replace `field` ("dtype" or "shape") of `tensor` in a safetensors header by `new`, same length, in place."""
@@ -243,3 +258,76 @@ def test_shard_handles_are_closed_and_bounded(reference):
             assert len(_open_shard_handles()) - len(before) <= 3
     assert _open_shard_handles() == before
     assert verify(out).ok and _open_shard_handles() == before
+
+
+# ---- the manifest: its own checksum; verify reports, never crashes ---------------------------------------------
+def _manifest_outcome(out: Path, original) -> str:
+    """'detected' (verify reports the manifest, the reader refuses it) or 'harmless' (it reads as the original);
+    anything else fails the test, an exception out of verify first of all."""
+    report = verify(out)
+    if not report.ok:
+        assert any("manifest" in p for p in report.problems), report.problems
+        with pytest.raises(fmt.DumpError):
+            OfflineTeacher(out)
+        return "detected"
+    assert fmt.load_manifest(out) == original, "a changed manifest passed verify"
+    return "harmless"
+
+
+def test_every_bit_flip_of_the_manifest_is_detected_or_harmless(reference, tmp_path):
+    out = copy_dump(reference, tmp_path)
+    path = out / fmt.MANIFEST
+    good = path.read_bytes()
+    original = fmt.load_manifest(out)
+    # Every bit through the parser (what verify and the reader start with), in memory: fast.
+    for bit in range(8 * len(good)):
+        data = bytearray(good)
+        data[bit // 8] ^= 1 << (bit % 8)
+        try:
+            assert fmt.Manifest.from_json(bytes(data), "m") == original, f"bit {bit} changed the manifest unseen"
+        except fmt.DumpError:
+            pass
+    # A seeded sample on disk, through verify and the reader.
+    outcomes = []
+    for bit in random.Random(25).sample(range(8 * len(good)), 300):
+        data = bytearray(good)
+        data[bit // 8] ^= 1 << (bit % 8)
+        path.write_bytes(bytes(data))
+        outcomes.append(_manifest_outcome(out, original))
+    assert outcomes.count("detected") >= 290, outcomes
+
+
+def test_a_manifest_with_wrong_types_under_a_valid_checksum_is_reported_not_a_crash(reference, tmp_path):
+    """What a buggy tool or a hand edit that re-seals the manifest would write: verify and the reader must
+    still report it (and never raise KeyError/TypeError out of verify)."""
+    out = copy_dump(reference, tmp_path)
+    good = json.loads((out / fmt.MANIFEST).read_text())
+    good.pop(fmt.MANIFEST_CHECKSUM)
+    edits = {
+        "k is a string": lambda m: m.update(k="8"),
+        "no shards list": lambda m: m.update(shards=None),
+        "an entry lacks its size": lambda m: m["shards"][0].pop("bytes"),
+        "an entry's index is out of range": lambda m: m["shards"][1].update(index=999),
+        "an entry names another file": lambda m: m["shards"][1].update(file="../../etc/passwd"),
+        "num_shards disagrees": lambda m: m.update(num_shards=m["num_shards"] + 1),
+        "index bits too few for the vocabulary": lambda m: m.update(index_bits=3),
+        "temperature is NaN": lambda m: m.update(temperature=float("nan")),
+        "an unknown field": lambda m: m.update(surprise=1),
+        "a nested list where a dict is": lambda m: m.update(dataset=[[[]]]),
+    }
+    for what, edit in edits.items():
+        m = json.loads(json.dumps(good))
+        edit(m)
+        (out / fmt.MANIFEST).write_text(fmt.sealed_json(m, fmt.MANIFEST_CHECKSUM))
+        report = verify(out)
+        assert not report.ok and report.problems, what
+        with pytest.raises(fmt.DumpError):
+            OfflineTeacher(out)
+
+
+def test_verify_reports_an_unreadable_manifest(tmp_path):
+    (tmp_path / fmt.MANIFEST).write_bytes(b"\xff\xfe{ not json")
+    report = verify(tmp_path)
+    assert not report.ok and "manifest" in report.problems[0]
+    (tmp_path / fmt.MANIFEST).write_text("[1, 2]")
+    assert not verify(tmp_path).ok
