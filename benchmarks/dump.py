@@ -10,7 +10,8 @@ directory (packing, host copy, safetensors, fsync, manifest). Repetitions altern
 ratio is of medians; a ratio of process CPU times is recorded too (robust on a shared machine).
 Targets (issue 3): ratio >= 0.9, bytes/token <= 292 at k=64 with bf16 values.
 The reader is timed serving the dump `reader_passes` times in micro-batches of 4 (every read checked), its
-opening apart; per wall second and per process CPU second.
+opening apart, per wall second and per process CPU second, alternating `reader_reps` times with its baseline:
+the same reader on its data path before issue 25 (memory-mapped safetensors slices, `MappedShard`).
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ PRESETS = {
     # A small model with a real 128256 vocabulary (17-bit ids) so that bytes/token are the real ones.
     # On two CPU cores the reference top-k over 128256 columns dominates (~5 us a token), so few tokens.
     "cpu": dict(layers=2, hidden=128, heads=4, vocab=128256, seq=64, samples=8, per_shard=2, max_tokens=128,
-                dtype="bfloat16", reps=5, reader_passes=50),
+                dtype="bfloat16", reps=5, reader_passes=50, reader_reps=3),
     # The 1.53B shape of DESIGN.md section 5 (local layer spec: no Transformer Engine needed).
     "gpu": dict(layers=16, hidden=2048, heads=16, vocab=128256, seq=4096, samples=96, per_shard=16,
-                max_tokens=16384, dtype="bfloat16", reps=3, reader_passes=3),
+                max_tokens=16384, dtype="bfloat16", reps=3, reader_passes=3, reader_reps=3),
 }
 
 
@@ -112,15 +113,44 @@ def dump_pass(cfg, engine, source) -> tuple[float, float, dict]:
     return time.perf_counter() - t0, time.process_time() - c0, dict(tokens=manifest.total_tokens, bytes=manifest.total_bytes)
 
 
-def read_pass(cfg, source, passes: int, mbs: int = 4) -> dict:
-    """The reader serving the dump in micro-batches of `mbs`, `passes` times over: opening it (tables read and
-    checked) timed apart from serving (lookup, read, checksum, unpack); wall and process CPU seconds."""
+class MappedShard:
+    """Baseline for the reader: its data path before issue 25 (slices of the memory-mapped file through
+    safetensors' `safe_open`, the same digest check and unpacking), on the tables the checked shard holds."""
+
+    def __init__(self, shard):
+        from safetensors import safe_open
+
+        self.shard, self.file = shard, safe_open(str(shard.path), framework="pt")
+
+    def read(self, row: int):
+        from kd_teacher.offline.packing import unpack_ids
+        from kd_teacher.offline.shard import sample_digest
+
+        s = self.shard
+        a, b = int(s.offsets[row]), int(s.offsets[row + 1])
+        pa, pb = int(s.byte_offsets[row]), int(s.byte_offsets[row + 1])
+        values = self.file.get_slice("values")[a:b]
+        packed = self.file.get_slice("indices")[pa:pb]
+        lse = self.file.get_slice("lse")[a:b]
+        assert sample_digest(values, packed, lse) == s.tables["sample_digests"][row].numpy().tobytes()
+        return values, unpack_ids(packed.reshape(1, -1), (b - a) * s.k, s.bits).reshape(b - a, s.k), lse
+
+    def close(self) -> None:
+        pass
+
+
+def read_pass(cfg, source, passes: int, mbs: int = 4, mapped: bool = False) -> dict:
+    """The reader serving the dump in micro-batches of `mbs`, `passes` times over: opening it (header and tables
+    read and checked) timed apart from serving (lookup, read, checksum, unpack); wall and process CPU seconds.
+    mapped: through `MappedShard`, the baseline."""
     from kd_teacher.offline.reader import OfflineTeacher
 
     batches = [torch.stack([source.tokens(i) for i in range(lo, min(lo + mbs, len(source)))])
                for lo in range(0, len(source), mbs)]
     t0 = time.perf_counter()
     teacher = OfflineTeacher(cfg.output.dir)
+    if mapped:
+        teacher.shards = {i: MappedShard(shard) for i, shard in teacher.shards.items()}
     t1, c1 = time.perf_counter(), time.process_time()
     for _ in range(passes):
         for tokens in batches:
@@ -128,8 +158,27 @@ def read_pass(cfg, source, passes: int, mbs: int = 4) -> dict:
     t2, c2 = time.perf_counter(), time.process_time()
     teacher.close()
     tokens = passes * sum(t.numel() for t in batches)
-    return dict(reader_open_s=t1 - t0, reader_passes=passes, reader_tokens=tokens,
-                reader_tokens_per_s=tokens / (t2 - t1), reader_cpu_tokens_per_s=tokens / max(c2 - c1, 1e-9))
+    return dict(open_s=t1 - t0, tokens=tokens, tokens_per_s=tokens / (t2 - t1),
+                cpu_tokens_per_s=tokens / max(c2 - c1, 1e-9))
+
+
+def reader_runs(cfg, source, preset: dict) -> dict:
+    """The reader and its memory-mapped baseline, alternating `reader_reps` times; medians and their ratio."""
+    read_pass(cfg, source, 1)  # warm-up: page cache, allocator
+    runs = {"checked": [], "mapped": []}
+    for _ in range(preset["reader_reps"]):
+        for kind in ("mapped", "checked"):
+            runs[kind].append(read_pass(cfg, source, preset["reader_passes"], mapped=kind == "mapped"))
+    median = {kind: {key: statistics.median(r[key] for r in rs) for key in ("tokens_per_s", "cpu_tokens_per_s")}
+              for kind, rs in runs.items()}
+    return dict(reader_passes=preset["reader_passes"], reader_tokens=runs["checked"][0]["tokens"],
+                reader_open_s=statistics.median(r["open_s"] for r in runs["checked"]),
+                reader_tokens_per_s=median["checked"]["tokens_per_s"],
+                reader_cpu_tokens_per_s=median["checked"]["cpu_tokens_per_s"],
+                mapped_baseline_tokens_per_s=median["mapped"]["tokens_per_s"],
+                mapped_baseline_cpu_tokens_per_s=median["mapped"]["cpu_tokens_per_s"],
+                reader_vs_mapped_cpu_ratio=median["checked"]["cpu_tokens_per_s"] / median["mapped"]["cpu_tokens_per_s"],
+                reader_runs=runs)
 
 
 def main() -> int:
@@ -163,7 +212,7 @@ def main() -> int:
         wall, cpu, sizes = dump_pass(cfg, engine, source)
         dump.append(wall)
         dump_cpu.append(cpu)
-    reader = read_pass(cfg, source, preset["reader_passes"])
+    reader = reader_runs(cfg, source, preset)
     base_tps, dump_tps = tokens / statistics.median(base), tokens / statistics.median(dump)
     # On a crowded shared machine wall time is mostly other people's work; the process CPU time (all threads,
     # the writer's included) is what dumping itself costs: recorded as a second ratio.
@@ -191,17 +240,18 @@ def main() -> int:
 
 def reader_only(args, preset: dict, cfg, engine, source, work: Path) -> int:
     dump_pass(cfg, engine, source)
-    read_pass(cfg, source, 1)  # warm-up: page cache, allocator
-    result = dict(what="offline dump reader: tokens served per second (lookup, read, checksum, unpack)",
+    result = dict(what="offline dump reader: tokens served per second (lookup, read, checksum, unpack) against "
+                       "its memory-mapped data path before issue 25, same run",
                   preset=args.preset, settings=preset, k=64, date=str(date.today()), machine=machine(),
-                  load_average=os.getloadavg(), **read_pass(cfg, source, preset["reader_passes"]))
+                  load_average=os.getloadavg(), **reader_runs(cfg, source, preset))
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"dump_reader_{args.preset}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     print(f"reader {result['reader_tokens_per_s']:,.0f} tok/s ({result['reader_cpu_tokens_per_s']:,.0f} per CPU "
-          f"second), open {result['reader_open_s'] * 1e3:.1f} ms | {out}")
+          f"second; memory-mapped baseline {result['mapped_baseline_cpu_tokens_per_s']:,.0f}, ratio "
+          f"{result['reader_vs_mapped_cpu_ratio']:.3f}), open {result['reader_open_s'] * 1e3:.1f} ms | {out}")
     return 0
 
 
