@@ -461,20 +461,25 @@ def _broadcast_payload(payload: Optional[TopKPayload]) -> TopKPayload:
 
 # ---- Megatron-LM: the KD block comes from the command line, read once its arguments are parsed -----------------
 def add_kd_args(parser):
-    """`extra_args_provider` for Megatron-LM's `pretrain()`: adds `--kd-config` and `--kd-override`."""
+    """Megatron-LM `extra_args_provider` (of `parse_and_validate_args` from 0.18 on, of `pretrain()` before):
+    adds `--kd-config` and `--kd-override`. `python -m kd_teacher.megatron_lm` adds it for you."""
     group = parser.add_argument_group(title="kd-teacher")
     group.add_argument("--kd-config", default=None, help="YAML file with a `kd:` block (knowledge distillation)")
     group.add_argument("--kd-override", nargs="*", default=[], help="dotted overrides, e.g. kd.alpha=0.5")
     return parser
 
 
-class _FromMegatronArgs:
-    """Megatron-LM parses its arguments inside `pretrain()`, after forward_step is handed over: build the hook
-    on the first call, before the first micro-batch's forward (no weight has changed yet)."""
+class MegatronArgsForwardStep:
+    """Megatron-LM parses its arguments after forward_step is handed over (inside `pretrain()` in releases
+    before 0.18; `parse_and_validate_args` runs first from 0.18 on, but the model does not exist yet): build the
+    hook on the first call, before the first micro-batch's forward (no weight has changed yet), from
+    `--kd-config` / `--kd-override` of Megatron-LM's parsed arguments. `megatron`: what provides
+    `get_args()` and `get_tokenizer()` (Megatron-LM's `megatron.training`)."""
 
-    def __init__(self, forward_step: Callable, kwargs: dict):
+    def __init__(self, forward_step: Callable, kwargs: dict, megatron=None):
         self.forward_step = forward_step
         self.kwargs = kwargs
+        self.megatron = megatron
         self.inner: Optional[Callable] = None
         functools.update_wrapper(self, forward_step)
 
@@ -484,19 +489,29 @@ class _FromMegatronArgs:
         return self.inner(data_iterator, model, *args, **kwargs)
 
     def _build(self, model):
-        from megatron.training import get_args, get_tokenizer
-
         from kd_teacher.hooks.config import load_kd_config
 
-        args = get_args()
+        if self.megatron is None:
+            import megatron.training as megatron_training
+
+            self.megatron = megatron_training
+        args = self.megatron.get_args()
         if not getattr(args, "kd_config", None):
             return self.forward_step
-        cfg = load_kd_config(args.kd_config, list(args.kd_override or []))
+        cfg = load_kd_config(args.kd_config, list(getattr(args, "kd_override", None) or []))
         if _mpu().get_tensor_model_parallel_world_size() > 1:
             # Megatron-LM builds data iterators on tensor-parallel rank 0 only (get_batch_on_this_tp_rank).
             cfg.tokens_from = "tp_src_rank"
-        vocab = self.kwargs.pop("vocab_size", None) or cfg.vocab_size or get_tokenizer().vocab_size
-        return wrap_forward_step(self.forward_step, cfg, model=model, vocab_size=vocab, **self.kwargs)
+        # The KD block's vocabulary is the tokenizer's (NullTokenizer(V): V from megatron-core 0.18 on, V + 1
+        # before), never Megatron-LM's padded one.
+        kwargs = dict(self.kwargs)
+        vocab = kwargs.pop("vocab_size", None) or cfg.vocab_size or self.megatron.get_tokenizer().vocab_size
+        return wrap_forward_step(self.forward_step, cfg, model=model, vocab_size=vocab, **kwargs)
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
 
 
 # ---- the public entry point ---------------------------------------------------------------------------------
@@ -517,12 +532,12 @@ def wrap_forward_step(
     if kd is None:
         return forward_step
     if isinstance(kd, str) and kd == "megatron_args":
-        return _FromMegatronArgs(forward_step, dict(source=source, vocab_size=vocab_size, batch_fields=batch_fields,
-                                                    read_ahead=read_ahead))
+        return MegatronArgsForwardStep(forward_step, dict(source=source, vocab_size=vocab_size,
+                                                          batch_fields=batch_fields, read_ahead=read_ahead))
     cfg = as_kd_config(kd)
     source = source if source is not None else make_teacher_source(cfg)
     return KDForwardStep(forward_step, cfg, source, model=model, vocab_size=vocab_size, batch_fields=batch_fields,
                          read_ahead=read_ahead)
 
 
-__all__ = ["KDForwardStep", "wrap_forward_step", "add_kd_args", "default_batch_fields"]
+__all__ = ["KDForwardStep", "MegatronArgsForwardStep", "wrap_forward_step", "add_kd_args", "default_batch_fields"]
