@@ -227,11 +227,7 @@ def main() -> int:
         bytes_per_token_target=292, bytes_per_entry=(sizes["bytes"] / sizes["tokens"] - 4) / 64,
         megatron_lm_bytes_per_entry=5, **reader,
     )
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"dump_{args.preset}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
+    out = write_result(args, f"dump_{args.preset}", result, work)
     print(f"teacher mode {base_tps:,.0f} tok/s | dump {dump_tps:,.0f} tok/s | ratio {result['ratio']:.3f} "
           f"(target >= 0.9; CPU-time ratio {result['cpu_time_ratio']:.3f}) | {result['bytes_per_token']:.1f} B/token at k=64 (target <= 292) | "
           f"reader {result['reader_tokens_per_s']:,.0f} tok/s | {out}")
@@ -244,15 +240,21 @@ def reader_only(args, preset: dict, cfg, engine, source, work: Path) -> int:
                        "its memory-mapped data path before issue 25, same run",
                   preset=args.preset, settings=preset, k=64, date=str(date.today()), machine=machine(),
                   load_average=os.getloadavg(), **reader_runs(cfg, source, preset))
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"dump_reader_{args.preset}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
+    out = write_result(args, f"dump_reader_{args.preset}", result, work)
     print(f"reader {result['reader_tokens_per_s']:,.0f} tok/s ({result['reader_cpu_tokens_per_s']:,.0f} per CPU "
           f"second; memory-mapped baseline {result['mapped_baseline_cpu_tokens_per_s']:,.0f}, ratio "
           f"{result['reader_vs_mapped_cpu_ratio']:.3f}), open {result['reader_open_s'] * 1e3:.1f} ms | {out}")
     return 0
+
+
+def write_result(args, name: str, result: dict, work: Path) -> Path:
+    """The JSON to --out (default benchmarks/results/NAME.json); the temporary work directory removed."""
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"{name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
 
 
 def machine() -> str:
