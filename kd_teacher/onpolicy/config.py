@@ -53,7 +53,7 @@ class OnPolicyConfig:
     # "static": its TextGenerationController's static-batch loop (runs anywhere, CPU included); "auto": dynamic
     # where it runs, else static.
     engine: Literal["auto", "dynamic", "static"] = "auto"
-    # Megatron-Core's batch-invariant kernels (megatron-core >= 0.19, CUDA) for generation and training alike.
+    # Megatron-Core's batch-invariant kernels (Triton, CUDA only), process-wide: generation and training alike.
     batch_invariant: bool = False
     # Add `onpolicy logprob gap` (sampling-time vs training-forward log-prob of each generated token) to the
     # step's report dict.
@@ -81,6 +81,8 @@ class OnPolicyConfig:
         if self.generation_batch_size is not None and self.generation_batch_size < 1:
             raise ConfigError(
                 f"kd.on_policy.generation_batch_size must be >= 1 or null, got {self.generation_batch_size}")
+        if self.engine not in ("auto", "dynamic", "static"):
+            raise ConfigError(f"kd.on_policy.engine must be one of auto, dynamic, static; got {self.engine!r}")
         if self.eos_id is not None and self.eos_id < 0:
             raise ConfigError(f"kd.on_policy.eos_id must be a token id >= 0 or null, got {self.eos_id}")
         return self

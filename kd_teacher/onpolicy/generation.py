@@ -38,6 +38,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from kd_teacher.config import ConfigError
 from kd_teacher.engine.engine import teacher_mode
 from kd_teacher.engine.fp8_state import reset_fp8_weight_caches
 from kd_teacher.onpolicy.config import OnPolicyConfig
@@ -101,6 +102,28 @@ def choose_engine(requested: str) -> str:
     return "static"
 
 
+def batch_invariant_kernels():
+    """Megatron-Core's batch-invariant kernels module (`enable_batch_invariant_mode`, `set_batch_invariant_mode`),
+    or a ConfigError saying why this run cannot have them."""
+    import megatron.core
+
+    where = "kd.on_policy.batch_invariant"
+    try:
+        from megatron.core.transformer.custom_layers import batch_invariant_kernels as kernels
+    except ImportError:
+        raise ConfigError(f"{where}: megatron-core {megatron.core.__version__} has no batch-invariant mode "
+                          "(megatron.core.transformer.custom_layers.batch_invariant_kernels)") from None
+    if not torch.cuda.is_available() or not getattr(kernels, "HAVE_TRITON", False):
+        raise ConfigError(f"{where}: Megatron-Core's batch-invariant kernels are Triton kernels for CUDA devices; "
+                          "this process has no CUDA device (or no Triton)")
+    try:
+        import transformer_engine.pytorch  # noqa: F401 - enabling the mode patches Transformer Engine's GEMM/norms
+    except ImportError:
+        raise ConfigError(f"{where}: enabling Megatron-Core's batch-invariant mode patches Transformer Engine, "
+                          "which is not installed") from None
+    return kernels
+
+
 # ---- the model handed back exactly as it was ------------------------------------------------------------------
 def _rng_states() -> dict:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
@@ -162,7 +185,7 @@ def _sequence_parallel_off(model):
         set_model_to_sequence_parallel(model, True)
 
 
-def _drop_inference_caches(modules: list) -> None:
+def drop_inference_caches(modules: list) -> None:
     """Forget what forwards under torch.inference_mode cached in the model (see the module docstring)."""
     cleared = set()
     for m in modules:
@@ -209,13 +232,13 @@ def generation_mode(gpt, modules: list, vocab_size: int):
             yield
     finally:
         logits_hook.remove()
-        _drop_inference_caches(modules)
+        drop_inference_caches(modules)
         reset_fp8_weight_caches(gpt)
         _restore_rng_states(rng)
 
 
 # ---- Megatron-Core's inference stack on the training model ------------------------------------------------------
-class _Tokenizer:
+class TokenIdsTokenizer:
     """What Megatron-Core's controller reads off a tokenizer when prompts come as token ids: the id it pads and
     stops with, and a detokenizer (its result, text, is not used here)."""
 
@@ -280,7 +303,8 @@ class StudentGenerator:
         self._modules = list(self.gpt.modules())
         self.context = StaticInferenceContext(self.max_batch_size, self.max_sequence_length)
         wrapped = _inference_wrapper(self.gpt, self.context, self.max_batch_size, self.max_sequence_length)
-        self.controller = TextGenerationController(wrapped, _Tokenizer(cfg.eos_id if cfg.eos_id is not None else 0))
+        tokenizer = TokenIdsTokenizer(cfg.eos_id if cfg.eos_id is not None else 0)
+        self.controller = TextGenerationController(wrapped, tokenizer)
         self.params = self._sampling_params(cfg)
 
     @staticmethod

@@ -14,8 +14,8 @@ The KD hook then scores `tokens` with the teacher, as for any micro-batch, and t
 completion tokens only.
 
 Rounds: when its buffer is empty, the iterator makes the next `generate_every x num_microbatches`
-micro-batches in one go. Each is the student's sample with probability `lmbda` (GKD's lambda; a generator
-seeded per data-parallel rank decides), else the next micro-batch of the `off_policy` iterator, drawn when it
+micro-batches in one go. Each is the student's sample with probability `lmbda` (GKD's lambda; a seeded
+generator decides, alike on every rank), else the next micro-batch of the `off_policy` iterator, drawn when it
 is served. The student's ones are generated together, `generation_batch_size` prompts per call into
 Megatron-Core. Prompts are drawn in a seeded order, epoch after epoch, each data-parallel rank its own share;
 tensor-parallel ranks draw the same prompts and seeds, since generation is a collective of theirs.
@@ -32,7 +32,7 @@ import torch
 
 from kd_teacher.config import ConfigError
 from kd_teacher.onpolicy.config import OnPolicyConfig
-from kd_teacher.onpolicy.generation import Rollout, StudentGenerator
+from kd_teacher.onpolicy.generation import Rollout, StudentGenerator, batch_invariant_kernels
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,10 @@ class OnPolicyIterator:
                  num_microbatches: int, prompts: Optional[Sequence[Sequence[int]]] = None,
                  off_policy: Optional[Iterator[dict]] = None):
         self.cfg = cfg.check()
+        if cfg.batch_invariant:
+            # Process-wide and for good: the gap only closes if generation and training forwards use the same kernels.
+            batch_invariant_kernels().enable_batch_invariant_mode()
+            log.warning("kd.on_policy.batch_invariant: Megatron-Core's batch-invariant kernels are on for this process")
         if cfg.lmbda < 1.0 and off_policy is None:
             raise ConfigError(f"kd.on_policy.lmbda={cfg.lmbda} takes {1 - cfg.lmbda:.0%} of the micro-batches from "
                               "the dataset: pass its iterator as off_policy=")
@@ -150,7 +154,8 @@ class OnPolicyIterator:
         self.device = next(self.generator.gpt.parameters()).device
         self.dp_rank, self.dp_size = _dp_rank_and_size()
         self._order = PromptOrder(len(self.prompts), cfg.seed)
-        self._coin = torch.Generator().manual_seed(_mixed_seed(cfg.seed, self.dp_rank, 1))
+        # The same on every rank: data-parallel ranks then take equal slices of the prompt order.
+        self._coin = torch.Generator().manual_seed(_mixed_seed(cfg.seed, 1))
         self._buffer: collections.deque = collections.deque()
         self.rounds = 0
         self.last_rollouts: list[Rollout] = []  # the latest round's, for reports and benchmarks

@@ -2,13 +2,12 @@
 after N steps bitwise equal to the unwrapped script); with KD the student ends closer to the teacher (held-out
 KL over the full vocabulary) than the CE-only student after the same steps."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import torch
 
 from kd_teacher.testing.distributed import run_distributed
+from kd_teacher.testing.scripts import import_script
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "pretrain_gpt_kd.py"
@@ -16,13 +15,7 @@ CONFIG = ROOT / "configs" / "kd_example.yaml"
 
 
 def _example():
-    """The example script as a module (it is a script, not part of the package)."""
-    if "pretrain_gpt_kd" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("pretrain_gpt_kd", EXAMPLE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["pretrain_gpt_kd"] = module  # dataclasses look their module up while the class is made
-        spec.loader.exec_module(module)
-    return sys.modules["pretrain_gpt_kd"]
+    return import_script(EXAMPLE)
 
 
 def _config(tmp, overrides):

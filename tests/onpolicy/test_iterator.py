@@ -144,6 +144,7 @@ def _mixing_and_failures():
         "too_long": lambda: _iterator(model, _kd_config(), prompts=[[5] * 11]),
         "out_of_vocab": lambda: _iterator(model, _kd_config(), prompts=[[5, VOCAB]]),
         "no_dataset": lambda: _iterator(model, _kd_config(lmbda=0.5)),
+        "batch_invariant": lambda: _iterator(model, _kd_config(batch_invariant=True)),  # megatron-core 0.16, CPU
         "vocab_mismatch": lambda: wrap_forward_step(forward_step, dataclasses.replace(_kd_config(), vocab_size=900),
                                                     model=model),
     }.items():
@@ -185,6 +186,8 @@ def test_lmbda_mixing_bad_input_and_a_failing_teacher():
     assert "prompt 0 has 11 tokens" in errors["too_long"] and "context of 16" in errors["too_long"]
     assert "outside the student's vocabulary of 1000" in errors["out_of_vocab"]
     assert "pass its iterator as off_policy=" in errors["no_dataset"]
+    assert "batch_invariant" in errors["batch_invariant"] and ("no batch-invariant mode" in errors["batch_invariant"]
+                                                               or "no CUDA device" in errors["batch_invariant"])
     assert "vocab_size" in errors["vocab_mismatch"] and "must share a tokenizer" in errors["vocab_mismatch"]
     assert "teacher server went away (injected)" in out["mid_run"]
 
