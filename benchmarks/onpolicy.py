@@ -42,15 +42,14 @@ from kd_teacher.demo import forward_step  # noqa: E402
 from kd_teacher.engine.model import ModelConfig, PrecisionConfig, build_gpt_model  # noqa: E402
 from kd_teacher.runtime import init_distributed  # noqa: E402
 
-# kd_step's student/teacher shapes: the CPU pair, and on the GPU the 404M student and 1.28B teacher.
+# kd_step's student/teacher shapes and layer specs: the CPU pair (local spec), and on the GPU the 404M student and
+# 1.28B teacher of DESIGN.md section 7 (Transformer Engine spec, Megatron-LM's default fusions).
+_SHAPES = ("student", "teacher", "layer_spec")
 PRESETS = {
-    "cpu": dict(student=STEP_PRESETS["cpu"]["student"], teacher=STEP_PRESETS["cpu"]["teacher"], dtype="float32",
-                prompts=8, prompt_len=24, new_tokens=16, micro_batch_size=4, num_microbatches=2, k=16, reps=2, steps=2),
-    # DESIGN.md section 7's pair with the Transformer Engine layer spec, bf16.
-    "gpu": dict(student={**STEP_PRESETS["gpu"]["student"], "layer_spec": "transformer_engine"},
-                teacher={**STEP_PRESETS["gpu"]["teacher"], "layer_spec": "transformer_engine"}, dtype="bfloat16",
-                prompts=32, prompt_len=128, new_tokens=128, micro_batch_size=8, num_microbatches=4, k=64, reps=3,
-                steps=3),
+    "cpu": dict(**{k: STEP_PRESETS["cpu"][k] for k in _SHAPES}, dtype="float32", prompts=8, prompt_len=24,
+                new_tokens=16, micro_batch_size=4, num_microbatches=2, k=16, reps=5, steps=2),
+    "gpu": dict(**{k: STEP_PRESETS["gpu"][k] for k in _SHAPES}, dtype="bfloat16", prompts=32, prompt_len=128,
+                new_tokens=128, micro_batch_size=8, num_microbatches=4, k=64, reps=3, steps=3),
 }
 COPY_PEAK_BYTES_PER_S = {"H200": 4.3e12, "H100": 2.9e12}  # measured device copy rates (DESIGN.md, HELPERS.md)
 
@@ -276,10 +275,10 @@ def run(preset: str) -> dict:
 
     p = PRESETS[preset]
     precision = PrecisionConfig(params_dtype=p["dtype"])
-    student_cfg = ModelConfig(**p["student"], precision=precision, seed=1)
-    teacher_cfg = ModelConfig(**p["teacher"], precision=precision, seed=2)
+    student_cfg = ModelConfig(**p["student"], layer_spec=p["layer_spec"], precision=precision, seed=1)
+    teacher_cfg = ModelConfig(**p["teacher"], layer_spec=p["layer_spec"], precision=precision, seed=2)
     init_distributed(1, 1, 1234)
-    model, optimizer = build_student(student_cfg)
+    model, optimizer, _ = build_student(student_cfg)
     torch.manual_seed(teacher_cfg.seed)
     teacher_model, _ = build_gpt_model(teacher_cfg)
     seq = p["prompt_len"] + p["new_tokens"]

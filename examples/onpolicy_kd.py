@@ -1,6 +1,6 @@
 """On-policy distillation of the embedded tiny teacher, against the same student trained off-policy.
 
-    python examples/onpolicy_kd.py                          # about 4 minutes on 2 CPU cores
+    python examples/onpolicy_kd.py                          # 4-5 minutes on 2 idle CPU cores
     python examples/onpolicy_kd.py steps=40 pretrain.steps=60 out_dir=/tmp/onpolicy   # dotted overrides
 
 1. Pre-training, as `make demo` does (`kd_teacher.demo`): the committed tiny teacher's top-k is dumped over the

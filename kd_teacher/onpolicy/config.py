@@ -32,7 +32,8 @@ from kd_teacher.config import PATH, ConfigError
 
 @dataclass
 class OnPolicyConfig:
-    # JSONL file of prompts (token ids); None: the prompts are handed to `OnPolicyIterator` in code.
+    # JSONL file of prompts (token ids; relative to the YAML's folder if not found here); None: the prompts are
+    # handed to `OnPolicyIterator` in code.
     prompts: Optional[str] = field(default=None, metadata=PATH)
     # GKD's lambda: each micro-batch is the student's own sample with this probability (seeded), else the next
     # micro-batch of the dataset iterator (which is then required).

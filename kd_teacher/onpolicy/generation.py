@@ -88,6 +88,9 @@ def dynamic_engine_unavailable() -> Optional[str]:
             "(or FlashAttention 3/4) in Attention.forward")
 
 
+_said_why_static: list = []
+
+
 def choose_engine(requested: str) -> str:
     """The engine `generate` uses for `on_policy.engine` (see docs/onpolicy.md)."""
     if requested == "static":
@@ -97,8 +100,9 @@ def choose_engine(requested: str) -> str:
         raise GenerationError(
             f"kd.on_policy.engine: dynamic cannot run here: {reason or 'not wired to the on-policy loop yet'}; "
             "use engine: static or auto")
-    if reason is not None:
+    if reason is not None and not _said_why_static:
         log.info("on-policy generation: Megatron-Core's static-batch controller (%s)", reason)
+        _said_why_static.append(True)  # once per process
     return "static"
 
 

@@ -205,3 +205,24 @@ def test_offline_teacher_is_refused_for_on_policy(tmp_path):
                                        "on_policy": {"max_new_tokens": 0}}}))
     with pytest.raises(ConfigError, match="max_new_tokens must be >= 1"):
         load_kd_config(path)
+
+
+def test_prompts_file_is_found_beside_the_yaml_and_checked(tmp_path):
+    from kd_teacher.config import ConfigError
+    from kd_teacher.hooks.config import load_kd_config
+    from kd_teacher.onpolicy import check_prompts, load_prompts
+
+    (tmp_path / "prompts.jsonl").write_text('[5, 6, 7]\n{"tokens": [8, 9]}\n')
+    (tmp_path / "kd.yaml").write_text(json.dumps({"kd": {
+        "source": "in_process", "k": 8, "in_process": {"config": TEACHER_YAML},
+        "on_policy": {"prompts": "prompts.jsonl", "max_new_tokens": 4}}}))
+    cfg = load_kd_config(tmp_path / "kd.yaml")
+    assert cfg.on_policy.prompts == str(tmp_path / "prompts.jsonl")
+    prompts = load_prompts(cfg.on_policy.prompts)
+    assert prompts == [[5, 6, 7], [8, 9]]
+    check_prompts(prompts, vocab_size=VOCAB, seq_length=7, max_new_tokens=4)
+    with pytest.raises(ConfigError, match="prompt 0 has 3 tokens; with max_new_tokens=4 it needs 7"):
+        check_prompts(prompts, vocab_size=VOCAB, seq_length=6, max_new_tokens=4)
+    (tmp_path / "prompts.jsonl").write_text('[5, 6, 7]\n[]\n')
+    with pytest.raises(ConfigError, match="prompts.jsonl:2: expected a non-empty list of token ids"):
+        load_prompts(cfg.on_policy.prompts)
