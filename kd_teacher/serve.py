@@ -91,24 +91,34 @@ def serve(cfg: ServeConfig, stop: Optional[threading.Event] = None, ready: Optio
     if ready is not None:
         ready.set()
     stats = ServeStats()
+    # The head's own work (taking requests in, replying) can fail while its model-parallel peers wait for its
+    # next command: a failure is shared with them as the command "fail", so that every rank stops.
+    failed: Optional[BaseException] = None
     try:
         while True:
             command, requests = "idle", []
             if head:
-                command, requests = _collect(endpoint, cfg.serve, stop, stats)
+                try:
+                    command, requests = _collect(endpoint, cfg.serve, stop, stats)
+                except Exception as e:  # noqa: BLE001 - re-raised below, once the peers know
+                    failed = e
+                command = "fail" if failed is not None else command
             if mp_size > 1:
                 command, requests = _share(command, requests, group)
+            if command == "fail":
+                if failed is not None:
+                    raise failed
+                raise RuntimeError("the head of this teacher replica failed (see its log): stopping this rank too")
             if command == "stop":
                 break
             if command == "score":
-                results = _score(engine, requests, endpoint)
+                results = _score(engine, requests, endpoint, group if mp_size > 1 else None)
                 stats.batches += 1
                 if head:
-                    for req, result in zip(requests, results):
-                        if isinstance(result, str):
-                            endpoint.reply(req.student, req.seq, error=result)
-                        else:
-                            endpoint.reply(req.student, req.seq, result)
+                    try:
+                        _reply(endpoint, requests, results)
+                    except Exception as e:  # noqa: BLE001 - shared with the peers as the next command
+                        failed = e
     finally:
         if endpoint is not None:
             endpoint.close()
@@ -158,15 +168,36 @@ def _collect(endpoint, opts: ServeOptions, stop: threading.Event, stats: ServeSt
     return ("score" if requests else "idle"), requests
 
 
-def _score(engine, requests: list, endpoint: Optional[Endpoint] = None) -> list:
+def _score(engine, requests: list, endpoint: Optional[Endpoint] = None, group=None) -> list:
     """Payloads (or error texts) for the requests, in order: one score_many, so the scheduler packs them. On a
-    head whose endpoint offers them, the payloads are written straight into its reply buffers."""
+    head whose endpoint offers them, the payloads are written straight into its reply buffers. With a
+    model-parallel `group`, its ranks agree on the outcome: a batch that failed on any rank is answered with an
+    error by the head, and every rank goes on to the next batch together."""
     out = [endpoint.payload_views(r.student, r.seq) for r in requests] if endpoint is not None else None
+    error = None
     try:
-        return engine.score_many([ScoreRequest(r.tokens, r.sample_ids, r.request_id) for r in requests], out)
+        results = engine.score_many([ScoreRequest(r.tokens, r.sample_ids, r.request_id) for r in requests], out)
     except Exception as e:  # noqa: BLE001 - a failed batch is answered with its error, the server goes on
         log.exception("scoring a batch of %d requests failed", len(requests))
-        return [f"teacher failed on this batch: {type(e).__name__}: {e}"] * len(requests)
+        error = f"teacher failed on this batch: {type(e).__name__}: {e}"
+    if group is not None and not _all_succeeded(error is None, group):
+        error = error or "teacher failed on this batch on another rank of its model-parallel group (see its log)"
+    return [error] * len(requests) if error is not None else results
+
+
+def _all_succeeded(ok: bool, group) -> bool:
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    return int(flag.item()) == 0
+
+
+def _reply(endpoint: Endpoint, requests: list, results: list) -> None:
+    for req, result in zip(requests, results):
+        if isinstance(result, str):
+            endpoint.reply(req.student, req.seq, error=result)
+        else:
+            endpoint.reply(req.student, req.seq, result)
 
 
 def _share(command: str, requests: list, group):

@@ -95,9 +95,24 @@ def _dist_load(sharded_state_dict: dict, path: Path) -> dict:
 
     try:
         return dist_checkpointing.load(sharded_state_dict, str(path))
-    except (KeyboardInterrupt, SystemExit):
-        raise
     except BaseException as e:  # noqa: BLE001 - torch DCP's CheckpointException derives from BaseException
-        raise CheckpointMismatchError(
-            f"checkpoint {path} does not match the model config: {type(e).__name__}: {e}"
-        ) from e
+        raise load_failure(e, path) from e
+
+
+# Failures that say nothing about the checkpoint: memory, a collective or the network, the user or the system.
+_NOT_THE_CHECKPOINT = (MemoryError, torch.OutOfMemoryError, torch.distributed.DistError, KeyboardInterrupt,
+                       SystemExit, GeneratorExit)
+
+
+def load_failure(error: BaseException, path) -> BaseException:
+    """What to raise for `error` from a checkpoint load: CheckpointMismatchError when the checkpoint does not fit
+    the model (Megatron-Core's validation, a missing key or a wrong shape on any rank, which torch DCP collects in
+    a CheckpointException), `error` itself when it has another cause (out of memory, NCCL, an interrupt)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    causes = [error]
+    if isinstance(error, CheckpointException):  # {rank: (exception, trace)} of every rank that failed
+        causes += [cause for cause, _ in error.failures.values()]
+    if any(isinstance(c, _NOT_THE_CHECKPOINT) for c in causes):
+        return error
+    return CheckpointMismatchError(f"checkpoint {path} does not match the model config: {type(error).__name__}: {error}")

@@ -3,10 +3,6 @@ words, its fingerprint and the serving policy the engine would apply (`kd_teache
 
 from __future__ import annotations
 
-from kd_teacher.engine.loading import load_teacher_config
-from kd_teacher.engine.model import transformer_config
-from kd_teacher.precision import PrecisionRecipe, check_recipe, serving_policy
-
 
 def register(sub) -> None:
     p = sub.add_parser("recipe", help="the teacher's precision recipe in words, its fingerprint and serving policy")
@@ -18,6 +14,11 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
+    # Imported here: building the parser of every subcommand must not import Megatron-Core.
+    from kd_teacher.engine.loading import load_teacher_config
+    from kd_teacher.engine.model import transformer_config
+    from kd_teacher.precision import PrecisionRecipe, check_recipe, serving_policy
+
     cfg = load_teacher_config(args.config, args.overrides)
     recipe = PrecisionRecipe.from_transformer_config(transformer_config(cfg.model))
     policy = serving_policy(recipe, cfg.engine.allow_repacking)

@@ -240,3 +240,25 @@ def test_scheduler_packs_within_budget_and_matches_single_requests():
         # a merged (right-padded) forward may round differently from a lone one; the contract is per micro-batch
         torch.testing.assert_close(s.values, m.values, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(s.lse, m.lse, rtol=1e-5, atol=1e-5)
+
+
+def test_a_load_that_fails_for_another_reason_than_the_checkpoint_is_not_called_a_mismatch():
+    """Out of memory, a failed collective or an interrupt during a load says nothing about the checkpoint: it is
+    raised as it is. What a checkpoint that does not fit raises (Megatron-Core's validation, torch DCP's
+    per-rank failures) becomes CheckpointMismatchError."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from kd_teacher.engine.checkpoint import CheckpointMismatchError, load_failure
+
+    def dcp(exc):
+        return CheckpointException("load failed", {1: (exc, None)})
+
+    for cause in (torch.OutOfMemoryError("CUDA out of memory"), MemoryError(), KeyboardInterrupt(),
+                  torch.distributed.DistBackendError("NCCL error"), dcp(torch.OutOfMemoryError("oom on rank 1")),
+                  dcp(torch.distributed.DistNetworkError("peer gone"))):
+        assert load_failure(cause, "/ckpt") is cause
+    for cause in (CheckpointingException("shape mismatch"), dcp(RuntimeError("size mismatch for weight")),
+                  KeyError("decoder.layers.0.mlp")):
+        mismatch = load_failure(cause, "/ckpt")
+        assert isinstance(mismatch, CheckpointMismatchError) and "does not match the model config" in str(mismatch)
