@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
+from kd_teacher.config import ConfigError
 from kd_teacher.contract import TeacherContract
 from kd_teacher.hooks.combine import combine_losses
 from kd_teacher.hooks.config import KDConfig, as_kd_config
@@ -499,6 +500,12 @@ class MegatronArgsForwardStep:
         if not getattr(args, "kd_config", None):
             return self.forward_step
         cfg = load_kd_config(args.kd_config, list(getattr(args, "kd_override", None) or []))
+        if cfg.on_policy is not None:
+            # Silently distilling the dataset's sequences instead would look like on-policy training in the logs.
+            raise ConfigError(
+                "kd.on_policy: on-policy distillation needs kd_teacher.onpolicy.OnPolicyIterator as the data "
+                "iterator, and Megatron-LM's pretrain() builds its own from its datasets; drive a training loop "
+                "with OnPolicyIterator (examples/onpolicy_kd.py, docs/onpolicy.md) or remove kd.on_policy")
         if _mpu().get_tensor_model_parallel_world_size() > 1:
             # Megatron-LM builds data iterators on tensor-parallel rank 0 only (get_batch_on_this_tp_rank).
             cfg.tokens_from = "tp_src_rank"

@@ -238,3 +238,6 @@ def test_kd_block_is_read_from_megatron_arguments_at_the_first_micro_batch():
     assert off["inner"] == "function" and off["reports"] == [["lm loss"]] * 2  # the script's own forward_step
     bad = run_distributed(_from_parsed_arguments, 2, [*kd, "kd.vocab_size=999"], tp=2)[0]
     assert "999" in bad["error"] and "1000" in bad["error"]  # both sides named, before any weight update
+    # On-policy needs its own data iterator, which Megatron-LM's pretrain() does not build: refused, not ignored.
+    on_policy = run_distributed(_from_parsed_arguments, 2, [*kd, "kd.on_policy.max_new_tokens=4"], tp=2)[0]
+    assert "kd.on_policy" in on_policy["error"] and "OnPolicyIterator" in on_policy["error"]
