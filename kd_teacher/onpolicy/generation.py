@@ -175,18 +175,25 @@ def _megatron_inference_flag():
             InferenceMode.unset_active()
 
 
+_SEQUENCE_PARALLEL_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+
+
 @contextlib.contextmanager
-def _sequence_parallel_off(model):
+def _sequence_parallel_off(model, modules: list):
+    """Off with Megatron-Core's own switch; back exactly as each module had it (the switch turns all on alike)."""
     if not model.config.sequence_parallel:
         yield
         return
     from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
+    saved = [(m, a, getattr(m, a)) for m in modules for a in _SEQUENCE_PARALLEL_ATTRS if hasattr(m, a)]
     set_model_to_sequence_parallel(model, False)
     try:
         yield
     finally:
-        set_model_to_sequence_parallel(model, True)
+        model.config.sequence_parallel = True
+        for m, a, value in saved:
+            setattr(m, a, value)
 
 
 def drop_inference_caches(modules: list) -> None:
@@ -232,7 +239,7 @@ def generation_mode(gpt, modules: list, vocab_size: int):
     rng = _rng_states()
     logits_hook = _TrueVocabularyFp32Logits(gpt, vocab_size)
     try:
-        with teacher_mode(gpt, modules), _sequence_parallel_off(gpt), _megatron_inference_flag():
+        with teacher_mode(gpt, modules), _sequence_parallel_off(gpt, modules), _megatron_inference_flag():
             yield
     finally:
         logits_hook.remove()

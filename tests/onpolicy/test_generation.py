@@ -61,7 +61,9 @@ def _greedy_reference(model, prompt: list[int]) -> list[int]:
 def _state(model):
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+    attrs = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
     return dict(flags=[m.training for m in model.modules()], cpu=torch.get_rng_state(),
+                sp=[(a, getattr(m, a)) for m in model.modules() for a in attrs if hasattr(m, a)],
                 tracker={k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()},
                 params={k: v.detach().clone() for k, v in model.state_dict().items() if "_extra_state" not in k})
 
@@ -79,8 +81,8 @@ def _generate_and_check(tp: int, sequence_parallel: bool):
                               max_sequence_length=32, max_batch_size=len(PROMPTS))
     rollout = greedy.generate(PROMPTS, seed=1)
     after = _state(model)
-    for key in ("flags", "cpu"):
-        assert after[key] == before[key] if key == "flags" else torch.equal(after[key], before[key])
+    assert after["flags"] == before["flags"] and after["sp"] == before["sp"]
+    assert torch.equal(after["cpu"], before["cpu"])
     assert before["tracker"].keys() == after["tracker"].keys()
     assert all(torch.equal(before["tracker"][k], after["tracker"][k]) for k in before["tracker"])
     assert all(torch.equal(before["params"][k], after["params"][k]) for k in before["params"])
