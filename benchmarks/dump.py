@@ -41,7 +41,7 @@ PRESETS = {
     # On two CPU cores the reference top-k over 128256 columns dominates (~5 us a token), so few tokens.
     "cpu": dict(layers=2, hidden=128, heads=4, vocab=128256, seq=64, samples=8, per_shard=2, max_tokens=128,
                 dtype="bfloat16", reps=5, reader_passes=50, reader_reps=3),
-    # The 1.53B shape of DESIGN.md section 5 (local layer spec: no Transformer Engine needed).
+    # The 1.53B shape of docs/measured_facts.md section 1 (local layer spec: no Transformer Engine needed).
     "gpu": dict(layers=16, hidden=2048, heads=16, vocab=128256, seq=4096, samples=96, per_shard=16,
                 max_tokens=16384, dtype="bfloat16", reps=3, reader_passes=3, reader_reps=3),
 }

@@ -53,7 +53,7 @@ from kd_teacher.demo import forward_step  # noqa: E402
 from kd_teacher.engine.model import ModelConfig, PrecisionConfig, build_gpt_model  # noqa: E402
 from kd_teacher.runtime import init_distributed  # noqa: E402
 
-BF16_PEAK_TFLOPS = 790.0  # measured bf16 GEMM on the H200 (docs/kd_step.md)
+BF16_PEAK_TFLOPS = 790.0  # measured bf16 GEMM on the H200 (docs/measured_facts.md section 2)
 _SMALL = dict(num_attention_heads=4, num_query_groups=2, make_vocab_size_divisible_by=128)
 _LLAMA_VOCAB = dict(vocab_size=128256, make_vocab_size_divisible_by=128, num_query_groups=8)
 PRESETS = {

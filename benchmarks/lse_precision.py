@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python benchmarks/lse_precision.py --out $OUT/lse_precision.json     # CUDA GPU
 
-`check_topk_kernel.py` compares the fused kernel with the reference row by row on adversarial cases, and
+`tests/gpu/test_topk_kernel.py` compares the fused kernel with the reference row by row on adversarial cases, and
 measures ulps at max(|LSE|, 1): rows whose LSE is near 0 by cancellation (max ~ -log(sum)) get the ulp of 1.0,
 1.2e-7, for an error that comes from terms of magnitude ~20. This script asks the plain question on logits as
 a teacher makes them (unit-variance rows, the teacher shape and two others): how far is each path's fp32 LSE

@@ -43,7 +43,7 @@ from kd_teacher.engine.model import ModelConfig, PrecisionConfig, build_gpt_mode
 from kd_teacher.runtime import init_distributed  # noqa: E402
 
 # kd_step's student/teacher shapes and layer specs: the CPU pair (local spec), and on the GPU the 404M student and
-# 1.28B teacher of DESIGN.md section 7 (Transformer Engine spec, Megatron-LM's default fusions).
+# 1.28B teacher of docs/measured_facts.md section 3 (Transformer Engine spec, Megatron-LM's default fusions).
 _SHAPES = ("student", "teacher", "layer_spec")
 PRESETS = {
     "cpu": dict(**{k: STEP_PRESETS["cpu"][k] for k in _SHAPES}, dtype="float32", prompts=8, prompt_len=24,
@@ -51,7 +51,7 @@ PRESETS = {
     "gpu": dict(**{k: STEP_PRESETS["gpu"][k] for k in _SHAPES}, dtype="bfloat16", prompts=32, prompt_len=128,
                 new_tokens=128, micro_batch_size=8, num_microbatches=4, k=64, reps=3, steps=3),
 }
-COPY_PEAK_BYTES_PER_S = {"H200": 4.3e12, "H100": 2.9e12}  # measured device copy rates (DESIGN.md, HELPERS.md)
+COPY_PEAK_BYTES_PER_S = {"H200": 4.3e12, "H100": 2.9e12}  # measured device copy rates (docs/measured_facts.md section 2)
 
 
 def _prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:

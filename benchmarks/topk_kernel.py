@@ -3,7 +3,7 @@
 The read floor is what reading the logits once costs at the copy bandwidth measured here (a device copy
 of the logits moves 2 x bytes; floor = bytes / bandwidth). Target (issue 7): fused <= 2 x floor at
 [8192, 128256] bf16, k = 64. Also timed: the reference path (`local_topk_stats`), plain `torch.topk` +
-fp32 `logsumexp` (what DESIGN.md measured), and `vocab_parallel_topk` end to end with and without the
+fp32 `logsumexp` (what docs/measured_facts.md section 2 records), and `vocab_parallel_topk` end to end with and without the
 kernel; a few kernel configurations (chunk, warps) are swept and the best reported beside the default.
 
     PYTHONPATH=$PWD python3 benchmarks/topk_kernel.py --out $OUT/bench.json

@@ -313,6 +313,9 @@ class TopKPayload:
     # ---- reshaping -------------------------------------------------------------------------------------
     def rows(self, rows: Sequence[int]) -> "TopKPayload":
         """The payload of a subset of the sequences, in the given order."""
+        bad = [r for r in rows if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < self.header.batch]
+        if bad:
+            raise PayloadError(f"rows {bad[:5]} are not sequence indices of a payload of {self.header.batch} sequences")
         idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.values.device)
         h = self.header
         header = replace(

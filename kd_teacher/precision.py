@@ -6,7 +6,8 @@ header and dump manifest) -> `serving_policy(recipe)` (what the engine may do wi
 `require_fp8_support(recipe, model)` (refuses FP8 that would silently not happen) -> on the student side,
 `check_recipe(payload_fingerprint, own_recipe)` (refuses a payload made under another recipe).
 
-The policy per recipe, from the measurements in DESIGN.md section 5 (H100, TE 2.20.2, megatron-core 0.19.2):
+The policy per recipe, from the measurements in docs/measured_facts.md section 1 (H100, TE 2.20.2, megatron-core
+0.19.2):
 
 | recipe | a sequence's output depends on its micro-batch? | engine policy |
 | --- | --- | --- |
@@ -25,7 +26,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import torch

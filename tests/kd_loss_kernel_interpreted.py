@@ -7,7 +7,7 @@ Triton already without it.
 
 Small shards: odd widths, padding, T != 1, a shard that owns some of the ids and not others, rows with -inf,
 NaN or +inf, k up to the whole vocabulary, several tiles per row (so the online max/sum rescales). On the GPU,
-benchmarks/check_kd_loss_kernel.py checks the compiled kernels the same way at full size.
+tests/gpu/test_kd_loss_kernel.py checks the compiled kernels the same way at full size.
 """
 
 import os

@@ -64,3 +64,10 @@ def test_the_one_loader_takes_a_section_merges_includes_and_resolves_paths_again
         load_config(Outer, tmp_path / "run.yaml", section="kd")
     with pytest.raises(ConfigError, match="missing required key\\(s\\) block.inner for Outer"):
         load_config(Outer, tmp_path / "bare.yaml", section="block")
+
+
+def test_a_kd_source_that_is_not_one_of_the_three_is_named():
+    from kd_teacher.hooks.config import KDConfig
+
+    with pytest.raises(ConfigError, match="kd.source 'bogus' is not one of \\['in_process', 'offline', 'remote'\\]"):
+        KDConfig(source="bogus", k=4).check()

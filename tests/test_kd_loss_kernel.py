@@ -3,7 +3,7 @@
 The kernels themselves run under Triton's CPU interpreter in a child process (tests/kd_loss_kernel_interpreted.py,
 against the PyTorch path), where Triton is installed; CI has none, and there only the dispatch and the folded
 host checks are tested (the loss itself is tested in tests/test_losses.py on the PyTorch path). On the GPU,
-benchmarks/check_kd_loss_kernel.py checks the compiled kernels.
+tests/gpu/test_kd_loss_kernel.py checks the compiled kernels (pytest -m gpu tests/gpu).
 """
 
 import importlib.util

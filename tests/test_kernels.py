@@ -1,6 +1,6 @@
 """The fused top-k + LSE kernel's CPU-side contract: dispatch, planning, configuration.
 
-The kernel itself runs on a GPU (benchmarks/check_topk_kernel.py checks it there case by case against the
+The kernel itself runs on a GPU (tests/gpu/test_topk_kernel.py checks it there case by case against the
 reference). Here: CPU tensors take the reference path, block-size plans respect the bounds the kernels
 rely on, bad configuration is refused, and, where Triton is installed, its CPU interpreter runs the real
 kernels on small cases against the reference.
@@ -77,8 +77,7 @@ def test_bad_kernel_config_is_refused(bad):
 def test_triton_interpreter_matches_reference(config, cases):
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(
-        [sys.executable, "benchmarks/check_topk_kernel.py", "--small", "--device", "cpu",
-         "--config", json.dumps(config), "--only", ",".join(cases)],
+        [sys.executable, "tests/gpu/topk_kernel_cases.py", "--config", json.dumps(config), "--only", ",".join(cases)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -180,3 +180,9 @@ def test_float64_logits_are_refused_naming_the_supported_dtypes():
         TopKPayload.from_logits(torch.randn(1, 2, 10, dtype=torch.float64), 2)
     with pytest.raises(PayloadError, match="a \\[batch, seq, vocab\\] tensor, got list"):
         TopKPayload.from_logits([[1.0]], 2)
+
+
+def test_bad_rows_of_a_payload_are_named():
+    p, _, _ = _payload()
+    with pytest.raises(PayloadError, match=r"rows \[2, -1\] are not sequence indices of a payload of 2 sequences"):
+        p.rows([0, 2, -1])

@@ -107,7 +107,10 @@ class KDConfig:
             raise ConfigError(f"kd.prefetch must be >= 0, got {self.prefetch}")
         if not self.timeout_s > 0:
             raise ConfigError(f"kd.timeout_s must be positive, got {self.timeout_s}")
-        section = {"in_process": self.in_process, "offline": self.offline, "remote": self.remote}[self.source]
+        sections = {"in_process": self.in_process, "offline": self.offline, "remote": self.remote}
+        if self.source not in sections:
+            raise ConfigError(f"kd.source {self.source!r} is not one of {list(sections)}")
+        section = sections[self.source]
         if section is None:
             raise ConfigError(f"kd.source is {self.source!r} but the kd.{self.source} section is missing")
         if self.on_policy is not None:

@@ -40,7 +40,7 @@ class TopKKernelConfig:
     fuse_select: bool = True
     # CUDA's expf (as torch.exp) rather than ex2.approx.ftz: the precise one made the streaming pass
     # issue-bound (~20 instructions per logit on sm_90, against ~10); ex2.approx's ~2 ulp per term average
-    # out in a sum of ~1e5 terms (benchmarks/check_topk_kernel.py measures the LSE against float64).
+    # out in a sum of ~1e5 terms (tests/gpu/test_topk_kernel.py measures the LSE against float64).
     precise_exp: bool = False
     # Register cap per thread for both launches (0: the compiler's choice). Occupancy decides the speed of
     # both passes: 64 fits 4 programs of 8 warps per multiprocessor (the streaming pass alone takes 55)

@@ -130,8 +130,11 @@ class ServerInfo(TeacherContract):
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "ServerInfo":
-        return cls.from_mapping(parse_json(text, ProtocolError, "teacher server info"), ProtocolError,
+        info = cls.from_mapping(parse_json(text, ProtocolError, "teacher server info"), ProtocolError,
                                 "teacher server info")
+        if info.values_dtype not in DTYPES:  # sizes every reply buffer
+            raise ProtocolError(f"teacher server info: values dtype {info.values_dtype!r} is not one of {list(DTYPES)}")
+        return info
 
 
 def student_expectation(hello: dict) -> TeacherContract:

@@ -137,3 +137,9 @@ def test_hello_expectation_of_the_wrong_json_types_is_a_protocol_error(expect):
     field = next(iter(expect))
     with pytest.raises(P.ProtocolError, match=f"field {field}="):
         P.student_expectation({"expect": expect})
+
+
+def test_server_info_with_an_unknown_values_dtype_is_refused_naming_the_known_ones():
+    text = INFO.to_json().replace('"float32"', '"float64"')
+    with pytest.raises(P.ProtocolError, match="values dtype 'float64' is not one of \\['float32', 'bfloat16'"):
+        P.ServerInfo.from_json(text)

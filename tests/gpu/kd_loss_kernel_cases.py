@@ -1,4 +1,5 @@
-"""GPU check of the fused KD-loss kernels (kd_teacher/kernels/kd_loss*.py): correctness and kernel timings.
+"""Cases for the fused KD-loss kernels (kd_teacher/kernels/kd_loss*.py) against float64: tests/gpu/test_kd_loss_kernel.py
+runs them on the GPU (timings: benchmarks/kd_loss_kernel_timing.py).
 
 Correctness, case by case (fixed cases, then random shapes: bf16/fp16/fp32, T, padding, k 1..256, shards that
 own some ids and not others, rows of -inf, NaN or +inf, students so sure of the teacher's ids that the tail is
@@ -7,38 +8,20 @@ same stored logits, and the PyTorch path (KD_TEACHER_FUSED_KD_LOSS=0) measured a
 A case passes when the max is exact (NaN where the row holds one), the tail sum is within 1e-5 relative (or
 twice the PyTorch path's error) and every gradient element is within one unit in the last place of its dtype
 (or twice the PyTorch path's error, for fp32 gradients, where fp32 `z - shift` rounds by more than that).
-Then the whole custom autograd function on both paths, and the number of host syncs per loss call
-(torch.cuda.set_sync_debug_mode).
-
-Timings ([8192, 128256] bf16, k=64): each pass against the read floor from a device copy of the logits, the
-PyTorch path's passes, and a small sweep of the kernel configuration.
-
-    python benchmarks/check_kd_loss_kernel.py --out $OUT/kd_loss_kernel_check.json
-    TRITON_INTERPRET=1 python benchmarks/check_kd_loss_kernel.py --device cpu --small   # the interpreter, minutes
+Then the whole custom autograd function on both paths.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
-import json
 import math
 import os
-import sys
-import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from timing import time_ms  # noqa: E402
-
-from kd_teacher.kernels import kd_loss as launcher  # noqa: E402
-from kd_teacher.kernels.kd_loss import KDLossKernelConfig, fused_tail_grad, fused_tail_stats  # noqa: E402
-from kd_teacher.losses import kd_loss_and_report, kd_terms, student  # noqa: E402
-from kd_teacher.payload import TopKPayload  # noqa: E402
+from kd_teacher.kernels import kd_loss as launcher
+from kd_teacher.kernels.kd_loss import fused_tail_grad, fused_tail_stats
+from kd_teacher.losses import student
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -244,154 +227,3 @@ def check_autograd(device) -> list[dict]:
                         logp_max_abs_diff=float((f_logp - t_logp).abs().max()),
                         grad_max_diff_rel_to_row_max=float(((f_grad.float() - t_grad.float()).abs() / scale).max())))
     return out
-
-
-def count_syncs(device) -> dict:
-    """Host syncs per call, counted by torch.cuda.set_sync_debug_mode (warns at every synchronising op)."""
-    from kd_teacher.runtime import init_distributed
-
-    init_distributed(1, 1)
-    g = torch.Generator(device=device).manual_seed(8)
-    teacher = torch.randn(2, 512, 32000, generator=g, device=device) * 3
-    payload = TopKPayload.from_logits(teacher, 64)
-    logits = (teacher + torch.randn_like(teacher)).bfloat16().requires_grad_()
-    labels = torch.randint(0, 32000, (2, 512), generator=g, device=device)
-    out = {}
-    for name, call in {
-        "kd_terms": lambda: kd_terms(logits, payload),
-        "kd_loss_and_report(labels, alpha=0.5)": lambda: kd_loss_and_report(logits, payload, labels=labels,
-                                                                             alpha=0.5),
-    }.items():
-        call()
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                call()
-            finally:
-                torch.cuda.set_sync_debug_mode(0)
-        messages = [str(w.message).splitlines()[0][:160] for w in seen if "synchroniz" in str(w.message)]
-        out[name] = dict(count=len(messages), messages=messages)
-    return out
-
-
-def profile_loss(device) -> list[dict]:
-    """Where a forward_kl fwd+bwd's GPU time goes on the fused path ([8192, 128256] bf16, k=64): top ops."""
-    g = torch.Generator(device=device).manual_seed(9)
-    teacher = (torch.randn(2, 4096, 128256, generator=g, device=device) * 3).bfloat16()
-    payload = TopKPayload.from_logits(teacher, 64)
-    logits = (teacher + torch.randn_like(teacher)).transpose(0, 1).contiguous().requires_grad_()
-    del teacher
-
-    def step():
-        loss = kd_terms(logits.transpose(0, 1), payload).loss.sum()
-        torch.autograd.grad(loss, logits)
-
-    fused_path()
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    rows = []
-    for e in prof.key_averages():
-        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0.0)
-        rows.append(dict(op=e.key[:100], device_us=float(us), calls=e.count))
-    rows.sort(key=lambda r: -r["device_us"])
-    return rows[:25]
-
-
-# ---- timings -----------------------------------------------------------------------------------------------
-
-def timings(device, sweep: bool) -> dict:
-    case = Case("timing", 8192, 128256, 128256, 0, 128256, 64, 1.0, "bf16")
-    rows, shard, pos, owned = make_inputs(case, device)
-    nbytes = rows.numel() * rows.element_size()
-    copy_ms = time_ms(lambda: torch.empty_like(rows).copy_(rows))
-    bandwidth = 2 * nbytes / (copy_ms * 1e-3)  # read + write
-    floor_fwd, floor_bwd = nbytes / bandwidth * 1e3, 2 * nbytes / bandwidth * 1e3
-    shift = rows.float().amax(dim=1) + 2.0
-    scale = torch.full((case.rows, 1), 0.5, device=device)
-
-    def passes(config):
-        return (time_ms(lambda: fused_tail_stats(rows, pos, owned, shard.valid, 1.0, config)),
-                time_ms(lambda: fused_tail_grad(rows, pos, owned, shard.valid, 1.0, shift, scale, config)))
-
-    fused_path()
-    fwd, bwd = passes(None)
-    mask_ms = time_ms(lambda: launcher.id_bitmask(pos, owned, case.v_local))
-    pytorch_path()
-    t_fwd = time_ms(lambda: student._shard_pass(rows, pos, owned, shard, 1.0, True, None), iters=5)
-    t_bwd = time_ms(lambda: student._tail_grad(rows, pos, owned, shard, 1.0, shift, scale, None, torch.float32),
-                    iters=5)
-    fused_path()
-    out = dict(shape=[case.rows, case.v_local], dtype="bf16", k=case.k, copy_ms=copy_ms,
-               copy_bandwidth_gb_s=bandwidth / 1e9, floor_fwd_ms=floor_fwd, floor_bwd_ms=floor_bwd,
-               fused_fwd_ms=fwd, fused_bwd_ms=bwd, fused_fwd_vs_floor=fwd / floor_fwd, fused_bwd_vs_floor=bwd / floor_bwd,
-               id_bitmask_ms=mask_ms, pytorch_fwd_ms=t_fwd, pytorch_bwd_ms=t_bwd,
-               default_config=dataclasses.asdict(KDLossKernelConfig()))
-    if sweep:
-        variants = [dict(words=64), dict(words=256), dict(stats_num_warps=8), dict(stats_num_warps=16),
-                    dict(words=256, stats_num_warps=4),
-                    dict(grad_num_warps=4), dict(grad_num_warps=16), dict(precise_exp=True), dict(precise_exp=False)]
-        out["sweep"] = []
-        for v in variants:
-            f, b = passes(KDLossKernelConfig(**v))
-            out["sweep"].append(dict(config=v, fwd_ms=f, bwd_ms=b))
-    return out
-
-
-# ---- main --------------------------------------------------------------------------------------------------
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--random", type=int, default=24, help="number of random cases")
-    ap.add_argument("--small", action="store_true", help="small fixed cases only (the CPU interpreter)")
-    ap.add_argument("--no-sweep", action="store_true")
-    args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    cases = fixed_cases(args.small) + ([] if args.small else random_cases(args.random, seed=100))
-    results = []
-    for case in cases:
-        r = check_case(case, device)
-        results.append(r)
-        print(f"{'ok  ' if r['passed'] else 'FAIL'} {case.name:38} max exact {r['max_exact']!s:5} "
-              f"sum err {r['sum_rel_err_fused']:.2e} (pytorch {r['sum_rel_err_pytorch']:.2e}) "
-              f"grad {r['grad_ulps_fused']:.2f} ulp (pytorch {r['grad_ulps_pytorch']:.2f})", flush=True)
-    n_pass = sum(r["passed"] for r in results)
-    print(f"{n_pass}/{len(results)} cases pass")
-    report = dict(benchmark="check_kd_loss_kernel", date=datetime.date.today().isoformat(), torch=torch.__version__,
-                  device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)",
-                  passed=n_pass, total=len(results), cases=results)
-    if device.type == "cuda":
-        import triton
-
-        report["triton"] = triton.__version__
-        report["autograd"] = check_autograd(device)
-        print("autograd, fused vs pytorch path:", report["autograd"])
-        report["host_syncs_per_call"] = count_syncs(device)
-        print("host syncs per call:", report["host_syncs_per_call"])
-        report["profile_forward_kl_fused"] = profile_loss(device)
-        total = sum(r["device_us"] for r in report["profile_forward_kl_fused"])
-        print(f"profile, forward_kl fwd+bwd on the fused path (top ops, {total / 1e3:.2f} ms among them):")
-        for r in report["profile_forward_kl_fused"][:15]:
-            print(f"  {r['device_us'] / 1e3:7.3f} ms  x{r['calls']:<3} {r['op']}")
-        report["timings"] = timings(device, sweep=not args.no_sweep)
-        t = report["timings"]
-        print(f"fused fwd {t['fused_fwd_ms']:.3f} ms (x{t['fused_fwd_vs_floor']:.2f} of read floor "
-              f"{t['floor_fwd_ms']:.3f}), bwd {t['fused_bwd_ms']:.3f} ms (x{t['fused_bwd_vs_floor']:.2f} of "
-              f"{t['floor_bwd_ms']:.3f}); pytorch path fwd {t['pytorch_fwd_ms']:.2f} bwd {t['pytorch_bwd_ms']:.2f} ms")
-        for s in t.get("sweep", []):
-            print(f"  {s['config']}: fwd {s['fwd_ms']:.3f} bwd {s['bwd_ms']:.3f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-    return 0 if n_pass == len(results) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
