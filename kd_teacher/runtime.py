@@ -48,11 +48,24 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | 
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of TP x PP = {tp} x {pp}")
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        _destroy_model_parallel_groups(parallel_state)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     log.debug("rank %d/%d: TP=%d PP=%d DP=%d", dist.get_rank(), world, tp, pp, world // (tp * pp))
+
+
+def _destroy_model_parallel_groups(parallel_state) -> None:
+    """Megatron-Core's `destroy_model_parallel` only forgets its groups: their gloo threads live on (about 50 a
+    layout), and a process that re-initialises many times (a test worker, a notebook) ends with thousands of
+    them busy-polling sockets. Destroy the groups this rank belongs to, then forget them."""
+    groups = {id(g): g for g in (getattr(parallel_state, "_global_process_group_list", None) or []) if g is not None}
+    parallel_state.destroy_model_parallel()
+    for group in groups.values():
+        try:
+            dist.destroy_process_group(group)
+        except ValueError:  # already destroyed by its owner (a Megatron-Core version that does it itself)
+            pass
 
 
 def is_main_rank() -> bool:

@@ -28,3 +28,22 @@ def test_one_rank_world_leaves_the_process_environment_alone():
                          timeout=300)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout.strip().splitlines()[-1]) == {"world": 1, "rank": 0, "set": []}
+
+
+def _threads_after_reinitialising(times: int) -> tuple[int, int]:
+    from kd_teacher.runtime import init_distributed
+
+    init_distributed(tp=2)  # threads that belong to the process, not to one layout, start here
+    before = len(os.listdir("/proc/self/task"))
+    for _ in range(times):
+        init_distributed(tp=2)
+    return before, len(os.listdir("/proc/self/task"))
+
+
+def test_reinitialising_parallel_state_does_not_leak_gloo_threads():
+    # A test worker re-initialises Megatron-Core's groups for every job; each layout's gloo groups start about
+    # 50 native threads, and leaked ones busy-poll their sockets (a full suite ended with >1000 per worker).
+    from kd_teacher.testing.distributed import run_distributed
+
+    before, after = run_distributed(_threads_after_reinitialising, 2, 10, tp=2)[0]
+    assert after - before < 40, f"{after - before} threads more after 10 re-initialisations"
