@@ -32,7 +32,8 @@ from typing import Optional
 STEP_RANGE = "kd_step.step"
 DEVICE_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 SYNC_CALLS = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
-              "cudaMemcpy2D", "cudaMemcpyFromSymbol"}
+              "cudaMemcpy2D", "cudaMemcpyFromSymbol", "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize",
+              "cuMemcpyDtoH", "cuMemcpyDtoH_v2"}
 # Host ranges that define a category for everything launched under them, innermost match wins.
 RANGE_CATEGORIES = [
     (re.compile(r"FusedCrossEntropyKD|fused_ce_kd", re.I), "fused_ce_kd"),
@@ -139,7 +140,9 @@ def analyse(events: list[dict], vocab_local: Optional[int] = None, top_gaps: int
     runtime = {}
     syncs = []
     for e in events:
-        if e.get("cat") == "cuda_runtime" and e.get("ph") == "X":
+        # Launches go through the runtime (cudaLaunchKernel) or the driver API (cuLaunchKernel(Ex): cuBLAS,
+        # Transformer Engine and Triton kernels): both carry the correlation id of the kernel they launch.
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and e.get("ph") == "X":
             corr = (e.get("args") or {}).get("correlation")
             if corr is not None:
                 runtime[corr] = e

@@ -20,6 +20,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     raise RuntimeError("run this file with TRITON_INTERPRET=1 (tests/test_kd_loss_kernel.py does)")
 
 from kd_teacher.kernels import kd_loss as launcher  # noqa: E402
+from kd_teacher.kernels.ce_kd import fused_ce_kd_grad, fused_ce_kd_stats  # noqa: E402
+from kd_teacher.losses import ce_kd  # noqa: E402
 from kd_teacher.kernels import KDLossKernelConfig, fused_tail_grad, fused_tail_stats, kd_loss_kernel_applies  # noqa: E402
 from kd_teacher.losses import StudentLogitsError, kd_loss  # noqa: E402
 from kd_teacher.losses import student  # noqa: E402
@@ -178,3 +180,76 @@ def test_kd_loss_on_kernel_path_matches_and_refuses_nan(monkeypatch):
     bad[1, 2, 9] = float("nan")
     with pytest.raises(StudentLogitsError, match="1 token"):
         kd_loss(bad, payload)
+
+
+# ---- the fused cross-entropy + KD kernels (kd_teacher/kernels/ce_kd*.py) -----------------------------------------
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_ce_kd_stats_match_pytorch_path(pytorch_path, case):
+    rows, shard, pos, owned = make_shard(case, seed=5)
+    inv_t = 1.0 / case.temperature
+    got = fused_ce_kd_stats(rows, pos, owned, shard.valid, inv_t, KDLossKernelConfig(words=case.words))
+    assert got is not None, "the kernel should serve CPU tensors under the interpreter"
+    pytorch_path()
+    want = ce_kd._stats_reference(rows, pos, owned, shard, inv_t, None)
+    for name, g, w in zip(("max_all", "sum_all", "max_valid", "tail"), got, want):
+        ok = torch.isfinite(want[0]) & torch.isfinite(want[2])  # NaN/+inf rows are refused by the loss
+        if name.startswith("max"):  # comparisons of stored values: exact
+            assert torch.equal(g[ok], w[ok]), name
+        else:
+            torch.testing.assert_close(g[ok], w[ok], rtol=2e-6, atol=0.0, msg=name)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.special != "nan"],
+                         ids=[c.name for c in CASES if c.special != "nan"])
+@pytest.mark.parametrize("tail", [True, False])
+def test_ce_kd_grad_matches_pytorch_path(pytorch_path, case, tail):
+    rows, shard, pos, owned = make_shard(case, seed=6)
+    inv_t = 1.0 / case.temperature
+    g = torch.Generator().manual_seed(7)
+    n = case.rows
+    labels = torch.randint(0, case.v_local, (n,), generator=g)
+    labels[0] = -1  # owned by another shard
+    labels[1] = pos[1, 0] if owned[1, 0] else labels[1]  # a label that is a teacher id
+    z = rows.float()
+    ce_shift = z.amax(dim=1).clamp(min=0) + 2.0 + torch.rand(n, generator=g)
+    ce_grad = torch.rand(n, generator=g)
+    kd_shift = z.amax(dim=1).clamp(min=0) + torch.rand(n, generator=g) * 3
+    kd_shift[0] = float("inf")
+    kd_scale = torch.randn(n, 1, generator=g)
+    args = (rows, pos, owned, shard.valid, inv_t, labels, ce_grad, ce_shift,
+            kd_shift if tail else None, kd_scale if tail else None)
+    got = fused_ce_kd_grad(*args, config=KDLossKernelConfig(words=case.words))
+    assert got is not None and got.dtype == rows.dtype and got.shape == rows.shape
+    pytorch_path()
+    want = ce_kd._grad_reference(rows, pos, owned, shard, inv_t, labels, ce_grad, ce_shift,
+                                 kd_shift if tail else None, kd_scale if tail else None, None, torch.float32)
+    torch.testing.assert_close(got.float(), want.float(), rtol=ulp_tolerance(case.dtype), atol=1e-30)
+
+
+@pytest.mark.parametrize("dtype,temperature,k", [(torch.bfloat16, 1.0, 8), (torch.float32, 2.0, 50),
+                                                 (torch.float16, 0.5, 300)])
+def test_fused_ce_kd_forward_backward_match_pytorch_path(monkeypatch, dtype, temperature, k):
+    """The whole autograd function, kernel path vs PyTorch path: CE, bucket log-probs and the one gradient."""
+    g = torch.Generator().manual_seed(8)
+    n, v_local, vocab = 10, 320, 300  # 20 padding columns, with their own logits (Megatron's CE counts them)
+    logits = (torch.randn(n, v_local, generator=g) * 3).to(dtype)
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(n)])
+    labels = torch.randint(0, v_local, (n,), generator=g)
+    labels[2] = ids[2, 0]
+    up_ce, up_kd = torch.rand(n, generator=g), torch.randn(n, k + 1, generator=g)
+
+    def run():
+        rows = logits.detach().clone().requires_grad_()
+        ce, out = ce_kd.fused_ce_kd(rows, labels, ids, vocab_size=vocab, temperature=temperature, tail=True)
+        (grad,) = torch.autograd.grad((ce * up_ce).sum() + (out.logp * up_kd).sum(), rows)
+        return ce.detach(), out.logp.detach(), grad
+
+    fused = run()
+    monkeypatch.setenv(launcher.DISABLE_ENV, "0")
+    ref = run()
+    torch.testing.assert_close(fused[0], ref[0], rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(fused[1], ref[1], rtol=1e-5, atol=1e-5)
+    assert fused[2].dtype == dtype
+    torch.testing.assert_close(fused[2].float(), ref[2].float(), rtol=ulp_tolerance(dtype), atol=1e-6)

@@ -46,7 +46,7 @@ def one_step(t0):
         op("kd_teacher.kd_loss", t0 + 80, 100, cat="user_annotation"),
         op("_VocabParallelBuckets", t0 + 85, 20, seq=3), launch(t0 + 90, t0 + 3), kernel(t0 + 190, 30, t0 + 3),
         op("aten::sum", t0 + 110, 5, seq=4), launch(t0 + 111, t0 + 4), kernel(t0 + 220, 5, t0 + 4),
-        op("kd_teacher.kd_loss.read_flags", t0 + 120, 50, cat="user_annotation"),
+        op("kd_teacher.kd_loss.read_checks", t0 + 120, 50, cat="user_annotation"),
         op("aten::_local_scalar_dense", t0 + 121, 48),
         launch(t0 + 122, t0 + 5, name="cudaMemcpyAsync"), kernel(t0 + 225, 2, t0 + 5, "Memcpy DtoH (Device -> Pageable)",
                                                                   cat="gpu_memcpy"),
@@ -73,7 +73,7 @@ def test_kernels_are_attributed_to_the_forward_ops_that_made_them():
     # KD: forward stats 30 + sum 5, backward of both 5 + 40; CE: 50 forward + 60 backward; the add 20.
     assert ms == {"kd_loss": 80, "ce": 110, "logits_grad_add": 20, "copy_d2h": 2, "other": 300}
     assert r["host_syncs"] == 1
-    assert r["host_sync_sites"] == {"kd_teacher.kd_loss.read_flags / aten::_local_scalar_dense": 1}
+    assert r["host_sync_sites"] == {"kd_teacher.kd_loss.read_checks / aten::_local_scalar_dense": 1}
     assert r["hook_host_ms"]["kd_teacher.kd_loss"] == pytest.approx(0.1)
     # device busy from 40 to 725 but idle from 227 to 400 (the host read and the backward's launch)
     assert r["device_idle_ms"] == pytest.approx((400 - 227) / 1e3)

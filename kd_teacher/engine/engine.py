@@ -290,15 +290,19 @@ class TeacherEngine:
         *,
         sample_ids: Optional[Sequence[int]] = None,
         request_id: Optional[str] = None,
+        check_finite: bool = True,
     ) -> TopKPayload:
         """Payload for one micro-batch of token ids [b, s], computed exactly as that micro-batch."""
         return self.score_many([ScoreRequest(tokens, list(sample_ids) if sample_ids is not None else None,
-                                             request_id)])[0]
+                                             request_id)], check_finite=check_finite)[0]
 
-    def score_many(self, requests: list[ScoreRequest], out: Optional[list] = None) -> list[TopKPayload]:
+    def score_many(self, requests: list[ScoreRequest], out: Optional[list] = None,
+                   check_finite: bool = True) -> list[TopKPayload]:
         """Payloads for many requests, batched by the scheduler; one payload per request, in order. `out`: per
         request, None or (values, indices, lse) tensors to write that payload into (a transport's reply buffer,
-        `DistServer.payload_views`), so that it goes out without another copy."""
+        `DistServer.payload_views`), so that it goes out without another copy. `check_finite=False` leaves the
+        LSE's finiteness (one host read, which waits for the forwards) to a caller that checks it on the device
+        later, as the KD loss does (`kd_teacher.losses.kd`)."""
         if out is not None and len(out) != len(requests):
             raise ValueError(f"score_many got {len(out)} destinations for {len(requests)} requests (out=)")
         checked, hosts = [], []
@@ -320,7 +324,8 @@ class TeacherEngine:
         # Hashed once the forwards are queued: the host works while the GPU runs them.
         into = out if out is not None else [None] * len(requests)
         payloads = [self._payload(req, r, token_hashes(h), dst) for req, r, h, dst in zip(requests, rows, hosts, into)]
-        check_finite_lse([p.lse for p in payloads])
+        if check_finite:
+            check_finite_lse([p.lse for p in payloads])
         return payloads
 
     def _forward_topk(self, tokens: torch.Tensor, tapped: bool = True):

@@ -6,6 +6,7 @@ dataclass into `TransformerConfig` + layer spec + `GPTModel`, for the current ra
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -61,8 +62,6 @@ class FusionConfig:
 
 
 def _te_installed() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("transformer_engine") is not None
 
 
@@ -183,6 +182,10 @@ def _fusion_kwargs(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     # Megatron-LM turns rope fusion off for other position embeddings (arguments.py), and Megatron-Core's
     # native fused CE hard-codes a bf16 gradient: it is only right for a bf16 model.
     kwargs["apply_rope_fusion"] &= cfg.position_embedding_type == "rope"
+    # The output layer is Megatron's own ColumnParallelLinear, whose fused weight-gradient accumulation needs
+    # APEX's fused_weight_gradient_mlp_cuda (GPTModel refuses to build without it): Megatron-LM runs without
+    # APEX need --no-gradient-accumulation-fusion, so the fusion is on only where the extension is installed.
+    kwargs["gradient_accumulation_fusion"] &= importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
     # Megatron-LM: bias_swiglu_fusion for SwiGLU; bias_gelu_fusion is turned off where linears have no bias.
     kwargs["bias_activation_fusion"] &= cfg.activation == "swiglu"
     kwargs["cross_entropy_loss_fusion"] &= dtype == torch.bfloat16

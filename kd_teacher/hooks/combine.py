@@ -35,20 +35,27 @@ def _queued_copy(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def kd_terms_for(logits_sbv: torch.Tensor, payload: TopKPayload, mask: torch.Tensor, cfg: KDConfig,
-                 vocab_size: Optional[int]):
-    """Per-token KD loss and statistics (`kd_teacher.losses.KDTerms`) from the output layer's [s, b, V/TP]."""
+                 vocab_size: Optional[int], student=None, defer_checks: bool = False):
+    """Per-token KD loss and statistics (`kd_teacher.losses.KDTerms`) from the output layer's [s, b, V/TP]
+    (`student`: the student's side already computed by the fused CE + KD pass)."""
     from kd_teacher.losses import kd_terms
 
     return kd_terms(
         logits_sbv.transpose(0, 1),  # [b, s, V/TP] as a view: no copy of the logits
         payload, kind=cfg.kind, temperature=cfg.temperature, tail=cfg.tail, beta=cfg.beta, loss_mask=mask,
-        group=_tp_group(), vocab_size=vocab_size, chunk_tokens=cfg.chunk_tokens,
+        group=_tp_group(), vocab_size=vocab_size, chunk_tokens=cfg.chunk_tokens, student=student,
+        defer_checks=defer_checks,
     )
 
 
 def combine_losses(outputs: tuple, logits_sbv: torch.Tensor, payload: TopKPayload,
-                   loss_mask: Optional[torch.Tensor], cfg: KDConfig, vocab_size: Optional[int] = None) -> tuple:
+                   loss_mask: Optional[torch.Tensor], cfg: KDConfig, vocab_size: Optional[int] = None,
+                   student=None, deferred=None, what: str = "KD micro-batch") -> tuple:
     """Mix the user's loss-function result with KD; returns the same contract shape with KD metrics added.
+
+    student: the KD side from the fused CE + KD pass (`kd_teacher.hooks.fused`), or None to compute it here.
+    deferred: a `DeferredChecks` to hand the loss's value checks to (read later, named `what`), or None to
+    read them here.
 
     KD metrics are averages over the loss tokens (the loss mask's), where tokens without a teacher payload
     (sequences an offline dump lacks) count 0; `kd teacher coverage` is the fraction that had one. So a
@@ -64,7 +71,9 @@ def combine_losses(outputs: tuple, logits_sbv: torch.Tensor, payload: TopKPayloa
         # Sequences an offline dump lacks (kd.offline.missing: ce_only, and evaluation) carry a placeholder
         # payload: they get no KD term, only the (1 - alpha)-weighted cross-entropy of the user's loss.
         mask = loss_tokens * present.to(device=device, dtype=loss_tokens.dtype).reshape(b, 1)
-    terms = kd_terms_for(logits_sbv, payload.to(device), mask, cfg, vocab_size)
+    terms = kd_terms_for(logits_sbv, payload.to(device), mask, cfg, vocab_size, student, deferred is not None)
+    if deferred is not None:
+        deferred.add(terms.checks, payload, what, terms.loss)
     kd_sum = terms.loss.sum()  # already weighted by the mask
     with torch.no_grad():
         n = loss_tokens.sum()

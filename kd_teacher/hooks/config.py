@@ -61,6 +61,10 @@ class KDConfig:
     beta: float = 0.5
     # Weight of the KD term; the script's own loss (cross-entropy) gets 1 - alpha.
     alpha: float = 1.0
+    # The student's cross-entropy and the KD term from one pass over the logits, one gradient written
+    # (kd_teacher/losses/ce_kd.py): the model's `compute_language_model_loss` is served by the fused pass while
+    # forward_step runs (docs/kd_step.md: where it applies). Never with alpha = 0 (that run stays CE's, bitwise).
+    fused_ce: bool = True
     # Tokens per chunk of the loss's fp32 working buffer (None: the whole micro-batch at once). Measured on an
     # H200 at [8192, 128256] bf16: same time as unchunked, extra peak memory 0.63 instead of 1.5 fp32 copies.
     chunk_tokens: Optional[int] = 1024

@@ -21,6 +21,7 @@ Other pipeline stages run the user's `forward_step` untouched.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 from typing import Any, Callable, Optional
@@ -33,6 +34,7 @@ from kd_teacher.config import ConfigError
 from kd_teacher.contract import TeacherContract
 from kd_teacher.hooks.combine import combine_losses
 from kd_teacher.hooks.config import KDConfig, as_kd_config
+from kd_teacher.hooks.fused import DeferredChecks, FusedCrossEntropy, fused_ce_unsupported
 from kd_teacher.hooks.sources import HostTokens, TeacherSource, make_teacher_source
 from kd_teacher.onpolicy.consistency import add_logprob_gap
 from kd_teacher.payload import PayloadError, TopKPayload
@@ -57,12 +59,15 @@ def _device() -> torch.device:
 
 # ---- 1. seeing the micro-batch ------------------------------------------------------------------------------
 class _RecordingIterator:
-    """What the user's forward_step iterates: items pass through unchanged and are remembered."""
+    """What the user's forward_step iterates: items pass through unchanged and are remembered. With the fused
+    CE + KD pass, the first item's payload is obtained and checked as it is drawn: the model needs it."""
 
-    def __init__(self, hook: "KDForwardStep", iterator):
+    def __init__(self, hook: "KDForwardStep", iterator, fused: Optional[FusedCrossEntropy] = None):
         self.hook = hook
         self.iterator = iterator
+        self.fused = fused
         self.drawn: list = []  # [(item, handle or None)]
+        self.payload: Optional[TopKPayload] = None  # the first item's, when fetched at the draw
 
     def __iter__(self):
         return self
@@ -70,6 +75,8 @@ class _RecordingIterator:
     def __next__(self):
         item, handle = self.hook._next_item(self.iterator)
         self.drawn.append((item, handle))
+        if self.fused is not None and len(self.drawn) == 1:
+            self.payload = self.fused.payload = self.hook._payload(self.hook.batch_fields(item)[0], handle)
         return item
 
 
@@ -97,17 +104,18 @@ class _LogitsCapture:
 
         layer = get_attr_wrapped_model(model, "output_layer", allow_none=False)
         self.logits: Optional[torch.Tensor] = None
+        self.seen: Optional[torch.Tensor] = None  # what the model goes on with: the logits or their copy
         self._handle = layer.register_forward_hook(self._hook)
 
     def _hook(self, module, inputs, output):
         logits, rest = (output[0], tuple(output[1:])) if isinstance(output, tuple) else (output, None)
         # Multi-token-prediction heads call output_layer before the main head does: the last call wins.
-        self.logits = logits
+        self.logits = self.seen = logits
         if logits.dtype == torch.float32:
             # Megatron's vocab_parallel_cross_entropy works in place on `logits.float()`, which for fp32
             # logits is the tensor itself: give the model's own loss a copy so the KD term sees the logits.
-            copy = logits.clone()
-            return (copy, *rest) if rest is not None else copy
+            self.seen = logits.clone()
+            return (self.seen, *rest) if rest is not None else self.seen
         return None
 
     def remove(self) -> None:
@@ -146,6 +154,10 @@ class KDForwardStep:
         # model in eval mode, as Megatron-LM's evaluate() sets it) always cross-entropy only, counted.
         self._missing_is_error = cfg.source == "offline" and cfg.offline is not None and cfg.offline.missing == "error"
         self._training = True
+        self._deferred = DeferredChecks()
+        self._micro_batches = 0
+        self.fused_micro_batches = 0  # micro-batches whose CE and KD came from the one fused pass
+        self._fused_reason: Optional[str] = None  # why the fused CE + KD pass does not serve (logged once)
         self._check_layout()
         self._check_source()
         if model is not None:
@@ -191,18 +203,40 @@ class KDForwardStep:
         if not self._student_known:
             self._set_student(model)
         self._training = bool(getattr(model, "training", True))
-        feed = _RecordingIterator(self, data_iterator) if data_iterator is not None else None
+        # Earlier micro-batches' checks not read yet: no backward ran (evaluation: read them now) or not yet
+        # (a pipeline schedule's first forwards: read those that are ready, the backward reads the rest).
+        self._deferred.run(wait=not self._training)
         capture = _LogitsCapture(model)
+        fused = self._fused_ce(model, capture) if data_iterator is not None else None
+        feed = _RecordingIterator(self, data_iterator, fused) if data_iterator is not None else None
         try:
-            output_tensor, loss_func = self.forward_step(feed, model, *args, **kwargs)
+            with fused if fused is not None else contextlib.nullcontext():
+                output_tensor, loss_func = self.forward_step(feed, model, *args, **kwargs)
         finally:
             capture.remove()
         if capture.logits is None:
             raise RuntimeError("KD hook: the model's output_layer did not run in forward_step; no logits to distil")
         tokens, loss_mask, payload = self._micro_batch(feed)
         batch = feed.drawn[0][0] if feed is not None and feed.drawn else None
+        student = fused.student if fused is not None else None
+        self._micro_batches += 1
+        self.fused_micro_batches += student is not None
         return output_tensor, functools.partial(self._loss, loss_func, capture.logits, tokens, loss_mask, payload,
-                                                batch)
+                                                batch, student, self._micro_batches)
+
+    def _fused_ce(self, model, capture: _LogitsCapture) -> Optional[FusedCrossEntropy]:
+        """The fused CE + KD pass for this call, or None (the reason logged once) where it cannot serve."""
+        reason = fused_ce_unsupported(model, self.cfg)
+        if reason is None and self.cfg.tokens_from == "tp_src_rank" and \
+                _mpu().get_tensor_model_parallel_world_size() > 1:
+            reason = "kd.tokens_from: tp_src_rank (the payload reaches the other TP ranks after the forward)"
+        if reason is not None:
+            if reason != self._fused_reason:
+                log.info("KD hook: cross-entropy and KD computed in separate passes: %s", reason)
+                self._fused_reason = reason
+            return None
+        return FusedCrossEntropy(model, self.cfg, self.vocab_size, _mpu().get_tensor_model_parallel_group(),
+                                 lambda: capture.seen)
 
     # ---- 3. the payload of this micro-batch ---------------------------------------------------------------
     def _micro_batch(self, feed: Optional[_RecordingIterator]):
@@ -219,7 +253,7 @@ class KDForwardStep:
                 )
             item, handle = drawn[0]
             tokens, loss_mask = self.batch_fields(item)
-            return tokens, loss_mask, self._payload(tokens, handle)
+            return tokens, loss_mask, feed.payload if feed.payload is not None else self._payload(tokens, handle)
         return self._micro_batch_from_tp_src(drawn)
 
     def _micro_batch_from_tp_src(self, drawn):
@@ -260,10 +294,11 @@ class KDForwardStep:
 
     def _checked(self, payload: TopKPayload, tokens: torch.Tensor) -> TopKPayload:
         """Everything the loss relies on, before it is used; the payload ends up on the student's device."""
-        # Values of a host payload (offline) are checked here, off the device; those of a device payload
-        # (in-process, remote over NCCL) by the KD loss, in the one device read it makes per micro-batch.
+        # Header, shapes and dtypes here; the values (ids in range, finite, lse above every value, distinct ids)
+        # by the KD loss on the device, read without a wait before the gradient can be used (DeferredChecks):
+        # on a host-bound GPU step, checking half a million values here cost ~2.5 ms of host time per micro-batch.
         with record_function("kd_teacher.hook.validate"):
-            payload.validate(values=not payload.values.is_cuda)
+            payload.validate(values=False)
         with record_function("kd_teacher.hook.token_hash"):
             payload.check_tokens(tokens)
         self._check_coverage(payload)
@@ -340,12 +375,17 @@ class KDForwardStep:
         return iter(items)
 
     # ---- 4. the loss ---------------------------------------------------------------------------------------
-    def _loss(self, user_loss_func, logits, tokens, loss_mask, payload, batch, output_tensor, *args, **kwargs):
+    def _loss(self, user_loss_func, logits, tokens, loss_mask, payload, batch, student, number, output_tensor,
+              *args, **kwargs):
         if kwargs.get("non_loss_data"):
             return user_loss_func(output_tensor, *args, **kwargs)
         outputs = user_loss_func(output_tensor, *args, **kwargs)
+        hashes = payload.header.token_hashes
+        what = (f"KD micro-batch {number} of this hook (token hashes {', '.join(h[:12] for h in hashes[:4])}"
+                f"{', ...' if len(hashes) > 4 else ''})")
         with record_function("kd_teacher.kd_loss"):
-            outputs = combine_losses(outputs, logits, payload, loss_mask, self.cfg, self.vocab_size)
+            outputs = combine_losses(outputs, logits, payload, loss_mask, self.cfg, self.vocab_size, student=student,
+                                     deferred=self._deferred, what=what)
         if self.cfg.on_policy is not None and self.cfg.on_policy.report_logprob_gap:
             # The student's samples carry their sampling-time log-probs (kd_teacher.onpolicy.OnPolicyIterator).
             outputs = add_logprob_gap(outputs, logits, batch if isinstance(batch, dict) else None,
@@ -353,10 +393,13 @@ class KDForwardStep:
         return outputs
 
     def close(self) -> None:
-        for _, stream in self._streams.values():
-            stream.stop(drop_items=False)
-        self._streams.clear()
-        self.source.close()
+        try:
+            self._deferred.run()
+        finally:
+            for _, stream in self._streams.values():
+                stream.stop(drop_items=False)
+            self._streams.clear()
+            self.source.close()
 
 
 class _ReadAhead:

@@ -114,7 +114,9 @@ class InProcessSource(TeacherSource):
         self.pipeline_collective = parallel_state.get_pipeline_model_parallel_world_size() > 1
 
     def score(self, tokens, *, sample_ids=None, request_id=None) -> TopKPayload:
-        return self.engine.score(tokens, sample_ids=sample_ids, request_id=request_id)
+        # The hook's KD loss checks the payload's values (lse finite among them) on the device, read without a
+        # wait (kd_teacher.hooks.fused.DeferredChecks): the engine's own read would wait for the teacher forward.
+        return self.engine.score(tokens, sample_ids=sample_ids, request_id=request_id, check_finite=False)
 
     def score_many(self, tokens_list: list[torch.Tensor]) -> list[TopKPayload]:
         """Several micro-batches in as few teacher forwards as the engine's scheduler allows."""

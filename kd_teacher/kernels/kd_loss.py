@@ -75,7 +75,7 @@ def kd_loss_kernel_applies(rows: torch.Tensor) -> bool:
     return _kernels() is not None
 
 
-def _device_scope(t: torch.Tensor):
+def device_scope(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
@@ -88,12 +88,12 @@ def id_bitmask(pos: torch.Tensor, owned: torch.Tensor, v_local: int) -> torch.Te
     total = n * k
     if total:
         block = 1024
-        with _device_scope(pos):
+        with device_scope(pos):
             _kernels().id_mask_kernel[(-(-total // block),)](cols, mask, k, words, total, BLOCK=block)
     return mask
 
 
-def _precise(config: KDLossKernelConfig, dtype: torch.dtype) -> bool:
+def use_precise_exp(config: KDLossKernelConfig, dtype: torch.dtype) -> bool:
     if _interpreting():
         return False  # the interpreter has no libdevice
     return dtype == torch.float32 if config.precise_exp is None else config.precise_exp
@@ -114,10 +114,10 @@ def fused_tail_stats(rows, pos, owned, valid: int, inv_t: float, config: Optiona
     out_max = torch.empty(n, dtype=torch.float32, device=rows.device)
     out_sum = torch.empty(n, dtype=torch.float32, device=rows.device)
     tile = config.words * 32
-    with _device_scope(rows):
+    with device_scope(rows):
         _kernels().tail_stats_kernel[(n,)](
             rows, rows.stride(0), mask, mask.shape[1], valid, float(inv_t), out_max, out_sum, -(-valid // tile),
-            WORDS=config.words, PRECISE_EXP=_precise(config, rows.dtype), num_warps=config.stats_num_warps,
+            WORDS=config.words, PRECISE_EXP=use_precise_exp(config, rows.dtype), num_warps=config.stats_num_warps,
         )
     return out_max, out_sum
 
@@ -139,10 +139,10 @@ def fused_tail_grad(rows, pos, owned, valid: int, inv_t: float, shift: torch.Ten
     scale = scale.reshape(n).to(torch.float32).contiguous()
     tile = config.words * 32
     num_blocks = -(-v_local // tile)
-    with _device_scope(rows):
+    with device_scope(rows):
         _kernels().tail_grad_kernel[(n * num_blocks,)](
             rows, rows.stride(0), grad, grad.stride(0), mask, mask.shape[1], v_local, valid, float(inv_t),
-            shift, scale, num_blocks, WORDS=config.words, PRECISE_EXP=_precise(config, rows.dtype),
+            shift, scale, num_blocks, WORDS=config.words, PRECISE_EXP=use_precise_exp(config, rows.dtype),
             num_warps=config.grad_num_warps,
         )
     return grad

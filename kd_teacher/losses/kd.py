@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from kd_teacher.contract import TeacherContract
 from kd_teacher.losses.divergences import KINDS, divergence, log1mexp, renormalised, teacher_bucket_logp
-from kd_teacher.losses.student import raise_on_bad_rows, student_buckets, token_rows
+from kd_teacher.losses.student import StudentBuckets, raise_on_bad_rows, student_buckets, token_rows
 from kd_teacher.payload import PayloadError, TopKPayload
 
 
@@ -44,6 +44,8 @@ class KDTerms:
     top1_agrees: torch.Tensor  # bool: the student's argmax is the teacher's top-1 id
     teacher_tail: torch.Tensor  # teacher mass outside its k ids
     student_tail: Optional[torch.Tensor]  # student mass outside the teacher's k ids (tail=True only)
+    # defer_checks=True: [invalid payload, repeated ids, bad student rows] int64 on the device, for raise_on_checks
+    checks: Optional[torch.Tensor] = None
 
 
 # ---- input checks (before any collective, so that every TP rank fails the same way) ------------------------
@@ -105,9 +107,10 @@ def _payload_value_flags(payload: TopKPayload) -> torch.Tensor:
     return torch.stack([invalid, repeated]).to(torch.int64)
 
 
-def _raise_on_flags(payload: TopKPayload, payload_flags: torch.Tensor, bad_rows: torch.Tensor) -> None:
-    with torch.profiler.record_function("kd_teacher.kd_loss.read_flags"):
-        invalid, repeated, n_bad = torch.cat([payload_flags, bad_rows.reshape(1)]).tolist()  # the one host read
+def raise_on_checks(payload: TopKPayload, checks) -> None:
+    """Raise on the values of `KDTerms.checks` ([invalid, repeated, bad rows], read on the host) naming the
+    problem; nothing when all are 0."""
+    invalid, repeated, n_bad = (int(x) for x in checks)
     if invalid:
         payload.validate()
         raise PayloadError("payload values, ids or lse failed validation")  # not reached: validate() names it
@@ -137,8 +140,16 @@ def _check_options(kind: str, beta: float, chunk_tokens) -> None:
 # ---- the loss ----------------------------------------------------------------------------------------------
 
 def kd_terms(student_logits, payload, *, kind="forward_kl", temperature=None, tail=True, beta=0.5,
-             loss_mask=None, group=None, vocab_size=None, chunk_tokens=None) -> KDTerms:
-    """The per-token KD loss and the statistics the report needs (see `kd_loss` for the arguments)."""
+             loss_mask=None, group=None, vocab_size=None, chunk_tokens=None, student: Optional[StudentBuckets] = None,
+             defer_checks: bool = False) -> KDTerms:
+    """The per-token KD loss and the statistics the report needs (see `kd_loss` for the arguments).
+
+    student: the student's side, already computed from these logits' rows (`fused_ce_kd`, which computes it with
+        the cross-entropy in one pass); None: computed here (`student_buckets`).
+    defer_checks: leave the value checks of the payload and the student's bad-row count on the device, in
+        `KDTerms.checks`, for the caller to read later and pass to `raise_on_checks` before the loss is used;
+        False: read them here (the one host read of the call) and raise.
+    """
     _check_options(kind, beta, chunk_tokens)
     rows = token_rows(student_logits)
     b, s, v_local = student_logits.shape
@@ -151,9 +162,9 @@ def kd_terms(student_logits, payload, *, kind="forward_kl", temperature=None, ta
         payload = payload.to(student_logits.device)
     payload_flags = _payload_value_flags(payload)
 
-    ids = rows.to_rows(payload.indices)
-    student = student_buckets(rows.rows, ids, vocab_size=vocab, temperature=t, tail=tail, group=group,
-                              chunk_tokens=chunk_tokens, check=False)
+    if student is None:
+        student = student_buckets(rows.rows, rows.to_rows(payload.indices), vocab_size=vocab, temperature=t,
+                                  tail=tail, group=group, chunk_tokens=chunk_tokens, check=False)
     dtype = student.logp.dtype
     teacher = teacher_bucket_logp(rows.to_rows(payload.values), rows.to_rows(payload.lse), t, tail, dtype,
                                   covers_vocab=payload.k >= vocab,
@@ -170,8 +181,13 @@ def kd_terms(student_logits, payload, *, kind="forward_kl", temperature=None, ta
         top1_agrees = at_top1 >= rows.to_grid(student.max_logit, b, s)
         teacher_tail = _teacher_tail(payload, t, vocab)
         student_tail = rows.to_grid(student.logp[:, -1].exp(), b, s) if tail else None
-    _raise_on_flags(payload, payload_flags, student.bad_rows)
-    return KDTerms(loss, keep, top1_agrees, teacher_tail, student_tail)
+    checks = torch.cat([payload_flags, student.bad_rows.reshape(1)])
+    if not defer_checks:
+        with torch.profiler.record_function("kd_teacher.kd_loss.read_checks"):
+            values = checks.tolist()  # the one host read
+        raise_on_checks(payload, values)
+        checks = None
+    return KDTerms(loss, keep, top1_agrees, teacher_tail, student_tail, checks)
 
 
 def _teacher_tail(payload: TopKPayload, t: float, vocab: int) -> torch.Tensor:

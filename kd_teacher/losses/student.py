@@ -187,23 +187,70 @@ def _bad_rows(local_max: torch.Tensor) -> torch.Tensor:
     return torch.isnan(local_max) | torch.isposinf(local_max)
 
 
-def _reduce_over_tp(gathered, local_max, tail_sum, shard: VocabShard, inv_t: float):
+@dataclass
+class CEStats:
+    """The cross-entropy's per-row numbers of one shard, beside the KD term's (`kd_teacher.losses.ce_kd`):
+    before `_reduce_over_tp` local, after it global (every rank the same)."""
+
+    max_all: torch.Tensor  # max over every column, padding included (Megatron's CE includes it)
+    sum_all: torch.Tensor  # sum of exp(z - max_all) over every column
+    target: torch.Tensor  # the label's raw logit where this shard owns it, else 0 (after: the owner's)
+    owned: torch.Tensor  # 1 where this shard owns the label, else 0 (after: 1 where any shard does)
+
+
+def _reduce_over_tp(gathered, local_max, tail_sum, shard: VocabShard, inv_t: float, ce: Optional[CEStats] = None):
     """Global max, gathered logits and tail sum (relative to the global max) on every rank; bad-row count
-    (a 0-d int64 tensor, not read here: reading it would stall the host until the GPU catches up)."""
+    (a 0-d int64 tensor, not read here: reading it would stall the host until the GPU catches up); and, given
+    `ce`, the CE's global numbers, in the same two collectives (one MAX, one SUM), as Megatron's own CE does."""
     bad = _bad_rows(local_max)
     if shard.tp == 1:
-        return gathered, local_max, tail_sum, bad.sum() + torch.isneginf(local_max).sum()
+        return gathered, local_max, tail_sum, bad.sum() + torch.isneginf(local_max).sum(), ce
     global_max = torch.where(bad, torch.full_like(local_max, float("inf")), local_max)
-    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=shard.group)
+    maxes = global_max.unsqueeze(0) if ce is None else torch.stack([global_max, ce.max_all.to(global_max.dtype)])
+    dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=shard.group)
+    global_max = maxes[0]
     scale = torch.exp((_finite_or_zero(local_max) - _finite_or_zero(global_max)) * inv_t)
     scale = torch.where(torch.isneginf(local_max) | bad, torch.zeros_like(scale), scale)
     # The bad-row count travels in the SUM reduction, so every rank knows and all raise together instead of
     # some of them waiting in the next collective.
-    packed = torch.cat([gathered, (tail_sum * scale).unsqueeze(1), bad.to(gathered.dtype).unsqueeze(1)], 1)
+    columns = [gathered, (tail_sum * scale).unsqueeze(1), bad.to(gathered.dtype).unsqueeze(1)]
+    if ce is not None:
+        max_all = maxes[1]
+        scale_all = torch.exp(_finite_or_zero(ce.max_all) - _finite_or_zero(max_all))
+        scale_all = torch.where(torch.isneginf(ce.max_all), torch.zeros_like(scale_all), scale_all)
+        columns += [(ce.sum_all * scale_all).unsqueeze(1), ce.target.unsqueeze(1), ce.owned.unsqueeze(1)]
+    packed = torch.cat([c.to(gathered.dtype) for c in columns], 1)
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=shard.group)
     k = gathered.shape[1]
     n_bad = packed[:, k + 1].sum().round().to(torch.int64) + torch.isneginf(global_max).sum()
-    return packed[:, :k], global_max, packed[:, k], n_bad
+    if ce is not None:
+        ce = CEStats(maxes[1], packed[:, k + 2], packed[:, k + 3], packed[:, k + 4])
+    return packed[:, :k], global_max, packed[:, k], n_bad, ce
+
+
+def _kd_buckets(gathered, gmax, tail_sum, inv_t: float, k: int, vocab_size: int):
+    """Student bucket log-probs [N, k+1] (the k ids, then the tail) and the tail's log-sum, from global numbers."""
+    if k < vocab_size:
+        # Some vocabulary lies outside the ids, so the tail is not empty even when its exps underflow
+        # (a student > 87 T nats sure of its top ids): a floor at the smallest normal keeps the loss finite.
+        tail_sum = tail_sum.clamp(min=torch.finfo(tail_sum.dtype).tiny)
+    # Everything relative to the global max m: a_i = (z_i - m) / T <= 0, so the exps cannot overflow.
+    buckets = torch.cat([(gathered - gmax.unsqueeze(1)) * inv_t, torch.log(tail_sum).unsqueeze(1)], 1)
+    return buckets - torch.logsumexp(buckets, dim=1, keepdim=True), buckets[:, -1].clone()
+
+
+def _kd_backward_terms(grad_logp, logp, gmax, log_tail, owned, inv_t: float):
+    """The KD buckets' gradient split as the logits' gradient needs it: `at_ids` [N, k] (0 where not owned), the
+    tail's per-row factor `elsewhere` [N, 1] and `shift` [N], so that a non-id column's gradient is
+    exp((z - shift) / T) * elsewhere."""
+    k = owned.shape[1]
+    total = grad_logp.sum(dim=1, keepdim=True)
+    q = logp.exp()
+    at_ids = torch.where(owned, (grad_logp[:, :k] - total * q[:, :k]) * inv_t, torch.zeros_like(q[:, :k]))
+    elsewhere = ((grad_logp[:, k] - total[:, 0] * q[:, k]) * inv_t).unsqueeze(1)
+    # (z - shift) / T = z / T - LT; a row without tail mass gets shift +inf, so its tail gradient is 0.
+    shift = gmax + torch.where(torch.isneginf(log_tail), float("inf"), log_tail / inv_t)
+    return at_ids, elsewhere, shift
 
 
 def raise_on_bad_rows(n_bad: int) -> None:
@@ -222,20 +269,14 @@ class _VocabParallelBuckets(torch.autograd.Function):
     def forward(ctx, rows, pos, owned, shard: VocabShard, temperature: float, tail: bool, chunk):
         inv_t = 1.0 / temperature
         gathered, local_max, tail_sum = _shard_pass(rows, pos, owned, shard, inv_t, tail, chunk)
-        gathered, gmax, tail_sum, bad = _reduce_over_tp(gathered, local_max, tail_sum, shard, inv_t)
+        gathered, gmax, tail_sum, bad, _ = _reduce_over_tp(gathered, local_max, tail_sum, shard, inv_t)
         ctx.shard, ctx.inv_t, ctx.tail, ctx.chunk, ctx.logits_dtype = shard, inv_t, tail, chunk, rows.dtype
         ctx.mark_non_differentiable(gmax, gathered, bad)
         if not tail:
             ctx.save_for_backward(pos, owned)
             return gathered * inv_t, gmax, gathered, bad
-        if pos.shape[1] < shard.vocab_size:
-            # Some vocabulary lies outside the ids, so the tail is not empty even when its exps underflow
-            # (a student > 87 T nats sure of its top ids): a floor at the smallest normal keeps the loss finite.
-            tail_sum = tail_sum.clamp(min=torch.finfo(tail_sum.dtype).tiny)
-        # Everything relative to the global max m: a_i = (z_i - m) / T <= 0, so the exps cannot overflow.
-        buckets = torch.cat([(gathered - gmax.unsqueeze(1)) * inv_t, torch.log(tail_sum).unsqueeze(1)], 1)
-        logp = buckets - torch.logsumexp(buckets, dim=1, keepdim=True)
-        ctx.save_for_backward(rows, pos, owned, gmax, buckets[:, -1].clone(), logp)
+        logp, log_tail = _kd_buckets(gathered, gmax, tail_sum, inv_t, pos.shape[1], shard.vocab_size)
+        ctx.save_for_backward(rows, pos, owned, gmax, log_tail, logp)
         return logp, gmax, gathered, bad
 
     @staticmethod
@@ -245,13 +286,7 @@ class _VocabParallelBuckets(torch.autograd.Function):
             pos, owned = ctx.saved_tensors
             return _sparse_grad(grad_logp * inv_t, pos, owned, shard.size, ctx.logits_dtype) + (None,) * 6
         rows, pos, owned, gmax, log_tail, logp = ctx.saved_tensors
-        k = pos.shape[1]
-        total = grad_logp.sum(dim=1, keepdim=True)
-        q = logp.exp()
-        at_ids = torch.where(owned, (grad_logp[:, :k] - total * q[:, :k]) * inv_t, torch.zeros_like(q[:, :k]))
-        elsewhere = ((grad_logp[:, k] - total[:, 0] * q[:, k]) * inv_t).unsqueeze(1)
-        # (z - shift) / T = z / T - LT; a row without tail mass gets shift +inf, so its tail gradient is 0.
-        shift = gmax + torch.where(torch.isneginf(log_tail), float("inf"), log_tail / inv_t)
+        at_ids, elsewhere, shift = _kd_backward_terms(grad_logp, logp, gmax, log_tail, owned, inv_t)
         grad = fused_tail_grad(rows, pos, owned, shard.valid, inv_t, shift, elsewhere)
         if grad is None:
             grad = _tail_grad(rows, pos, owned, shard, inv_t, shift, elsewhere, ctx.chunk, logp.dtype)
