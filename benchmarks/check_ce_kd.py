@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import sys
@@ -74,7 +75,10 @@ def megatron_ces(logits, labels):
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     sb = logits.unsqueeze(1)  # [s, b=1, V]
-    plain = vocab_parallel_cross_entropy(sb.clone(), labels.unsqueeze(1)).squeeze(1)
+    # megatron-core >= 0.19 takes the TP group as an argument; 0.16 reads it from parallel_state.
+    extra = {"tp_group": get_tensor_model_parallel_group()} if "tp_group" in inspect.signature(
+        vocab_parallel_cross_entropy).parameters else {}
+    plain = vocab_parallel_cross_entropy(sb.clone(), labels.unsqueeze(1), **extra).squeeze(1)
     out = {"vocab_parallel_cross_entropy": plain}
     if logits.dtype == torch.bfloat16 and logits.is_cuda:  # the native fused CE is bf16-only (its gradient)
         out["fused_vocab_parallel_cross_entropy"] = fused_vocab_parallel_cross_entropy(

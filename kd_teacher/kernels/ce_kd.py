@@ -73,6 +73,7 @@ def fused_ce_kd_grad(rows, pos, owned, valid: int, inv_t: float, label_col: torc
         _kernels().ce_kd_grad_kernel[(n * num_blocks,)](
             rows, rows.stride(0), grad, grad.stride(0), mask, mask.shape[1], v_local, valid, float(inv_t),
             label_col.to(torch.int32).contiguous(), ce_grad, ce_shift, kd_shift, kd_scale, num_blocks,
-            WORDS=config.words, TAIL=tail, PRECISE_EXP=use_precise_exp(config, rows.dtype), num_warps=config.grad_num_warps,
+            WORDS=config.words, TAIL=tail, PRECISE_EXP=use_precise_exp(config, rows.dtype),
+            num_warps=config.grad_num_warps,
         )
     return grad

@@ -7,8 +7,9 @@ both, and one backward pass writes one gradient: CE's softmax weighted by its up
 tail's gradient, summed in fp32 and rounded once to the logits' dtype (the teacher ids and their own terms
 are added by the caller from [N, k] values; see `ce_kd_grad_kernel`).
 
-Columns are [WORDS, 32] tiles as in `kd_loss_triton` (the same id bitmask, the same online max/sum rescaling);
-the launcher is `kd_teacher.kernels.ce_kd`.
+Columns are `kd_loss_triton`'s [WORDS, 32] tiles (its `_tile`, bounded here by the shard width, not the true
+vocabulary: the CE counts the padding), with the same id bitmask and online max/sum rescaling; the launcher is
+`kd_teacher.kernels.ce_kd`.
 """
 
 from __future__ import annotations
@@ -16,19 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kd_teacher.kernels.kd_loss_triton import _exp, _max_nan
-
-
-@triton.jit
-def _columns(row_ptr, mask_row_ptr, blk, words, v_local, WORDS: tl.constexpr):
-    """One tile of a row: column numbers, fp32 logits (-inf past the shard), and which columns are ids."""
-    w = blk * WORDS + tl.arange(0, WORDS)
-    lane = tl.arange(0, 32)
-    col = w[:, None] * 32 + lane[None, :]
-    z = tl.load(row_ptr + col, mask=col < v_local, other=float("-inf")).to(tl.float32)
-    bits = tl.load(mask_row_ptr + w, mask=w < words, other=0)
-    is_id = ((bits[:, None] >> lane[None, :]) & 1) != 0
-    return col, z, is_id
+from kd_teacher.kernels.kd_loss_triton import _exp, _max_nan, _tile
 
 
 @triton.jit
@@ -60,7 +49,8 @@ def ce_kd_stats_kernel(
     s_tail = tl.full([], 0.0, tl.float32)
     blk = 0
     while blk < num_blocks:  # a while loop: the CPU interpreter takes no runtime bound in range()
-        col, z, is_id = _columns(row_ptr, mask_row_ptr, blk, words, v_local, WORDS)
+        # Every column of the shard (the CE's); the KD term's `valid` bound is applied below.
+        col, z, is_id = _tile(row_ptr, mask_row_ptr, blk, words, v_local, WORDS)
         m_all, rescale_all, e_all = _online(m_all, z, 1.0, PRECISE_EXP)
         s_all = s_all * rescale_all + tl.sum(tl.sum(e_all, axis=1), axis=0)
         if SAME_SHIFT:
@@ -94,7 +84,7 @@ def ce_kd_grad_kernel(
     pid = tl.program_id(0)
     row = (pid // num_blocks).to(tl.int64)
     blk = pid % num_blocks
-    col, z, is_id = _columns(rows_ptr + row * row_stride, mask_ptr + row * words, blk, words, v_local, WORDS)
+    col, z, is_id = _tile(rows_ptr + row * row_stride, mask_ptr + row * words, blk, words, v_local, WORDS)
     ce_grad = tl.load(ce_grad_ptr + row)
     g = ce_grad * _exp(z - tl.load(ce_shift_ptr + row), PRECISE_EXP)  # ce_shift = max + log sum: <= 1
     if TAIL:
