@@ -37,6 +37,10 @@ from kd_teacher.losses.student import student_buckets  # noqa: E402
 
 CE_ATOL, CE_RTOL = 2e-6, 2e-6
 ULP = {torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11, torch.float32: 2 ** -24}
+# Allowed gradient error, in ulps of the row set's largest gradient: bf16/fp16 are dominated by the one final
+# rounding; fp32 logits are computed in fp32 itself, so the fp32 rounding of the shift (max + log sum, |z| ~ 10)
+# reaches the gradient as a few ulps (measured: 5 on the CPU at [64, 2048]).
+GRAD_ULPS = {torch.bfloat16: 1, torch.float16: 1, torch.float32: 16}
 
 
 def make(rows, v_local, vocab, k, dtype, device, seed=0):
@@ -114,7 +118,7 @@ def check(rows, v_local, vocab, k, dtype, temperature, device, oracle_rows):
     r["passed"] = bool(
         bad == 0 and all(v for key, v in r.items() if key.endswith("within_tolerance"))
         and r["oracle_ce_max_abs"] <= 1e-5 and r["oracle_logp_max_abs"] <= 1e-5
-        and r["oracle_grad_max_abs"] <= 1e-6 + ULP[dtype] * o_grad.abs().max().item())
+        and r["oracle_grad_max_abs"] <= 1e-6 + GRAD_ULPS[dtype] * ULP[dtype] * o_grad.abs().max().item())
     return r
 
 
