@@ -15,6 +15,8 @@ from __future__ import annotations
 import atexit
 import os
 import queue
+import signal
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -37,8 +39,13 @@ class _Job:
     seed: int
 
 
-def _worker(rank: int, world_size: int, port: int, jobs, results) -> None:
+def _worker(rank: int, world_size: int, port: int, jobs, results, stacks_path: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import faulthandler
+
+    # A job that hangs is reported with every thread's Python stack (the parent asks with SIGUSR1 on
+    # timeout): a file, because the worker's stderr belongs to whichever test was capturing when it spawned.
+    faulthandler.register(signal.SIGUSR1, file=open(stacks_path, "w"), all_threads=True)
     import torch
     import torch.distributed as dist
 
@@ -72,10 +79,13 @@ class _Pool:
         self.jobs = [ctx.Queue() for _ in range(world_size)]
         self.results = ctx.Queue()
         port = free_port()
+        self.stacks = [tempfile.mktemp(prefix=f"kdt-pool{world_size}-rank{r}-", suffix=".txt")
+                       for r in range(world_size)]
         self.procs = [
             # Not daemonic: Megatron's checkpoint writer starts a multiprocessing Manager, and daemonic
             # processes may not have children. shutdown_pools (registered atexit) stops them instead.
-            ctx.Process(target=_worker, args=(r, world_size, port, self.jobs[r], self.results), daemon=False)
+            ctx.Process(target=_worker, args=(r, world_size, port, self.jobs[r], self.results, self.stacks[r]),
+                        daemon=False)
             for r in range(world_size)
         ]
         for p in self.procs:
@@ -93,7 +103,7 @@ class _Pool:
                 dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
                 raise TimeoutError(
                     f"distributed job {getattr(job.fn, '__name__', job.fn)} did not finish in {timeout:.0f} s"
-                    + (f"; dead ranks: {dead}" if dead else "")
+                    + (f"; dead ranks: {dead}" if dead else "") + self._stacks()
                 ) from None
             if ok:
                 out[rank] = value
@@ -103,6 +113,21 @@ class _Pool:
             rank, tb = sorted(errors)[0]
             raise RuntimeError(f"rank {rank} of {self.world_size} failed:\n{tb}")
         return out
+
+    def _stacks(self) -> str:
+        """Every live worker's thread stacks, to say where a job hangs."""
+        for p in self.procs:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGUSR1)
+        time.sleep(2.0)
+        text = []
+        for r, path in enumerate(self.stacks):
+            try:
+                with open(path) as f:
+                    text.append(f"\n--- rank {r} stacks ---\n{f.read()[-6000:]}")
+            except OSError:
+                pass
+        return "".join(text)
 
     def close(self) -> None:
         for q in self.jobs:
@@ -116,6 +141,11 @@ class _Pool:
             if p.is_alive():
                 p.kill()
                 p.join(timeout=1.0)
+        for path in self.stacks:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 _POOLS: dict[int, _Pool] = {}
