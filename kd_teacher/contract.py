@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Collection, Optional
 
+from kd_teacher.precision import recipe_mismatch
+
 log = logging.getLogger(__name__)
 
 # Fields that say which teacher made the numbers (not how they are laid out): the streaming transport carries
@@ -71,8 +73,6 @@ class TeacherContract:
             if have is None or want is None or _same(name, have, want):
                 continue
             if name == "recipe_fingerprint":
-                from kd_teacher.precision import recipe_mismatch
-
                 out.append(f"recipe_fingerprint: {recipe_mismatch(have, want)}")
                 continue
             line = f"{name}: {expecting} expects {want!r}, {served} has {have!r}"
