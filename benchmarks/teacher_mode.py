@@ -2,6 +2,7 @@
 
     python benchmarks/teacher_mode.py --preset cpu            # tiny model, local layer spec, fp32
     python benchmarks/teacher_mode.py --preset gpu --out r.json  # ~1.5B GPT, TE layer spec, bf16, 2 x 4096 tokens
+    python benchmarks/teacher_mode.py --preset gpu --moe --out r.json  # Qwen3-MoE-shaped teacher (64 experts, top-8)
 
 Teacher mode = `TeacherEngine.score`: token checks, forward through Megatron-Core's pipeline schedule,
 vocab-parallel top-k + LSE, payload with token hashes. Baseline = `model(tokens, position_ids, None)` under
@@ -10,6 +11,11 @@ eval + no_grad. The ratio (teacher tokens/s over forward tokens/s) is what the i
 (`engine.extract_at_output_layer: false`): the difference is GPTModel's [b, s, V] copy of the logits, which
 the default (top-k at the output layer) never makes. `--extraction reference` forces the plain PyTorch top-k
 path even on CUDA, to compare with the fused kernel when one is present.
+
+`--moe`: the teacher has Megatron-Core MoE layers (router, all-to-all dispatcher; TE grouped GEMM under the TE
+spec, SequentialMLP under the local one), dropless. The run also measures its batch dependence (row 0 scored
+alone against the same row inside each of 5 random batches: the serving policy assumes it may differ,
+`engine/moe_policy.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from timing import sync  # noqa: E402
 
+from kd_teacher.config import from_dict  # noqa: E402
 from kd_teacher.engine.engine import EngineConfig, TeacherEngine  # noqa: E402
-from kd_teacher.engine.model import ModelConfig, PrecisionConfig, build_gpt_model  # noqa: E402
+from kd_teacher.engine.model import ModelConfig, build_gpt_model  # noqa: E402
 from kd_teacher.runtime import init_distributed  # noqa: E402
 
 PRESETS = {
@@ -43,6 +51,12 @@ PRESETS = {
                    vocab_size=128256, max_sequence_length=4096, layer_spec="transformer_engine"),
         dtype="bfloat16", batch=2, seq=4096, k=64, iters=10, warmup=3,
     ),
+}
+# --moe: the preset's model with these changes (gpu: Qwen3-30B-A3B's layer shape, 16 layers, 64 of its 128 experts).
+MOE = {
+    "cpu": dict(model=dict(ffn_hidden_size=352, moe=dict(num_experts=8, router_topk=2, ffn_hidden_size=96))),
+    "gpu": dict(model=dict(num_attention_heads=32, num_query_groups=4, kv_channels=128, qk_layernorm=True,
+                           vocab_size=151936, moe=dict(num_experts=64, router_topk=8, ffn_hidden_size=768))),
 }
 
 
@@ -66,14 +80,16 @@ def _params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def run(preset: str, extraction: str, layer_spec: str | None, iters: int | None = None) -> dict:
+def run(preset: str, extraction: str, layer_spec: str | None, iters: int | None = None, moe: bool = False) -> dict:
     p = dict(PRESETS[preset])
     if iters:
         p["iters"] = iters
     mcfg = dict(p["model"])
+    if moe:
+        mcfg.update(MOE[preset]["model"])
     if layer_spec:
         mcfg["layer_spec"] = layer_spec
-    cfg = ModelConfig(**mcfg, precision=PrecisionConfig(params_dtype=p["dtype"]))
+    cfg = from_dict(ModelConfig, {**mcfg, "precision": {"params_dtype": p["dtype"]}})
     init_distributed(1, 1, cfg.seed)
     torch.manual_seed(cfg.seed)
     model, _ = build_gpt_model(cfg)
@@ -112,6 +128,7 @@ def run(preset: str, extraction: str, layer_spec: str | None, iters: int | None 
         logits = model(tokens, position_ids, None)
     from kd_teacher.topk import vocab_parallel_topk
 
+    batch_dependence = _batch_dependence(engine, tokens) if moe else None
     times = _time_interleaved(
         {
             "forward": bare_forward,
@@ -144,9 +161,24 @@ def run(preset: str, extraction: str, layer_spec: str | None, iters: int | None 
         bare_forward_tokens_per_s=n_tokens / t_forward,
         teacher_mode_tokens_per_s=n_tokens / t_teacher,
         ratio=t_forward / t_teacher,
+        model=asdict(cfg),
+        batch_dependence=batch_dependence,
         date=time.strftime("%Y-%m-%d"),
     )
     return result
+
+
+def _batch_dependence(engine: TeacherEngine, tokens: torch.Tensor, trials: int = 5) -> dict:
+    """Row 0 scored alone and inside a batch, for `trials` random batches of the benchmark's shape: how many
+    differ, by how much. (MoE: the expert GEMMs see other token counts when the rest of the batch changes.)"""
+    g = torch.Generator().manual_seed(1)
+    differ, worst = 0, 0.0
+    for _ in range(trials):
+        batch = torch.randint(0, engine.vocab_size, tuple(tokens.shape), generator=g).to(tokens.device)
+        alone, inside = engine.teacher_logits(batch[:1]), engine.teacher_logits(batch)[:1]
+        differ += not torch.equal(alone, inside)
+        worst = max(worst, (alone.float() - inside.float()).abs().max().item())
+    return dict(trials=trials, row0_differs=differ, max_abs_logit_diff=worst)
 
 
 def main() -> int:
@@ -155,9 +187,10 @@ def main() -> int:
     ap.add_argument("--extraction", choices=["auto", "reference"], default="auto")
     ap.add_argument("--layer-spec", choices=["local", "transformer_engine"], default=None)
     ap.add_argument("--iters", type=int, default=None, help="timed calls of each function (default: the preset's)")
+    ap.add_argument("--moe", action="store_true", help="a MoE teacher (Megatron-Core MoE layers, dropless)")
     ap.add_argument("--out", help="write the result JSON here")
     args = ap.parse_args()
-    result = run(args.preset, args.extraction, args.layer_spec, args.iters)
+    result = run(args.preset, args.extraction, args.layer_spec, args.iters, args.moe)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
@@ -166,6 +199,10 @@ def main() -> int:
           f"({result['teacher_mode_tokens_per_s']:.0f} vs {result['bare_forward_tokens_per_s']:.0f} tokens/s, "
           f"extraction alone {result['extraction_ms']:.2f} ms; top-k at the {result['extraction_site']})")
     print(f"teacher mode from the returned logits: {result['ratio_returned_logits']:.3f}")
+    if result["batch_dependence"] is not None:
+        bd = result["batch_dependence"]
+        print(f"MoE batch dependence: row 0 alone != row 0 in the batch in {bd['row0_differs']} of {bd['trials']} "
+              f"batches (max |logit diff| {bd['max_abs_logit_diff']:.3g})")
     return 0
 
 

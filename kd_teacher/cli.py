@@ -17,6 +17,7 @@ _COMMANDS = [
     "kd_teacher.engine.recipe_cli",  # kd-teacher recipe CONFIG [--against FINGERPRINT]
     "kd_teacher.offline.cli",  # kd-teacher dump CONFIG | verify DIR | inspect DIR
     "kd_teacher.serve",  # kd-teacher serve CONFIG (streaming teacher: shm or torch.distributed)
+    "kd_teacher.hf.cli",  # kd-teacher import-hf PATH --out DIR (a Hugging Face checkpoint as a teacher)
 ]
 
 

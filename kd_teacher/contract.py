@@ -41,6 +41,8 @@ _HINTS = {
     "vocab_size": "teacher and student must share a tokenizer (padded sizes may differ, true sizes may not)",
     "temperature": "the teacher's log-sum-exp is only valid at the temperature it was computed at: serve the "
                    "teacher at the temperature the loss uses",
+    "tokenizer_identity": "teacher and student must share a tokenizer (vocabulary and merges), so that an id "
+                          "is the same token to both",
 }
 
 
@@ -59,6 +61,8 @@ class TeacherContract:
     extraction: Optional[str] = None  # how the ids were chosen: "topk"
     teacher_fingerprint: Optional[str] = None  # weights + model config
     recipe_fingerprint: Optional[str] = None  # precision recipe (kd_teacher.precision)
+    # NAME@DIGEST of the vocabulary and merges (kd_teacher.tokenizer_identity); compared by digest alone
+    tokenizer_identity: Optional[str] = None
 
     # ---- the one comparison --------------------------------------------------------------------------------
     def mismatches(self, expected: "TeacherContract", *, served: str = "the teacher",
@@ -153,6 +157,10 @@ def _same(name: str, have, want) -> bool:
     # reply header all carry them exactly); a temperature written 2 in one place and 2.0 in another is equal.
     if name == "temperature":
         return float(have) == float(want)
+    if name == "tokenizer_identity":  # one tokenizer under two names (directories) is the same tokenizer
+        from kd_teacher.tokenizer_identity import identity_digest
+
+        return identity_digest(have) == identity_digest(want)
     return have == want
 
 

@@ -3,8 +3,10 @@
 Megatron-Core assumes CUDA in a handful of places that have nothing to do with the math: it asks
 `torch.cuda.current_device()` where to put buffers, creates a few `device="cuda"` scalars in the pipeline
 schedules, calls `torch.cuda.synchronize()` around p2p and checkpoint writes, and keeps its RNG tracker's
-states in CUDA generators. `enable_megatron_on_cpu()` bridges exactly those places and nothing else, so the
-modules, kernels (torch's CPU ones) and parallel layout under test are Megatron-Core's own.
+states in CUDA generators. Its MoE all-to-all token dispatcher copies routing counts to the host on a side
+CUDA stream (numpy arrays there; on a CPU they stay tensors, which torch's `all_to_all_single` refuses as split
+sizes). `enable_megatron_on_cpu()` bridges exactly those places and nothing else, so the modules, kernels
+(torch's CPU ones) and parallel layout under test are Megatron-Core's own.
 
 It is a no-op when CUDA is available: on a GPU nothing here is ever used.
 """
@@ -113,6 +115,56 @@ class _CpuEvent:
         return (end.time - self.time) * 1e3  # milliseconds, as CUDA events report
 
 
+class _NoStream:
+    """A CUDA stream on a machine without CUDA: work is already ordered, so waits do nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def record_event(self, *args, **kwargs) -> _CpuEvent:
+        event = _CpuEvent()
+        event.record()
+        return event
+
+    def synchronize(self) -> None:
+        pass
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _NoStream)
+
+    def __hash__(self) -> int:
+        return 0
+
+
+def _bridge_moe_dispatch() -> None:
+    """The all-to-all MoE dispatcher's host copies (megatron.core.transformer.moe)."""
+    import contextlib
+
+    torch.cuda.Stream = _NoStream
+    torch.cuda.current_stream = lambda *a, **k: _NoStream()
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    try:
+        from megatron.core.transformer.moe import moe_utils, token_dispatcher
+    except ImportError:
+        return
+    to_host = moe_utils.maybe_move_tensor_to_cpu
+
+    def to_host_as_on_cuda(tensor, as_numpy: bool = False, record_stream: bool = False):
+        # On CUDA the split sizes come back as numpy arrays; the CPU tensors must become the same.
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return to_host(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host_as_on_cuda
+    # megatron-core 0.16 names TE's router GEMM in `moe_utils` only when Transformer Engine imports, and
+    # tests it for None (a NameError without TE); 0.19 defines it as None then.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def enable_megatron_on_cpu() -> bool:
     """Install the bridges; returns True if they are active (no CUDA), False on a GPU machine."""
     global _ENABLED
@@ -155,6 +207,7 @@ def enable_megatron_on_cpu() -> bool:
         except ImportError:  # the module moved in another megatron-core version
             continue
         mod.torch = shim
+    _bridge_moe_dispatch()
     _ENABLED = True
     return True
 

@@ -337,9 +337,15 @@ class ServingPolicy:
     reason: str
 
 
-def serving_policy(recipe: PrecisionRecipe, allow_repacking: Optional[bool] = None) -> ServingPolicy:
-    """The policy for `recipe`; `allow_repacking` (from the engine config) may only narrow it."""
-    if recipe.batch_invariant:
+def serving_policy(recipe: PrecisionRecipe, allow_repacking: Optional[bool] = None, *,
+                   model_batch_dependence: Optional[str] = None) -> ServingPolicy:
+    """The policy for `recipe`; `allow_repacking` (from the engine config) may only narrow it.
+
+    `model_batch_dependence`: why the model itself (not the recipe) makes a sequence's outputs depend on its
+    micro-batch, e.g. a MoE layer (`kd_teacher.engine.moe_policy`); such a model never repacks either."""
+    if model_batch_dependence:
+        reason = f"{recipe.name}, {model_batch_dependence}; each student micro-batch runs exactly as given"
+    elif recipe.batch_invariant:
         reason = f"{recipe.name}: a sequence's outputs do not depend on the rest of its micro-batch"
     elif recipe.fp8_recipe == "tensorwise":
         reason = (f"{recipe.name}: one amax over the whole activation tensor, so a sequence's outputs depend on "
@@ -347,12 +353,14 @@ def serving_policy(recipe: PrecisionRecipe, allow_repacking: Optional[bool] = No
     else:
         reason = (f"{recipe.name}: outputs measured to depend on the micro-batch composition; each student "
                   "micro-batch runs exactly as given")
-    if allow_repacking and not recipe.batch_invariant:
+    invariant = recipe.batch_invariant and not model_batch_dependence
+    if allow_repacking and not invariant:
+        what = model_batch_dependence or f"precision recipe {recipe.name}"
         raise ValueError(
-            f"allow_repacking=true with precision recipe {recipe.name}: its outputs depend on the whole "
-            "micro-batch, so requests must run exactly as given"
+            f"allow_repacking=true with {what}: its outputs depend on the whole micro-batch, so "
+            "requests must run exactly as given"
         )
-    allow = recipe.batch_invariant if allow_repacking is None else bool(allow_repacking)
+    allow = invariant if allow_repacking is None else bool(allow_repacking)
     return ServingPolicy(allow_repacking=allow, frozen_scales=recipe.delayed_scaling, reason=reason)
 
 

@@ -24,8 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None) -> None:
-    """Initialise torch.distributed (if not yet) and Megatron-Core's TP/PP groups; DP is what remains."""
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | None = None, *, ep: int = 1,
+                     etp: int | None = None) -> None:
+    """Initialise torch.distributed (if not yet) and Megatron-Core's TP/PP groups; DP is what remains.
+
+    MoE models: `ep` experts-parallel ranks and `etp` tensor-parallel ranks per expert (None: TP), laid out
+    by Megatron-Core beside TP/PP (its expert groups need ETP x EP x PP to divide the world)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -47,12 +51,17 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, backend: str | 
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not a multiple of TP x PP = {tp} x {pp}")
+    etp = tp if etp is None else etp
+    if world % (etp * ep * pp):
+        raise ValueError(f"world size {world} is not a multiple of expert TP x EP x PP = {etp} x {ep} x {pp}")
     if parallel_state.model_parallel_is_initialized():
         _destroy_model_parallel_groups(parallel_state)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                             expert_model_parallel_size=ep, expert_tensor_parallel_size=etp)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    log.debug("rank %d/%d: TP=%d PP=%d DP=%d", dist.get_rank(), world, tp, pp, world // (tp * pp))
+    log.debug("rank %d/%d: TP=%d PP=%d DP=%d EP=%d ETP=%d", dist.get_rank(), world, tp, pp, world // (tp * pp),
+              ep, etp)
 
 
 def _destroy_model_parallel_groups(parallel_state) -> None:

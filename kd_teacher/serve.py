@@ -56,10 +56,13 @@ class ServeConfig:
     model: ModelConfig
     engine: EngineConfig = field(default_factory=EngineConfig)
     checkpoint: Optional[str] = None
+    hf_checkpoint: Optional[str] = None
+    tokenizer: Optional[str] = None
     serve: ServeOptions = field(default_factory=ServeOptions)
 
     def teacher(self) -> TeacherConfig:
-        return TeacherConfig(model=self.model, engine=self.engine, checkpoint=self.checkpoint)
+        return TeacherConfig(model=self.model, engine=self.engine, checkpoint=self.checkpoint,
+                             hf_checkpoint=self.hf_checkpoint, tokenizer=self.tokenizer)
 
 
 def load_serve_config(path: str, overrides: Optional[list] = None) -> ServeConfig:
@@ -78,11 +81,13 @@ def serve(cfg: ServeConfig, stop: Optional[threading.Event] = None, ready: Optio
     """Build the teacher on this process's ranks and serve until `stop` (or all students left)."""
     from megatron.core import parallel_state as mpu
 
-    from kd_teacher.runtime import init_distributed
+    from kd_teacher.engine.model import init_model_parallel
+    from kd_teacher.engine.moe_policy import require_independent_replicas
 
     stop = stop or threading.Event()
-    init_distributed(cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size, cfg.model.seed)
+    init_model_parallel(cfg.model)
     engine = build_engine(cfg.teacher())
+    require_independent_replicas(engine.moe, "kd-teacher serve")
     info = _server_info(cfg, engine, mpu.get_data_parallel_world_size())
     group = mpu.get_model_parallel_group()
     mp_size = dist.get_world_size(group)

@@ -119,10 +119,11 @@ def register(sub) -> None:
 
 def _run(args) -> int:
     from kd_teacher.engine.loading import build_engine, load_teacher_config
-    from kd_teacher.runtime import init_distributed, is_main_rank
+    from kd_teacher.engine.model import init_model_parallel
+    from kd_teacher.runtime import is_main_rank
 
     cfg = load_teacher_config(args.config, args.overrides)
-    init_distributed(cfg.model.tensor_model_parallel_size, cfg.model.pipeline_model_parallel_size, cfg.model.seed)
+    init_model_parallel(cfg.model)
     engine = build_engine(cfg)
     g = torch.Generator().manual_seed(args.seed)
     seq = min(args.seq_len, cfg.model.max_sequence_length)

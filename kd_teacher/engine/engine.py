@@ -31,6 +31,8 @@ from kd_teacher.config import ConfigError
 from kd_teacher.engine.checkpoint import CheckpointMismatchError, load_checkpoint
 from kd_teacher.engine.fp8_state import preserved_fp8_state, reset_fp8_weight_caches
 from kd_teacher.engine.model import ModelConfig, build_gpt_model
+from kd_teacher.engine.moe_policy import moe_serving
+from kd_teacher.tokenizer_identity import find_tokenizer, tokenizer_identity
 from kd_teacher.engine.output_tap import OutputLayerTap
 from kd_teacher.engine.scheduler import ScoreRequest, TokenBudgetScheduler
 from kd_teacher.topk import check_finite_lse, vocab_parallel_topk
@@ -55,6 +57,9 @@ class EngineConfig:
     # FP8 delayed scaling: serve a checkpoint that carries no FP8 scales with the initial ones (1.0).
     # Off by default: teacher passes never update scales, so such a teacher is not the one that trained.
     accept_initial_fp8_scales: bool = False
+    # MoE teachers: serve one that drops tokens (a capacity factor) anyway. Off by default: dropping makes a
+    # token's top-k depend on its micro-batch (`moe_policy`). The choice is part of the teacher fingerprint.
+    accept_moe_token_dropping: bool = False
     # Take the top-k from the output layer's logits inside the forward, so GPTModel's [b, s, V] copy of them is
     # never made (`output_tap`; checked against the untapped forward on the first call). Off: from the logits
     # the model returns.
@@ -154,24 +159,39 @@ def training_path(model: torch.nn.Module):
         _restore_train_flags(flags)
 
 
-def teacher_fingerprint(model: torch.nn.Module, model_config: Optional[dict] = None) -> str:
-    """Stable hash of the weights (every TP/PP shard) and the model config: one teacher, one fingerprint."""
-    h = hashlib.blake2b(digest_size=16)
+def teacher_fingerprint(model: torch.nn.Module, model_config: Optional[dict] = None,
+                        serving: Optional[dict] = None) -> str:
+    """Stable hash of the weights (every TP/PP shard, and every EP shard of MoE experts), the model config and
+    the serving choices that change outputs (`serving`, e.g. MoE token dropping): one teacher, one fingerprint."""
+    dense, experts = hashlib.blake2b(digest_size=16), hashlib.blake2b(digest_size=16)
+    has_experts = False
     for name, t in sorted(model.state_dict().items()):
         if not isinstance(t, torch.Tensor) or "_extra_state" in name:
             continue
+        # Experts are split over EP ranks that hold the same dense weights (EP runs beside TP/PP): hashed apart
+        # and gathered over the expert groups, so every rank ends with the same fingerprint.
+        h = experts if ".mlp.experts." in name else dense
+        has_experts |= h is experts
         h.update(name.encode())
         h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
-    local = h.hexdigest()
     mpu = _mpu()
-    if dist.is_initialized() and mpu.model_parallel_is_initialized():
-        group = mpu.get_model_parallel_group()
-        parts = [None] * dist.get_world_size(group)
-        dist.all_gather_object(parts, local, group=group)
-    else:
-        parts = [local]
-    blob = json.dumps({"shards": parts, "config": model_config or {}}, sort_keys=True).encode()
-    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+    parallel = dist.is_initialized() and mpu.model_parallel_is_initialized()
+    blob = {"shards": _gathered(dense.hexdigest(), mpu.get_model_parallel_group() if parallel else None),
+            "config": model_config or {}}
+    if has_experts:
+        group = mpu.get_expert_tensor_model_pipeline_parallel_group() if parallel else None
+        blob["expert_shards"] = _gathered(experts.hexdigest(), group)
+    if serving:
+        blob["serving"] = serving
+    return hashlib.blake2b(json.dumps(blob, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def _gathered(local: str, group) -> list:
+    if group is None:
+        return [local]
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, local, group=group)
+    return parts
 
 
 def _bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -193,7 +213,10 @@ class TeacherEngine:
         *,
         model_config: Optional[ModelConfig] = None,
         fingerprint: Optional[str] = None,
+        tokenizer: Optional[str] = None,
     ):
+        """`tokenizer`: the teacher's tokenizer (a directory or tokenizer.json, or its identity string): its
+        identity goes into every payload header, so a student with another tokenizer is refused."""
         self.model = model
         self._modules = list(model.modules())  # the tree does not change; teacher mode walks this list
         self.tconfig = model.config
@@ -203,15 +226,19 @@ class TeacherEngine:
         self.model_config = model_config
         self.recipe = PrecisionRecipe.from_transformer_config(self.tconfig)
         require_fp8_support(self.recipe, model)
-        self.policy = serving_policy(self.recipe, config.allow_repacking)
-        self.scheduler = TokenBudgetScheduler(config.max_tokens_per_batch, allow_repacking=self.policy.allow_repacking)
+        self.moe = moe_serving(self.tconfig, config.accept_moe_token_dropping)
+        self.policy = serving_policy(self.recipe, config.allow_repacking,
+                                     model_batch_dependence=self.moe.batch_dependence if self.moe else None)
+        # Sequence parallelism splits the sequence over the TP ranks: forwards are padded to a multiple of TP.
+        tp = _mpu().get_tensor_model_parallel_world_size() if self.tconfig.sequence_parallel else 1
+        self.scheduler = TokenBudgetScheduler(config.max_tokens_per_batch, allow_repacking=self.policy.allow_repacking,
+                                              seq_multiple=tp)
         self._check_vocab()
         if config.k > self.vocab_size:
             raise ValueError(f"k={config.k} is larger than the true vocabulary size {self.vocab_size}")
-        self.fingerprint = fingerprint or teacher_fingerprint(
-            model, asdict(model_config) if model_config is not None else None
-        )
+        self.fingerprint = fingerprint or self._fingerprint()
         self.recipe_fingerprint = self.recipe.fingerprint()
+        self.tokenizer_identity = tokenizer_identity(tokenizer) if tokenizer is not None else None
         self._tap = OutputLayerTap.for_model(self._modules) if config.extract_at_output_layer else None
         self._tap_checked = False
 
@@ -220,7 +247,7 @@ class TeacherEngine:
         """What this engine serves (its payloads' values dtype is known once it has scored)."""
         return TeacherContract(vocab_size=self.vocab_size, k=self.config.k, temperature=float(self.config.temperature),
                                extraction="topk", teacher_fingerprint=self.fingerprint,
-                               recipe_fingerprint=self.recipe_fingerprint)
+                               recipe_fingerprint=self.recipe_fingerprint, tokenizer_identity=self.tokenizer_identity)
 
     @property
     def extraction_site(self) -> str:
@@ -232,7 +259,7 @@ class TeacherEngine:
     @classmethod
     def from_checkpoint(
         cls, checkpoint_dir: str | Path, model_config: ModelConfig, config: Optional[EngineConfig] = None,
-        iteration: Optional[int] = None,
+        iteration: Optional[int] = None, *, tokenizer: Optional[str] = None,
     ) -> "TeacherEngine":
         """Build the model for this rank's layout and load a `megatron.core.dist_checkpointing` checkpoint
         (or a Megatron-LM `--save` directory's latest one, or its `iteration`: `resolve_checkpoint_dir`)."""
@@ -240,7 +267,31 @@ class TeacherEngine:
         config = config or EngineConfig()
         load_checkpoint(model, checkpoint_dir, recipe=PrecisionRecipe.from_transformer_config(tconfig),
                         accept_initial_fp8_scales=config.accept_initial_fp8_scales, iteration=iteration)
-        return cls(model, model_config.vocab_size, config, model_config=model_config)
+        return cls(model, model_config.vocab_size, config, model_config=model_config, tokenizer=tokenizer)
+
+    @classmethod
+    def from_hf(
+        cls,
+        path: str | Path,
+        config: Optional[EngineConfig] = None,
+        *,
+        model_config: Optional[ModelConfig] = None,
+        overrides: Optional[dict] = None,
+        tokenizer: Optional[str] = None,
+    ) -> "TeacherEngine":
+        """Load a Hugging Face checkpoint (config.json + *.safetensors; Llama 3.x, Mistral, Qwen2/2.5, Qwen3,
+        Qwen3-MoE, Mixtral) into Megatron-Core's GPT, this rank reading only its shard of each tensor.
+
+        `model_config`: the `ModelConfig` to build, as `kd_teacher.hf.model_config_from_hf(path, ...)` gives it;
+        None: made from config.json with the parallel layout parallel_state is initialised with and
+        `overrides` (ModelConfig fields, e.g. {"layer_spec": "transformer_engine"}). `tokenizer`: as for
+        `__init__`; None: the tokenizer files in `path`, if any.
+        """
+        from kd_teacher.hf.load import build_hf_model
+
+        model, model_config = build_hf_model(path, model_config, overrides)
+        return cls(model, model_config.vocab_size, config, model_config=model_config,
+                   tokenizer=tokenizer or find_tokenizer(path))
 
     # ---- weights changing in place ------------------------------------------------------------------------
     def reset_fp8_caches(self) -> int:
@@ -272,9 +323,11 @@ class TeacherEngine:
             with torch.no_grad():
                 self.model.load_state_dict(source, strict=False)
         self.reset_fp8_caches()
-        self.fingerprint = teacher_fingerprint(
-            self.model, asdict(self.model_config) if self.model_config is not None else None
-        )
+        self.fingerprint = self._fingerprint()
+
+    def _fingerprint(self) -> str:
+        return teacher_fingerprint(self.model, asdict(self.model_config) if self.model_config is not None else None,
+                                   self.moe.record() if self.moe else None)
 
     def _check_vocab(self) -> None:
         padded = getattr(self.model, "vocab_size", None)

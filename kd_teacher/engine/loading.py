@@ -1,8 +1,10 @@
 """Loading a teacher: the teacher config YAML and engine construction (checkpoints: `checkpoint.py`).
 
-A teacher config has three parts: `model:` (a `ModelConfig`), `engine:` (an `EngineConfig`: k, temperature,
-batching) and `checkpoint:` (a `megatron.core.dist_checkpointing` directory; absent means random weights
-from `model.seed`, which is what tests and benchmarks use).
+A teacher config has `model:` (a `ModelConfig`), `engine:` (an `EngineConfig`: k, temperature, batching) and
+the weights: `checkpoint:` (a `megatron.core.dist_checkpointing` directory) or `hf_checkpoint:` (a Hugging Face
+directory, read from its safetensors at every start; `kd-teacher import-hf` writes either kind of config);
+neither means random weights from `model.seed`, which is what tests and benchmarks use. `tokenizer:` (a
+directory, tokenizer.json or identity) names the tokenizer in every payload header and dump manifest.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from kd_teacher.config import load_config
+from kd_teacher.config import PATH, load_config
 from kd_teacher.engine.engine import EngineConfig, TeacherEngine
 from kd_teacher.engine.model import ModelConfig, build_gpt_model
 
@@ -25,6 +27,13 @@ class TeacherConfig:
     # A dist-checkpoint directory, or a Megatron-LM --save directory (its latest iteration, or this one).
     checkpoint: Optional[str] = None
     checkpoint_iteration: Optional[int] = None
+    hf_checkpoint: Optional[str] = field(default=None, metadata=PATH)
+    tokenizer: Optional[str] = field(default=None, metadata=PATH)
+
+    def __post_init__(self):
+        if self.checkpoint and self.hf_checkpoint:
+            raise ValueError(f"teacher config names two sets of weights: checkpoint {self.checkpoint} and "
+                             f"hf_checkpoint {self.hf_checkpoint}; keep one")
 
 
 def load_teacher_config(path: str | Path, overrides: list[str] | None = None, section: str | None = None) -> TeacherConfig:
@@ -34,7 +43,10 @@ def load_teacher_config(path: str | Path, overrides: list[str] | None = None, se
 def build_engine(cfg: TeacherConfig) -> TeacherEngine:
     """Build this rank's teacher (parallel_state initialised with the config's TP/PP) and its engine."""
     if cfg.checkpoint:
-        return TeacherEngine.from_checkpoint(cfg.checkpoint, cfg.model, cfg.engine, iteration=cfg.checkpoint_iteration)
+        return TeacherEngine.from_checkpoint(cfg.checkpoint, cfg.model, cfg.engine, iteration=cfg.checkpoint_iteration,
+                                             tokenizer=cfg.tokenizer)
+    if cfg.hf_checkpoint:
+        return TeacherEngine.from_hf(cfg.hf_checkpoint, cfg.engine, model_config=cfg.model, tokenizer=cfg.tokenizer)
     torch.manual_seed(cfg.model.seed)
     model, _ = build_gpt_model(cfg.model)
-    return TeacherEngine(model, cfg.model.vocab_size, cfg.engine, model_config=cfg.model)
+    return TeacherEngine(model, cfg.model.vocab_size, cfg.engine, model_config=cfg.model, tokenizer=cfg.tokenizer)

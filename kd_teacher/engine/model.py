@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,37 @@ def _te_installed() -> bool:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts MLPs: Megatron-Core's `MoELayer` (router, experts, token dispatcher).
+
+    Field names follow `TransformerConfig`'s `moe_*` settings without the prefix.
+    """
+
+    num_experts: int
+    router_topk: int
+    ffn_hidden_size: int
+    # Which layers have experts: 1 every layer, N every N-th (from layer 0), or a 0/1 entry per layer.
+    layer_freq: Union[int, list[int]] = 1
+    # True: softmax over all experts, then the top-k (weights not renormalised); False: top-k of the logits,
+    # then softmax over those k (the same as renormalising the full softmax's top-k).
+    router_pre_softmax: bool = False
+    token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    # None: Transformer Engine's grouped GEMM under the TE spec, one MLP per expert (SequentialMLP) under
+    # the local spec (grouped GEMM needs TE or cutlass kernels).
+    grouped_gemm: Optional[bool] = None
+    # Token dropping: with a capacity factor an expert takes at most capacity x its even share of a batch's
+    # tokens and drops the rest, so a token's output depends on what else is in its batch. None: dropless.
+    # The engine refuses to serve a dropping teacher unless `engine.accept_moe_token_dropping`.
+    expert_capacity_factor: Optional[float] = None
+    token_drop_policy: Literal["probs", "position"] = "probs"
+    pad_expert_input_to_capacity: bool = False
+
+    def __post_init__(self):
+        if not 1 <= self.router_topk <= self.num_experts:
+            raise ValueError(f"moe.router_topk {self.router_topk} must be in [1, num_experts={self.num_experts}]")
+
+
+@dataclass
 class ModelConfig:
     """A GPT model as Megatron-Core builds it. `vocab_size` is the true (tokenizer) vocabulary."""
 
@@ -76,15 +107,28 @@ class ModelConfig:
     max_sequence_length: int
     num_query_groups: Optional[int] = None
     ffn_hidden_size: Optional[int] = None
+    # Per-head dimension; None: hidden_size / num_attention_heads (Qwen3 and Mistral-Nemo set their own).
+    kv_channels: Optional[int] = None
     normalization: Literal["LayerNorm", "RMSNorm"] = "RMSNorm"
+    layernorm_epsilon: float = 1e-5
     activation: Literal["gelu", "swiglu"] = "swiglu"
+    qk_layernorm: bool = False  # a norm over each query and key head before RoPE (Qwen3)
+    add_qkv_bias: bool = False  # biases on the query/key/value projections only (Qwen2)
     position_embedding_type: Literal["rope", "learned_absolute"] = "rope"
-    rotary_base: int = 10000
+    rotary_base: Union[int, float] = 10000
+    # Llama 3.x RoPE frequency scaling (Megatron-Core's `rope_scaling`: low/high frequency factors 1 and 4,
+    # original context 8192) with this factor; None: none.
+    rope_scaling_factor: Optional[float] = None
+    # Linear RoPE scaling: positions divided by this factor; None: none.
+    rotary_seq_len_interpolation_factor: Optional[float] = None
     share_embeddings_and_output_weights: bool = False
     make_vocab_size_divisible_by: int = 128
     layer_spec: Literal["local", "transformer_engine"] = "local"
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # MoE layers only: experts split over EP ranks, each expert's MLP over expert-TP ranks (None: TP).
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None
     sequence_parallel: bool = False
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -92,14 +136,24 @@ class ModelConfig:
     seed: int = 1234
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     fusions: FusionConfig = field(default_factory=FusionConfig)
+    moe: Optional[MoEConfig] = None
 
     def __post_init__(self):
         if self.vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+                " (set kv_channels for a head dimension of its own)"
             )
+        if self.moe is None and (self.expert_model_parallel_size != 1 or self.expert_tensor_parallel_size):
+            raise ValueError("expert_model_parallel_size / expert_tensor_parallel_size need a `moe:` section")
+        if self.moe is not None and self.tensor_model_parallel_size > 1 and not self.sequence_parallel:
+            raise ValueError("a MoE model with tensor_model_parallel_size > 1 needs sequence_parallel: true "
+                             "(Megatron-Core's MoE layer refuses TP without it in a training forward)")
+        if self.moe is not None and self.moe.num_experts % self.expert_model_parallel_size:
+            raise ValueError(f"moe.num_experts {self.moe.num_experts} is not divisible by "
+                             f"expert_model_parallel_size {self.expert_model_parallel_size}")
 
     def fusions_active(self) -> bool:
         """Whether `fusions` apply to this model here (see `FusionConfig`); raises where asked for and impossible."""
@@ -124,6 +178,14 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
+def init_model_parallel(cfg: ModelConfig) -> None:
+    """torch.distributed and Megatron-Core's parallel groups for `cfg`'s layout (TP, PP and, for MoE, EP/ETP)."""
+    from kd_teacher.runtime import init_distributed
+
+    init_distributed(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.seed,
+                     ep=cfg.expert_model_parallel_size, etp=cfg.expert_tensor_parallel_size)
+
+
 def transformer_config(cfg: ModelConfig):
     """The Megatron-Core `TransformerConfig` for `cfg` in the current parallel layout."""
     from megatron.core.transformer import TransformerConfig
@@ -137,15 +199,21 @@ def transformer_config(cfg: ModelConfig):
         num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_query_groups,
         ffn_hidden_size=cfg.ffn_hidden_size,
+        kv_channels=cfg.kv_channels,
         normalization=cfg.normalization,
+        layernorm_epsilon=cfg.layernorm_epsilon,
         gated_linear_unit=swiglu,
         activation_func=F.silu if swiglu else F.gelu,
         add_bias_linear=False,
+        add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_method_std,
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        expert_model_parallel_size=cfg.expert_model_parallel_size,
+        expert_tensor_parallel_size=cfg.expert_tensor_parallel_size,
         sequence_parallel=cfg.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -156,6 +224,8 @@ def transformer_config(cfg: ModelConfig):
         use_cpu_initialization=True,
         **_fusion_kwargs(cfg, dtype),
     )
+    if cfg.moe is not None:
+        kwargs.update(_moe_kwargs(cfg))
     if p.fp8 is not None:
         kwargs.update(
             fp8=p.fp8,
@@ -193,13 +263,37 @@ def _fusion_kwargs(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     return kwargs
 
 
+def _moe_kwargs(cfg: ModelConfig) -> dict:
+    moe = cfg.moe
+    grouped = moe.grouped_gemm if moe.grouped_gemm is not None else cfg.layer_spec == "transformer_engine"
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.router_topk,
+        moe_ffn_hidden_size=moe.ffn_hidden_size,
+        moe_layer_freq=moe.layer_freq,
+        moe_router_pre_softmax=moe.router_pre_softmax,
+        moe_router_score_function="softmax",
+        moe_token_dispatcher_type=moe.token_dispatcher_type,
+        moe_grouped_gemm=grouped,
+        moe_expert_capacity_factor=moe.expert_capacity_factor,
+        moe_token_drop_policy=moe.token_drop_policy,
+        moe_pad_expert_input_to_capacity=moe.pad_expert_input_to_capacity,
+        # A teacher is never trained: no load-balancing loss (it does not change the forward's values).
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+    )
+
+
 def layer_spec(cfg: ModelConfig, config=None):
+    """The decoder's layer spec (dense models) or block spec (MoE: dense and expert layers per `moe.layer_freq`)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    if cfg.layer_spec == "transformer_engine":
+    te = cfg.layer_spec == "transformer_engine"
+    if te:
         try:
             import transformer_engine  # noqa: F401
         except ImportError as e:
@@ -207,9 +301,14 @@ def layer_spec(cfg: ModelConfig, config=None):
                 "layer_spec: transformer_engine needs Transformer Engine, which is not installed "
                 "(pip install 'kd-teacher[te]' on a CUDA machine)"
             ) from e
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization=cfg.normalization)
-    if cfg.sequence_parallel:
+    if cfg.moe is not None:
+        config = config if config is not None else transformer_config(cfg)
+        spec = get_gpt_decoder_block_spec(config, use_transformer_engine=te, normalization=cfg.normalization)
+    elif te:
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+    else:
+        spec = get_gpt_layer_local_spec(normalization=cfg.normalization, qk_layernorm=cfg.qk_layernorm)
+    if cfg.sequence_parallel and not te:
         return _sequence_parallel_local_block(spec, config if config is not None else transformer_config(cfg))
     return spec
 
@@ -233,8 +332,9 @@ class SequenceParallelTorchNorm:
         return norm
 
 
-def _sequence_parallel_local_block(layer, config):
-    """The local spec's transformer block with every torch norm swapped for `SequenceParallelTorchNorm`."""
+def _sequence_parallel_local_block(spec, config):
+    """The local spec's transformer block (from a layer spec or a block spec) with every torch norm swapped for
+    `SequenceParallelTorchNorm`."""
     import dataclasses
 
     from megatron.core.transformer.spec_utils import ModuleSpec
@@ -255,9 +355,12 @@ def _sequence_parallel_local_block(layer, config):
                                                 if f.init})
         return node
 
-    layer = swap(layer)
-    block = TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config),
-                                       layer_norm=SequenceParallelTorchNorm)
+    if isinstance(spec, TransformerBlockSubmodules):
+        block = dataclasses.replace(spec, layer_specs=[swap(layer) for layer in spec.layer_specs],
+                                    layer_norm=SequenceParallelTorchNorm)
+    else:
+        block = TransformerBlockSubmodules(layer_specs=[swap(spec)] * get_num_layers_to_build(config),
+                                           layer_norm=SequenceParallelTorchNorm)
     return ModuleSpec(module=TransformerBlock, submodules=block)
 
 
@@ -272,10 +375,17 @@ def build_gpt_model(cfg: ModelConfig, config=None):
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if (tp, pp) != (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size):
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    etp = parallel_state.get_expert_tensor_parallel_world_size()
+    want_etp = cfg.expert_tensor_parallel_size or cfg.tensor_model_parallel_size
+    if (tp, pp) != (cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size) or (
+        cfg.moe is not None and (ep, etp) != (cfg.expert_model_parallel_size, want_etp)
+    ):
         raise ValueError(
-            f"model config asks for TP={cfg.tensor_model_parallel_size}, PP={cfg.pipeline_model_parallel_size} "
-            f"but parallel_state is initialised with TP={tp}, PP={pp}"
+            f"model config asks for TP={cfg.tensor_model_parallel_size}, PP={cfg.pipeline_model_parallel_size}"
+            + (f", EP={cfg.expert_model_parallel_size}, expert TP={want_etp}" if cfg.moe is not None else "")
+            + f" but parallel_state is initialised with TP={tp}, PP={pp}"
+            + (f", EP={ep}, expert TP={etp}" if cfg.moe is not None else "")
         )
     if config is None:
         config = transformer_config(cfg)
@@ -289,6 +399,9 @@ def build_gpt_model(cfg: ModelConfig, config=None):
         share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
         position_embedding_type=cfg.position_embedding_type,
         rotary_base=cfg.rotary_base,
+        rope_scaling=cfg.rope_scaling_factor is not None,
+        rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
+        seq_len_interpolation_factor=cfg.rotary_seq_len_interpolation_factor,
         parallel_output=True,
     )
     if torch.cuda.is_available():

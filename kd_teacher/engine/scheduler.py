@@ -36,16 +36,22 @@ class PlannedBatch:
 
 
 class TokenBudgetScheduler:
-    def __init__(self, max_tokens: int, allow_repacking: bool = True):
+    def __init__(self, max_tokens: int, allow_repacking: bool = True, seq_multiple: int = 1):
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         self.max_tokens = max_tokens
         self.allow_repacking = allow_repacking
+        # Forwards are right-padded to a multiple of this (sequence parallelism splits the sequence over TP).
+        self.seq_multiple = seq_multiple
+
+    def _padded(self, length: int) -> int:
+        return -(-length // self.seq_multiple) * self.seq_multiple
 
     def plan(self, requests: list[ScoreRequest]) -> list[PlannedBatch]:
         if not self.allow_repacking:
             return [
-                PlannedBatch([(i, r, req.tokens.shape[1]) for r in range(req.tokens.shape[0])], req.tokens.shape[1])
+                PlannedBatch([(i, r, req.tokens.shape[1]) for r in range(req.tokens.shape[0])],
+                             self._padded(req.tokens.shape[1]))
                 for i, req in enumerate(requests)
             ]
         rows = [(i, r, req.tokens.shape[1]) for i, req in enumerate(requests) for r in range(req.tokens.shape[0])]
@@ -55,11 +61,11 @@ class TokenBudgetScheduler:
         cur = PlannedBatch()
         for row in rows:
             length = row[2]
-            seq_len = max(cur.seq_len, length)
+            seq_len = max(cur.seq_len, self._padded(length))
             if cur.rows and (len(cur.rows) + 1) * seq_len > self.max_tokens:
                 batches.append(cur)
                 cur = PlannedBatch()
-                seq_len = length
+                seq_len = self._padded(length)
             cur.rows.append(row)
             cur.seq_len = seq_len
         if cur.rows:

@@ -70,6 +70,9 @@ class KDConfig:
     chunk_tokens: Optional[int] = 1024
     # True (tokenizer) vocabulary of the student; payloads must match it. None: taken from the teacher.
     vocab_size: Optional[int] = None
+    # The student's tokenizer (a directory, tokenizer.json, or NAME@DIGEST identity): a teacher whose payloads
+    # name another tokenizer is refused, both named. None: not checked.
+    tokenizer: Optional[str] = field(default=None, metadata=PATH)
     in_process: Optional[InProcessTeacherConfig] = None
     offline: Optional[OfflineTeacherConfig] = None
     # Passed to the streaming transport's own config class (kd_teacher.transport); checked there.

@@ -32,6 +32,7 @@ from torch.profiler import record_function
 
 from kd_teacher.config import ConfigError
 from kd_teacher.contract import TeacherContract
+from kd_teacher.tokenizer_identity import tokenizer_identity
 from kd_teacher.hooks.combine import combine_losses
 from kd_teacher.hooks.config import KDConfig, as_kd_config
 from kd_teacher.hooks.fused import DeferredChecks, FusedCrossEntropy, fused_ce_unsupported
@@ -148,7 +149,8 @@ class KDForwardStep:
         self._streams: "collections.OrderedDict[int, tuple]" = collections.OrderedDict()
         self._prepared: collections.deque = collections.deque()  # payloads from prefetch(), in order
         # What this run needs of the teacher (the student's recipe is added once the student model is known).
-        self.expected = TeacherContract(k=cfg.k, temperature=cfg.temperature, vocab_size=self.vocab_size)
+        self.expected = TeacherContract(k=cfg.k, temperature=cfg.temperature, vocab_size=self.vocab_size,
+                                        tokenizer_identity=tokenizer_identity(cfg.tokenizer) if cfg.tokenizer else None)
         self._student_known = False
         # Rows an offline dump lacks: an error in training under kd.offline.missing: error; in evaluation (the
         # model in eval mode, as Megatron-LM's evaluate() sets it) always cross-entropy only, counted.

@@ -247,7 +247,7 @@ def _in_process(cfg: KDConfig) -> InProcessSource:
             resolve_checkpoint_dir(tcfg.checkpoint, tcfg.checkpoint_iteration)
         except FileNotFoundError as e:
             raise ConfigError(f"kd.in_process.checkpoint: {e}") from None
-    if tcfg.checkpoint is None and not icfg.allow_random_weights:
+    if tcfg.checkpoint is None and tcfg.hf_checkpoint is None and not icfg.allow_random_weights:
         raise ConfigError(
             f"kd.in_process: the teacher config {icfg.config} names no checkpoint, so the teacher would have "
             "random weights; set kd.in_process.checkpoint, or kd.in_process.allow_random_weights: true for tests"

@@ -38,13 +38,14 @@ def register(sub) -> None:
 
 def _dump(args) -> int:
     from kd_teacher.offline.writer import load_dump_config, run_dump
-    from kd_teacher.runtime import init_distributed, is_main_rank
+    from kd_teacher.engine.model import init_model_parallel
+    from kd_teacher.runtime import is_main_rank
 
     cfg = load_dump_config(args.config, args.overrides)
     if args.megatron_args is not None:
         cfg.data.kind, cfg.data.megatron_args = "megatron_lm", list(args.megatron_args)
     m = cfg.teacher.model
-    init_distributed(m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.seed)
+    init_model_parallel(m)
     manifest = run_dump(cfg)
     if is_main_rank():
         print(json.dumps(dict(dir=cfg.output.dir, shards=manifest.num_shards, samples=manifest.num_samples,
@@ -59,11 +60,11 @@ def _verify(args) -> int:
 
     config = None
     if args.rescore:
-        from kd_teacher.runtime import init_distributed
+        from kd_teacher.engine.model import init_model_parallel
 
         config = rescore_config(fmt.load_manifest(args.dir), args.config, args.overrides)
         m = config.teacher.model
-        init_distributed(m.tensor_model_parallel_size, m.pipeline_model_parallel_size, m.seed)
+        init_model_parallel(m)
     report = verify(args.dir, rescore=args.rescore, config=config, seed=args.seed)
     print(report.to_json())
     for problem in report.problems:

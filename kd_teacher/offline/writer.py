@@ -132,7 +132,8 @@ class DumpWriter:
             temperature=float(e.config.temperature), vocab_size=e.vocab_size,
             index_bits=bits_for_vocab(e.vocab_size), values_dtype=values_dtype, logits_dtype=logits_dtype,
             num_samples=n, samples_per_shard=per, num_shards=(n + per - 1) // per, recipe=asdict(e.recipe),
-            tokenizer=self.source.tokenizer_identity(), dataset=identity, config=stored_config,
+            tokenizer=self.source.tokenizer_identity(), tokenizer_identity=e.tokenizer_identity, dataset=identity,
+            config=stored_config,
         )
 
     def my_shards(self) -> list[int]:
@@ -401,6 +402,7 @@ class DumpWriter:
 def run_dump(cfg: DumpConfig, engine=None, source=None) -> fmt.Manifest:
     """Dump with this process's ranks (torch.distributed and parallel_state initialised by the caller)."""
     from kd_teacher.engine.loading import build_engine
+    from kd_teacher.engine.moe_policy import require_independent_replicas
     from kd_teacher.offline.data import build_source
 
     if engine is None and cfg.teacher.checkpoint is None and not cfg.allow_random_weights:
@@ -409,5 +411,6 @@ def run_dump(cfg: DumpConfig, engine=None, source=None) -> fmt.Manifest:
             "Megatron-Core distributed checkpoint, or a Megatron-LM --save directory), or set "
             "allow_random_weights: true if a random teacher is meant (tests, benchmarks)")
     engine = engine or build_engine(cfg.teacher)
+    require_independent_replicas(getattr(engine, "moe", None), "kd-teacher dump")
     source = source or build_source(cfg.data)
     return DumpWriter(cfg, engine, source).run()

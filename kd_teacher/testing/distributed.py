@@ -37,6 +37,8 @@ class _Job:
     tp: int
     pp: int
     seed: int
+    ep: int = 1
+    etp: int | None = None
 
 
 def _worker(rank: int, world_size: int, port: int, jobs, results, stacks_path: str) -> None:
@@ -62,7 +64,7 @@ def _worker(rank: int, world_size: int, port: int, jobs, results, stacks_path: s
         if job is None:
             break
         try:
-            init_distributed(job.tp, job.pp, job.seed)
+            init_distributed(job.tp, job.pp, job.seed, ep=job.ep, etp=job.etp)
             out = job.fn(*job.args, **job.kwargs)
             results.put((rank, True, out))
         except BaseException:  # noqa: BLE001 - reported to the parent verbatim
@@ -159,9 +161,12 @@ def run_distributed(
     pp: int = 1,
     seed: int = 1234,
     timeout: float = DEFAULT_TIMEOUT_S,
+    ep: int = 1,
+    etp: int | None = None,
     **kwargs,
 ) -> list:
-    """Run `fn(*args, **kwargs)` on `world_size` gloo ranks with Megatron TP=`tp`, PP=`pp`; per-rank results.
+    """Run `fn(*args, **kwargs)` on `world_size` gloo ranks with Megatron TP=`tp`, PP=`pp` (and, for MoE models,
+    EP=`ep`, expert TP=`etp`, None: TP); per-rank results.
 
     `fn` must be importable by name (a module-level function), since workers are spawned processes.
     """
@@ -173,7 +178,7 @@ def run_distributed(
             pool.close()
         pool = _POOLS[world_size] = _Pool(world_size)
     try:
-        return pool.run(_Job(fn, args, kwargs, tp, pp, seed), timeout)
+        return pool.run(_Job(fn, args, kwargs, tp, pp, seed, ep, etp), timeout)
     except BaseException:
         pool.close()
         _POOLS.pop(world_size, None)
