@@ -32,7 +32,6 @@ from kd_teacher.engine.checkpoint import CheckpointMismatchError, load_checkpoin
 from kd_teacher.engine.fp8_state import preserved_fp8_state, reset_fp8_weight_caches
 from kd_teacher.engine.model import ModelConfig, build_gpt_model
 from kd_teacher.engine.moe_policy import moe_serving
-from kd_teacher.tokenizer_identity import find_tokenizer, tokenizer_identity
 from kd_teacher.engine.output_tap import OutputLayerTap
 from kd_teacher.engine.scheduler import ScoreRequest, TokenBudgetScheduler
 from kd_teacher.topk import check_finite_lse, vocab_parallel_topk
@@ -40,6 +39,7 @@ from kd_teacher.contract import TeacherContract
 from kd_teacher.dtypes import DTYPE_NAMES, INDEX_DTYPE
 from kd_teacher.payload import PayloadError, PayloadHeader, TopKPayload, check_token_ids, token_hashes
 from kd_teacher.precision import PrecisionRecipe, require_fp8_support, serving_policy
+from kd_teacher.tokenizer_identity import find_tokenizer, tokenizer_identity
 
 log = logging.getLogger(__name__)
 

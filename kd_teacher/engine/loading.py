@@ -35,6 +35,11 @@ class TeacherConfig:
             raise ValueError(f"teacher config names two sets of weights: checkpoint {self.checkpoint} and "
                              f"hf_checkpoint {self.hf_checkpoint}; keep one")
 
+    @property
+    def has_weights(self) -> bool:
+        """A checkpoint of either kind is named (else the weights are random, from `model.seed`)."""
+        return bool(self.checkpoint or self.hf_checkpoint)
+
 
 def load_teacher_config(path: str | Path, overrides: list[str] | None = None, section: str | None = None) -> TeacherConfig:
     return load_config(TeacherConfig, path, overrides, section)

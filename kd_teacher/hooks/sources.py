@@ -238,8 +238,8 @@ def _in_process(cfg: KDConfig) -> InProcessSource:
     if not Path(icfg.config).is_file():
         raise ConfigError(f"kd.in_process.config: teacher config {icfg.config} does not exist")
     tcfg = load_teacher_config(icfg.config, icfg.overrides)
-    if icfg.checkpoint is not None:
-        tcfg.checkpoint = icfg.checkpoint
+    if icfg.checkpoint is not None:  # replaces the teacher YAML's weights, of either kind
+        tcfg.checkpoint, tcfg.hf_checkpoint = icfg.checkpoint, None
     if tcfg.checkpoint is not None:
         from kd_teacher.engine.checkpoint import resolve_checkpoint_dir
 
@@ -247,7 +247,7 @@ def _in_process(cfg: KDConfig) -> InProcessSource:
             resolve_checkpoint_dir(tcfg.checkpoint, tcfg.checkpoint_iteration)
         except FileNotFoundError as e:
             raise ConfigError(f"kd.in_process.checkpoint: {e}") from None
-    if tcfg.checkpoint is None and tcfg.hf_checkpoint is None and not icfg.allow_random_weights:
+    if not tcfg.has_weights and not icfg.allow_random_weights:
         raise ConfigError(
             f"kd.in_process: the teacher config {icfg.config} names no checkpoint, so the teacher would have "
             "random weights; set kd.in_process.checkpoint, or kd.in_process.allow_random_weights: true for tests"

@@ -405,10 +405,10 @@ def run_dump(cfg: DumpConfig, engine=None, source=None) -> fmt.Manifest:
     from kd_teacher.engine.moe_policy import require_independent_replicas
     from kd_teacher.offline.data import build_source
 
-    if engine is None and cfg.teacher.checkpoint is None and not cfg.allow_random_weights:
+    if engine is None and not cfg.teacher.has_weights and not cfg.allow_random_weights:
         raise ConfigError(
             "teacher.checkpoint is not set, so the dump's teacher would have random weights: set it (a "
-            "Megatron-Core distributed checkpoint, or a Megatron-LM --save directory), or set "
+            "Megatron-Core distributed checkpoint, or a Megatron-LM --save directory) or teacher.hf_checkpoint, or set "
             "allow_random_weights: true if a random teacher is meant (tests, benchmarks)")
     engine = engine or build_engine(cfg.teacher)
     require_independent_replicas(getattr(engine, "moe", None), "kd-teacher dump")
