@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from kd_teacher.config import apply_overrides
+from kd_teacher.tokenizer_identity import find_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,12 @@ def _run(args) -> int:
 
     from kd_teacher.engine.checkpoint import save_checkpoint
     from kd_teacher.engine.engine import EngineConfig
+    from kd_teacher.engine.model import init_model_parallel
     from kd_teacher.hf.config import FAMILIES, family_of, model_config_from_hf, read_hf_config
     from kd_teacher.hf.load import build_hf_model
     from kd_teacher.hf.safetensors_files import SafetensorsFiles
     from kd_teacher.hf.weights import check_checkpoint
-    from kd_teacher.runtime import init_distributed, is_main_rank
-    from kd_teacher.tokenizer_identity import find_tokenizer
+    from kd_teacher.runtime import is_main_rank
 
     source, out = Path(args.path).resolve(), Path(args.out).resolve()
     hf = read_hf_config(source)
@@ -74,8 +75,7 @@ def _run(args) -> int:
         check_checkpoint(SafetensorsFiles(source), cfg, family)  # names and shapes, without loading
         yaml_data.update(hf_checkpoint=str(source), tokenizer=find_tokenizer(source) and str(source))
     else:
-        init_distributed(args.tp, args.pp, cfg.seed, ep=cfg.expert_model_parallel_size,
-                         etp=cfg.expert_tensor_parallel_size)
+        init_model_parallel(cfg)
         model, _ = build_hf_model(source, cfg)
         save_checkpoint(model, checkpoint_dir)
         tokenizer = _copy_tokenizer(source, out / "tokenizer") if is_main_rank() else None
@@ -92,8 +92,6 @@ def _run(args) -> int:
 
 def _copy_tokenizer(source: Path, dest: Path):
     """The tokenizer files of `source` copied to `dest`; its path, or None when `source` holds no tokenizer."""
-    from kd_teacher.tokenizer_identity import find_tokenizer
-
     if find_tokenizer(source) is None:
         log.warning("%s holds no tokenizer (tokenizer.json, tokenizer.model, vocab.json + merges.txt): payloads "
                     "will name none, and students cannot be checked against it", source)
