@@ -117,6 +117,7 @@ def measure(name: str, spec: tuple, p: dict, workdir: Path, dtype: str) -> dict:
     t1 = time.perf_counter()
     if cli(["import-hf", str(hf_dir), f"precision.params_dtype={dtype}", *p["overrides"], "--out", str(out)]) != 0:
         raise RuntimeError(f"import-hf failed for {name}")
+    _free_memory()  # the model import-hf built is gone: the teacher below is built anew from its checkpoint
     t2 = time.perf_counter()
     cfg = load_teacher_config(out / "teacher.yaml", [f"engine.k={p['k']}"])
     init_model_parallel(cfg.model)
@@ -143,12 +144,16 @@ def measure(name: str, spec: tuple, p: dict, workdir: Path, dtype: str) -> dict:
         seconds=dict(make_and_hf_forward=t1 - t0, import_hf=t2 - t1, load_and_score=t3 - t2),
     )
     del engine, ref
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    _free_memory()
     shutil.rmtree(hf_dir, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)
     return result
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def main() -> int:
