@@ -42,6 +42,13 @@ export CUDA_DEVICE_MAX_CONNECTIONS=1  # what Megatron-LM's example scripts set
 # Megatron-LM compiles its dataset helpers at start-up ("make" in megatron/core/datasets); a copy that ships
 # them prebuilt must look up to date to make however the files were copied.
 touch -c "$MEGATRON_LM"/megatron/core/datasets/helpers_cpp* 2>/dev/null || true
+# On a machine without make, that start-up step fails (exit 1) although nothing is to be built: where the
+# helpers for this Python are there, a no-op make stands in for it; without them Megatron-LM's error stands.
+EXT=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+if ! command -v make >/dev/null && [ -f "$MEGATRON_LM/megatron/core/datasets/helpers_cpp$EXT" ]; then
+  mkdir -p "$WORK/bin" && printf '#!/bin/sh\nexit 0\n' > "$WORK/bin/make" && chmod +x "$WORK/bin/make"
+  export PATH="$WORK/bin:$PATH"
+fi
 
 if [ "$PRESET" = h200 ]; then  # ~0.37B parameters: 24 layers, hidden 1024, GQA 16/4, SwiGLU 4096
   SEQ=256; ITERS=40; MODEL=(--num-layers 24 --hidden-size 1024 --ffn-hidden-size 4096 --num-attention-heads 16
