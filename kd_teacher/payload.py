@@ -4,6 +4,12 @@ Per token: `k` raw teacher logits (`values`, before temperature), their global v
 the float32 log-sum-exp of logits / T over the true vocabulary (`lse`). The teacher's log-prob at temperature
 T of a served id is `values / T - lse`, and the mass outside the top-k is exact: 1 - sum(exp(logp)).
 
+The header's `extraction` says how the ids were chosen. "topk" is the above. "sampled" (schema version 2,
+`kd_teacher.sampling`): the teacher drew k ids per token from its distribution at T, with replacement; `values`
+then hold how many of the k draws fell on each id (fp32 counts summing to k, an unbiased estimate k * p of the
+teacher's probabilities), the ids are the distinct drawn ids followed by count-0 fillers, and `lse` is the same
+log-sum-exp. Readers of this version read version-1 payloads (all top-k) unchanged.
+
 Wire form (`to_bytes`): magic, a JSON header, the three raw tensor buffers, and a 16-byte BLAKE2b digest of
 everything before it. No pickle: a reader parses JSON and copies raw bytes, and checks sizes against the
 header before it allocates anything.
@@ -23,7 +29,11 @@ import torch
 from kd_teacher.contract import TeacherContract
 from kd_teacher.dtypes import DTYPE_NAMES, DTYPES, INDEX_DTYPE
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)  # 1: before the sampled kind; its payloads are all top-k
+EXTRACTIONS = ("topk", "sampled")
+# Largest integer up to which every integer is exact in each values dtype (draw counts of sampled payloads).
+EXACT_COUNTS = {"float32": 2**24, "bfloat16": 2**8, "float16": 2**11}
 MAGIC = b"KDTP"
 _DIGEST_BYTES = 16
 _MAX_HEADER_BYTES = 64 << 20
@@ -101,8 +111,12 @@ class PayloadHeader(TeacherContract):
         if not isinstance(data, dict):
             raise PayloadError("payload header is not a JSON object")
         version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise PayloadError(f"payload schema version {version!r} is not understood (this reader: {SCHEMA_VERSION})")
+        if version not in READABLE_SCHEMA_VERSIONS:
+            raise PayloadError(
+                f"payload schema version {version!r} is not understood (this reader: {READABLE_SCHEMA_VERSIONS})"
+            )
+        if version == 1 and data.get("extraction", "topk") != "topk":
+            raise PayloadError(f"a version-1 payload is top-k, but this one says extraction {data['extraction']!r}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         missing = {"k", "temperature", "vocab_size", "batch", "seq_len"} - set(data)
@@ -135,6 +149,11 @@ class PayloadHeader(TeacherContract):
                 raise PayloadError(f"payload header field {name}={value!r:.80} is not a string")
         if not isinstance(self.token_hashes, list) or not all(isinstance(h, str) for h in self.token_hashes):
             raise PayloadError(f"payload token hashes {self.token_hashes!r:.80} are not a list of strings")
+        if self.extraction not in EXTRACTIONS:
+            raise PayloadError(f"payload extraction {self.extraction!r:.80} is not one of {list(EXTRACTIONS)}")
+        if self.extraction == "sampled" and self.k > EXACT_COUNTS[self.values_dtype]:
+            raise PayloadError(f"a sampled payload's values are draw counts up to k={self.k}: {self.values_dtype} "
+                               f"holds integers exactly only up to {EXACT_COUNTS[self.values_dtype]}")
         if len(self.token_hashes) not in (0, self.batch):
             raise PayloadError(f"payload has {len(self.token_hashes)} token hashes for {self.batch} sequences")
         if self.sample_ids is not None and (
@@ -182,9 +201,15 @@ class TopKPayload:
         request_id: Optional[str] = None,
         teacher_fingerprint: str = "",
         recipe_fingerprint: str = "",
+        extraction: str = "topk",
+        sample_seed: int = 0,
     ) -> "TopKPayload":
-        """Payload from logits [b, s, V] (or this rank's vocabulary shard [b, s, V/TP] with the TP `group`)."""
-        from kd_teacher.topk import vocab_parallel_topk
+        """Payload from logits [b, s, V] (or this rank's vocabulary shard [b, s, V/TP] with the TP `group`).
+
+        extraction="sampled": k draws per token (`kd_teacher.sampling`), seeded by the hashes of `tokens` (then
+        required), the positions and `sample_seed`."""
+        from kd_teacher.sampling import token_seeds, vocab_parallel_sample
+        from kd_teacher.topk import check_finite_lse, vocab_parallel_topk
 
         if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
             raise PayloadError(f"logits must be a [batch, seq, vocab] tensor, got {_shape_or_type(logits)}")
@@ -195,18 +220,30 @@ class TopKPayload:
             )
         if logits.shape[0] == 0 or logits.shape[1] == 0:
             raise PayloadError(f"empty batch: logits shape {tuple(logits.shape)}")
-        values, indices, lse = vocab_parallel_topk(
-            logits, k, temperature=temperature, vocab_size=vocab_size, group=group
-        )
-        if vocab_size is None:
-            tp = torch.distributed.get_world_size(group) if group is not None else 1
-            vocab_size = logits.shape[-1] * tp
+        if extraction not in EXTRACTIONS:
+            raise PayloadError(f"extraction {extraction!r} is not one of {list(EXTRACTIONS)}")
         b, s = logits.shape[:2]
         hashes = []
         if tokens is not None:
             if tuple(tokens.shape) != (b, s):
                 raise PayloadError(f"tokens shape {tuple(tokens.shape)} does not match logits [{b}, {s}]")
             hashes = token_hashes(tokens)
+        if extraction == "topk":
+            values, indices, lse = vocab_parallel_topk(
+                logits, k, temperature=temperature, vocab_size=vocab_size, group=group
+            )
+        else:
+            if not hashes:
+                raise PayloadError("a sampled payload's draws are seeded by the token hashes: pass tokens=")
+            seeds = token_seeds(hashes, s, sample_seed, device=logits.device)
+            values, indices, lse = vocab_parallel_sample(
+                logits, k, seeds, temperature=temperature, vocab_size=vocab_size, group=group
+            )
+            check_finite_lse([lse])
+            values = values.to(counts_dtype(logits.dtype, k))
+        if vocab_size is None:
+            tp = torch.distributed.get_world_size(group) if group is not None else 1
+            vocab_size = logits.shape[-1] * tp
         header = PayloadHeader(
             k=k,
             temperature=float(temperature),
@@ -219,6 +256,7 @@ class TopKPayload:
             request_id=request_id,
             teacher_fingerprint=teacher_fingerprint,
             recipe_fingerprint=recipe_fingerprint,
+            extraction=extraction,
         )
         return cls(values=values, indices=indices.to(INDEX_DTYPE), lse=lse, header=header)
 
@@ -236,9 +274,23 @@ class TopKPayload:
         """bool [b]: which sequences carry the teacher's numbers (`PayloadHeader.present`); None: all."""
         return None if self.header.present is None else torch.tensor(self.header.present, dtype=torch.bool)
 
+    @property
+    def sampled(self) -> bool:
+        return self.header.extraction == "sampled"
+
     def log_probs(self) -> torch.Tensor:
-        """Teacher log-probs at the recorded temperature of the k served ids, fp32 [b, s, k]."""
+        """Teacher log-probs at the recorded temperature of the k served ids, fp32 [b, s, k] (top-k payloads)."""
+        if self.sampled:
+            raise PayloadError("a sampled payload carries draw counts, not the teacher's logits: its log-probs at "
+                               "the ids are unknown (estimated_probs() is the unbiased estimate of the probabilities)")
         return self.values.float() / self.header.temperature - self.lse.unsqueeze(-1)
+
+    def estimated_probs(self) -> torch.Tensor:
+        """Sampled payloads: count / k, fp32 [b, s, k], an unbiased estimate of the teacher's probability of each
+        slot's id at the recorded temperature."""
+        if not self.sampled:
+            raise PayloadError("estimated_probs() is for sampled payloads; a top-k payload has exact log_probs()")
+        return self.values.float() / self.header.k
 
     # ---- checks ----------------------------------------------------------------------------------------
     def validate(self, values: bool = True) -> "TopKPayload":
@@ -270,14 +322,19 @@ class TopKPayload:
         lo, hi, finite, excess = torch.stack([
             self.indices.min().double(), self.indices.max().double(),
             (torch.isfinite(self.values).all() & torch.isfinite(self.lse).all()).double(),
-            # log-sum-exp bounds every served logit from above: catches an lse paired with other values.
+            # top-k: log-sum-exp bounds every served logit from above: catches an lse paired with other values.
+            # sampled: 1 where the counts are not k non-negative integers per token.
+            bad_counts(self.values, k).double() if self.sampled else
             (self.values.float() / h.temperature - self.lse.unsqueeze(-1)).max().double(),
         ]).tolist()
         if lo < 0 or hi >= h.vocab_size:
             raise PayloadError(f"indices range [{int(lo)}, {int(hi)}] outside the vocabulary [0, {h.vocab_size})")
         if not finite:
             raise PayloadError("payload has non-finite values or lse")
-        if excess > 1e-3:
+        if self.sampled and excess:
+            raise PayloadError(f"sampled payload values are not draw counts: each token's must be non-negative "
+                               f"integers summing to k={k}")
+        if not self.sampled and excess > 1e-3:
             raise PayloadError(f"lse is smaller than a served logit / T by {excess:.3g}: values and lse disagree")
         return self
 
@@ -417,6 +474,20 @@ class TopKPayload:
 
 def _shape_or_type(x) -> str:
     return f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def bad_counts(values: torch.Tensor, k: int) -> torch.Tensor:
+    """0-d bool: some token's values are not non-negative integers summing to k (what a sampled payload holds;
+    the sum of k <= 2^24 integers is exact in float32)."""
+    v = values.float()
+    return (v < 0).any() | (v != v.round()).any() | (v.sum(dim=-1) != k).any()
+
+
+def counts_dtype(logits_dtype: torch.dtype, k: int) -> torch.dtype:
+    """The values dtype of a sampled payload: the logits' own (as a top-k payload's, so that both cost the same
+    bytes per slot) where it holds the counts 0..k exactly, else float32."""
+    name = DTYPE_NAMES.get(logits_dtype)
+    return logits_dtype if name is not None and k <= EXACT_COUNTS[name] else torch.float32
 
 
 def _raw_bytes(t: torch.Tensor) -> bytes:

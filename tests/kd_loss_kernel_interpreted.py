@@ -253,3 +253,26 @@ def test_fused_ce_kd_forward_backward_match_pytorch_path(monkeypatch, dtype, tem
     torch.testing.assert_close(fused[1], ref[1], rtol=1e-5, atol=1e-5)
     assert fused[2].dtype == dtype
     torch.testing.assert_close(fused[2].float(), ref[2].float(), rtol=ulp_tolerance(dtype), atol=1e-6)
+
+
+def test_sampled_payload_loss_on_kernel_path_matches(monkeypatch):
+    """A sampled payload's loss runs through the same fused passes (its ids with count-0 fillers as the bitmask)."""
+    g = torch.Generator().manual_seed(5)
+    teacher = torch.randn(2, 6, 300, generator=g) * 3
+    tokens = torch.randint(0, 290, (2, 6), generator=g)
+    payload = TopKPayload.from_logits(teacher, 24, temperature=2.0, vocab_size=290, tokens=tokens,
+                                      extraction="sampled")
+    student_logits = (teacher + torch.randn(2, 6, 300, generator=g)).bfloat16()
+    assert kd_loss_kernel_applies(student_logits.view(12, 300))
+
+    def run():
+        x = student_logits.detach().requires_grad_()
+        loss = kd_loss(x, payload)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        return loss.detach(), grad
+
+    fused = run()
+    monkeypatch.setenv(launcher.DISABLE_ENV, "0")
+    ref = run()
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused[1].float(), ref[1].float(), rtol=1e-2, atol=1e-6)

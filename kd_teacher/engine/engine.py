@@ -22,7 +22,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -37,7 +37,9 @@ from kd_teacher.engine.scheduler import ScoreRequest, TokenBudgetScheduler
 from kd_teacher.topk import check_finite_lse, vocab_parallel_topk
 from kd_teacher.contract import TeacherContract
 from kd_teacher.dtypes import DTYPE_NAMES, INDEX_DTYPE
-from kd_teacher.payload import PayloadError, PayloadHeader, TopKPayload, check_token_ids, token_hashes
+from kd_teacher.payload import (EXTRACTIONS, PayloadError, PayloadHeader, TopKPayload, check_token_ids, counts_dtype,
+                                token_hashes)
+from kd_teacher.sampling import check_draws, check_seed, token_seeds, vocab_parallel_sample
 from kd_teacher.precision import PrecisionRecipe, require_fp8_support, serving_policy
 from kd_teacher.tokenizer_identity import find_tokenizer, tokenizer_identity
 
@@ -48,8 +50,13 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     """How the engine serves: the payload it produces and how it batches."""
 
-    k: int = 64
+    k: int = 64  # ids per token: the top k, or (extraction: sampled) k draws
     temperature: float = 1.0
+    # "topk": the k largest logits. "sampled": k ids drawn from the teacher's distribution at `temperature`,
+    # stored as distinct ids with counts (kd_teacher.sampling; k <= sampling.MAX_DRAWS).
+    extraction: Literal["topk", "sampled"] = "topk"
+    # Sampled payloads: draws are a function of (sequence hash, position, sample_seed) only.
+    sample_seed: int = 0
     max_tokens_per_batch: int = 16384
     # Repack requests of different lengths into shared forwards. None: decided by the precision recipe
     # (allowed unless the recipe is batch-dependent, see PrecisionRecipe.batch_invariant).
@@ -236,6 +243,11 @@ class TeacherEngine:
         self._check_vocab()
         if config.k > self.vocab_size:
             raise ValueError(f"k={config.k} is larger than the true vocabulary size {self.vocab_size}")
+        if config.extraction not in EXTRACTIONS:
+            raise ValueError(f"engine extraction {config.extraction!r} is not one of {list(EXTRACTIONS)}")
+        if config.extraction == "sampled":
+            check_draws(config.k, self.vocab_size)
+            check_seed(config.sample_seed)
         self.fingerprint = fingerprint or self._fingerprint()
         self.recipe_fingerprint = self.recipe.fingerprint()
         self.tokenizer_identity = tokenizer_identity(tokenizer) if tokenizer is not None else None
@@ -246,7 +258,7 @@ class TeacherEngine:
     def contract(self) -> TeacherContract:
         """What this engine serves (its payloads' values dtype is known once it has scored)."""
         return TeacherContract(vocab_size=self.vocab_size, k=self.config.k, temperature=float(self.config.temperature),
-                               extraction="topk", teacher_fingerprint=self.fingerprint,
+                               extraction=self.config.extraction, teacher_fingerprint=self.fingerprint,
                                recipe_fingerprint=self.recipe_fingerprint, tokenizer_identity=self.tokenizer_identity)
 
     @property
@@ -364,48 +376,63 @@ class TeacherEngine:
             checked.append(replace(req, tokens=tokens))
             hosts.append(host)
         requests = checked
+        # Sampled draws are seeded by the token hashes, so these are needed before the forwards (else after).
+        hashes = [token_hashes(h) for h in hosts] if self.config.extraction == "sampled" else None
         rows: list[list] = [[None] * req.tokens.shape[0] for req in requests]
         for batch in self.scheduler.plan(requests):
             tokens = TokenBudgetScheduler.gather_tokens(requests, batch)
+            seeds = None
+            if hashes is not None:  # right-padded rows: a row's own hash, positions 0.. of the padded length
+                seeds = token_seeds([hashes[i][r] for i, r, _ in batch.rows], tokens.shape[1],
+                                    self.config.sample_seed, device=tokens.device)
             with teacher_mode(self.model, self._modules):
-                results = self._forward_topk(tokens)
+                results = self._forward_topk(tokens, seeds)
             if self._tap is not None and not self._tap_checked:
-                results = self._first_forward_checked(tokens, results)
+                results = self._first_forward_checked(tokens, seeds, results)
             values, indices, lse = results
             for j, (i, r, length) in enumerate(batch.rows):
                 rows[i][r] = (values[j, :length], indices[j, :length], lse[j, :length])
         # Hashed once the forwards are queued: the host works while the GPU runs them.
         into = out if out is not None else [None] * len(requests)
-        payloads = [self._payload(req, r, token_hashes(h), dst) for req, r, h, dst in zip(requests, rows, hosts, into)]
+        hashes = hashes or [token_hashes(h) for h in hosts]
+        payloads = [self._payload(req, r, h, dst) for req, r, h, dst in zip(requests, rows, hashes, into)]
         if check_finite:
             check_finite_lse([p.lse for p in payloads])
         return payloads
 
-    def _forward_topk(self, tokens: torch.Tensor, tapped: bool = True):
-        """Forward through the pipeline schedule; top-k on the last stage; result on every PP stage."""
+    def _forward_topk(self, tokens: torch.Tensor, seeds: Optional[torch.Tensor] = None, tapped: bool = True):
+        """Forward through the pipeline schedule; top-k (or, given `seeds` [b, s], the sampled ids) on the last
+        stage; result on every PP stage."""
         cfg = self.config
         group = _mpu().get_tensor_model_parallel_group()
 
-        def extract(logits):
+        def extract(logits, seq_major: bool):
+            if seeds is not None:
+                counts, ids, lse = vocab_parallel_sample(
+                    logits, cfg.k, seeds.t() if seq_major else seeds, temperature=cfg.temperature,
+                    vocab_size=self.vocab_size, group=group,
+                )
+                return counts.to(counts_dtype(logits.dtype, cfg.k)), ids, lse
             return vocab_parallel_topk(
                 logits, cfg.k, temperature=cfg.temperature, vocab_size=self.vocab_size, group=group,
                 check_finite=False,  # checked once per score_many, after all its host work is queued
             )
 
-        if self._tap is not None and tapped:
-            results = self._tap.run(lambda: self._run_schedule(tokens, lambda empty: None), extract)
+        if self._tap is not None and tapped:  # the tap hands over the output layer's [s, b, V/TP]
+            results = self._tap.run(lambda: self._run_schedule(tokens, lambda empty: None),
+                                    lambda logits: extract(logits, True))
         else:
-            results = self._run_schedule(tokens, extract)
+            results = self._run_schedule(tokens, lambda logits: extract(logits, False))
         return self._broadcast_from_last_stage(results, tokens.shape)
 
-    def _first_forward_checked(self, tokens: torch.Tensor, tapped: tuple) -> tuple:
+    def _first_forward_checked(self, tokens: torch.Tensor, seeds: Optional[torch.Tensor], tapped: tuple) -> tuple:
         """The output-layer tap checked once, on the engine's first forward, against the untapped forward of the
         same tokens: kept only if the two agree bit for bit on every rank (a Megatron-Core version that changes
         the logits after the output layer would make them differ). Returns the results to serve."""
         # A teacher_mode of its own: FP8 delayed-scaling state is restored between the two forwards, so both
         # run under the same scales.
         with teacher_mode(self.model, self._modules):
-            plain = self._forward_topk(tokens, tapped=False)
+            plain = self._forward_topk(tokens, seeds, tapped=False)
         same = torch.tensor([float(all(_bitwise_equal(a, b) for a, b in zip(tapped, plain)))],
                             device=next(self.model.parameters()).device)
         mpu = _mpu()
@@ -498,8 +525,11 @@ class TeacherEngine:
         k = self.config.k
         device = next(self.model.parameters()).device
         if results is None:
+            values_dtype = self.tconfig.params_dtype
+            if self.config.extraction == "sampled":
+                values_dtype = counts_dtype(values_dtype, k)
             results = (
-                torch.empty(b, s, k, dtype=self.tconfig.params_dtype, device=device),
+                torch.empty(b, s, k, dtype=values_dtype, device=device),
                 torch.empty(b, s, k, dtype=torch.int64, device=device),
                 torch.empty(b, s, dtype=torch.float32, device=device),
             )

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from kd_teacher.contract import TeacherContract
 from kd_teacher.losses.divergences import KINDS, divergence, log1mexp, renormalised, teacher_bucket_logp
+from kd_teacher.losses.sampled import missing_mass, sampled_cross_entropy, sampled_value_flags, why_not_sampled
 from kd_teacher.losses.student import StudentBuckets, raise_on_bad_rows, student_buckets, token_rows
 from kd_teacher.payload import PayloadError, TopKPayload
 
@@ -59,8 +60,9 @@ def _group_size(group) -> int:
 
 
 def _check_contract(payload: TopKPayload, temperature: Optional[float], vocab_size: Optional[int]) -> None:
-    """The payload serves what this loss computes: its temperature, the student's true vocabulary, top-k ids."""
-    expected = TeacherContract(temperature=temperature, vocab_size=vocab_size, extraction="topk")
+    """The payload serves what this loss computes: its temperature, the student's true vocabulary (top-k and
+    sampled ids both: `kd_terms` scores each its own way)."""
+    expected = TeacherContract(temperature=temperature, vocab_size=vocab_size)
     payload.header.check(expected, served="the teacher payload", expecting="the loss", error=KDLossError)
 
 
@@ -97,9 +99,12 @@ def _payload_value_flags(payload: TopKPayload) -> torch.Tensor:
     if payload.values.numel() == 0:
         return torch.zeros(2, dtype=torch.int64, device=payload.values.device)
     ids = payload.indices
-    invalid = ((ids < 0) | (ids >= h.vocab_size)).any()
-    invalid |= ~(torch.isfinite(payload.values).all() & torch.isfinite(payload.lse).all())
-    invalid |= (payload.values.float() / h.temperature - payload.lse.unsqueeze(-1)).amax() > 1e-3
+    if payload.sampled:
+        invalid = sampled_value_flags(payload)
+    else:
+        invalid = ((ids < 0) | (ids >= h.vocab_size)).any()
+        invalid |= ~(torch.isfinite(payload.values).all() & torch.isfinite(payload.lse).all())
+        invalid |= (payload.values.float() / h.temperature - payload.lse.unsqueeze(-1)).amax() > 1e-3
     repeated = torch.zeros_like(invalid)
     if h.k > 1:
         ids = ids.sort(dim=-1).values
@@ -154,6 +159,8 @@ def kd_terms(student_logits, payload, *, kind="forward_kl", temperature=None, ta
     rows = token_rows(student_logits)
     b, s, v_local = student_logits.shape
     _check_payload(payload, b, s)
+    if payload.sampled and why_not_sampled(kind, tail) is not None:
+        raise KDLossError(why_not_sampled(kind, tail))
     _check_contract(payload, temperature, vocab_size)
     t = float(payload.header.temperature)
     vocab = _check_student_vocab(payload, v_local, _group_size(group))
@@ -166,12 +173,15 @@ def kd_terms(student_logits, payload, *, kind="forward_kl", temperature=None, ta
         student = student_buckets(rows.rows, rows.to_rows(payload.indices), vocab_size=vocab, temperature=t,
                                   tail=tail, group=group, chunk_tokens=chunk_tokens, check=False)
     dtype = student.logp.dtype
-    teacher = teacher_bucket_logp(rows.to_rows(payload.values), rows.to_rows(payload.lse), t, tail, dtype,
-                                  covers_vocab=payload.k >= vocab,
-                                  student_log_tail=student.logp[:, -1] if tail else None)
-    student_logp = student.logp if tail else renormalised(student.logp)
-    # Each divergence is >= 0; rounding can leave a token at -1e-8, which would let the sum go below 0.
-    per_row = divergence(kind, teacher, student_logp, float(beta)).clamp(min=0.0) * (t * t)
+    if payload.sampled:  # kd_teacher.losses.sampled: an unbiased estimate, not a divergence (may be < KL)
+        per_row = sampled_cross_entropy(student.logp[:, :-1], rows.to_rows(payload.values), payload.k) * (t * t)
+    else:
+        teacher = teacher_bucket_logp(rows.to_rows(payload.values), rows.to_rows(payload.lse), t, tail, dtype,
+                                      covers_vocab=payload.k >= vocab,
+                                      student_log_tail=student.logp[:, -1] if tail else None)
+        student_logp = student.logp if tail else renormalised(student.logp)
+        # Each divergence is >= 0; rounding can leave a token at -1e-8, which would let the sum go below 0.
+        per_row = divergence(kind, teacher, student_logp, float(beta)).clamp(min=0.0) * (t * t)
 
     keep = weights != 0
     loss = torch.where(keep, rows.to_grid(per_row, b, s) * weights.to(dtype), 0.0)
@@ -191,7 +201,10 @@ def kd_terms(student_logits, payload, *, kind="forward_kl", temperature=None, ta
 
 
 def _teacher_tail(payload: TopKPayload, t: float, vocab: int) -> torch.Tensor:
-    """The teacher's mass outside its k ids, as the payload states it (for the report)."""
+    """The teacher's mass outside its k ids, as the payload states it (for the report); for a sampled payload
+    the Good-Turing estimate of the mass outside the drawn ids."""
+    if payload.sampled:
+        return missing_mass(payload)
     if payload.k >= vocab:
         return torch.zeros_like(payload.lse)
     return log1mexp(torch.logsumexp(payload.log_probs().double(), dim=-1)).exp().float()
@@ -205,7 +218,9 @@ def kd_loss(student_logits: torch.Tensor, payload: TopKPayload, *, kind: str = "
 
     student_logits: [b, s, V/TP], this rank's vocabulary shard (bf16/fp16/fp32), contiguous or Megatron's
         [s, b, V/TP] output transposed as a view. `group`: the TP group (None: the whole vocabulary is here).
-    payload: the teacher's top-k for the same [b, s] tokens (after `payload_for_cp_rank` with CP).
+    payload: the teacher's top-k for the same [b, s] tokens (after `payload_for_cp_rank` with CP). A sampled
+        payload (extraction "sampled") gives the cross-entropy against its draws, whose gradient is an unbiased
+        estimate of the dense forward KL's (`kd_teacher.losses.sampled`); only kind "forward_kl" with tail=True.
     kind: "forward_kl" KL(teacher || student), "reverse_kl" KL(student || teacher), or "jsd" (generalized JSD
         with `beta`; 0 = forward KL, 1 = reverse KL).
     temperature: None = the payload's; another value is an error (the payload's LSE is only valid at its T).
