@@ -43,6 +43,9 @@ _HINTS = {
                    "teacher at the temperature the loss uses",
     "tokenizer_identity": "teacher and student must share a tokenizer (vocabulary and merges), so that an id "
                           "is the same token to both",
+    "extraction": "a sampled payload holds draw counts, scored as an unbiased forward-KL estimate; a top-k payload "
+                  "the k largest logits: set kd.extraction to what the teacher serves (reverse KL and JSD need "
+                  "top-k)",
 }
 
 

@@ -137,7 +137,7 @@ def _server_info(cfg: ServeConfig, engine, replicas: int) -> P.ServerInfo:
     warm = engine.score(torch.zeros(1, 1, dtype=torch.long))
     return P.ServerInfo(
         vocab_size=engine.vocab_size, k=engine.config.k, temperature=float(engine.config.temperature),
-        values_dtype=warm.header.values_dtype, teacher_fingerprint=engine.fingerprint,
+        values_dtype=warm.header.values_dtype, extraction=warm.header.extraction, teacher_fingerprint=engine.fingerprint,
         recipe_fingerprint=engine.recipe_fingerprint, replicas=replicas,
         max_tokens_per_request=cfg.serve.max_tokens_per_request, max_seq_len=cfg.model.max_sequence_length,
     )

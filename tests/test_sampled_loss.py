@@ -133,7 +133,7 @@ def test_report_and_mask():
     (dict(kind="reverse_kl"), "'reverse_kl' has no unbiased estimate from a sampled payload"),
     (dict(kind="jsd", beta=0.5), "not linear in the teacher's probabilities"),
     (dict(tail=False), "tail=False renormalises"),
-    (dict(temperature=1.0), "differs from the payload's 1.5"),
+    (dict(temperature=1.0), "temperature: the loss expects 1.0, the teacher payload has 1.5"),
 ])
 def test_losses_without_an_unbiased_sampled_form_are_refused(kwargs, match):
     payload, student = _payload_and_student()

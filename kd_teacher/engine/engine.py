@@ -39,7 +39,7 @@ from kd_teacher.contract import TeacherContract
 from kd_teacher.dtypes import DTYPE_NAMES, INDEX_DTYPE
 from kd_teacher.payload import (EXTRACTIONS, PayloadError, PayloadHeader, TopKPayload, check_token_ids, counts_dtype,
                                 token_hashes)
-from kd_teacher.sampling import check_draws, check_seed, token_seeds, vocab_parallel_sample
+from kd_teacher.sampling import MAX_DRAWS, check_seed, token_seeds, vocab_parallel_sample
 from kd_teacher.precision import PrecisionRecipe, require_fp8_support, serving_policy
 from kd_teacher.tokenizer_identity import find_tokenizer, tokenizer_identity
 
@@ -81,6 +81,15 @@ class EngineConfig:
             raise ConfigError(f"temperature must be a positive finite number, got {self.temperature!r}")
         if self.max_tokens_per_batch < 1:
             raise ConfigError(f"max_tokens_per_batch must be >= 1, got {self.max_tokens_per_batch!r}")
+        if self.extraction not in EXTRACTIONS:
+            raise ConfigError(f"extraction {self.extraction!r} is not one of {list(EXTRACTIONS)}")
+        if self.extraction == "sampled":
+            if self.k > MAX_DRAWS:
+                raise ConfigError(f"k={self.k} draws per token is more than the sampled kind's maximum of {MAX_DRAWS}")
+            try:
+                check_seed(self.sample_seed)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
 
 def _mpu():
@@ -243,11 +252,6 @@ class TeacherEngine:
         self._check_vocab()
         if config.k > self.vocab_size:
             raise ValueError(f"k={config.k} is larger than the true vocabulary size {self.vocab_size}")
-        if config.extraction not in EXTRACTIONS:
-            raise ValueError(f"engine extraction {config.extraction!r} is not one of {list(EXTRACTIONS)}")
-        if config.extraction == "sampled":
-            check_draws(config.k, self.vocab_size)
-            check_seed(config.sample_seed)
         self.fingerprint = fingerprint or self._fingerprint()
         self.recipe_fingerprint = self.recipe.fingerprint()
         self.tokenizer_identity = tokenizer_identity(tokenizer) if tokenizer is not None else None

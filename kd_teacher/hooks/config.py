@@ -57,6 +57,10 @@ class KDConfig:
     k: int
     temperature: float = 1.0
     kind: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    # How the teacher chose its k ids per token: "topk" (the largest logits), or "sampled" (k draws from its
+    # distribution; forward KL only, an unbiased estimate of its gradient: docs/sampled_kd.md). A teacher or
+    # dump of the other kind is refused at start-up.
+    extraction: Literal["topk", "sampled"] = "topk"
     tail: bool = True
     beta: float = 0.5
     # Weight of the KD term; the script's own loss (cross-entropy) gets 1 - alpha.
@@ -106,6 +110,8 @@ class KDConfig:
             raise ConfigError(f"kd.alpha must be in [0, 1], got {self.alpha}")
         if not (0.0 <= self.beta <= 1.0):
             raise ConfigError(f"kd.beta must be in [0, 1], got {self.beta}")
+        if self.extraction == "sampled":
+            self._check_sampled()
         if self.vocab_size is not None and self.vocab_size < self.k:
             raise ConfigError(f"kd.vocab_size {self.vocab_size} is smaller than kd.k {self.k}")
         if self.chunk_tokens is not None and self.chunk_tokens < 1:
@@ -123,6 +129,16 @@ class KDConfig:
         if self.on_policy is not None:
             self._check_on_policy()
         return self
+
+    def _check_sampled(self) -> None:
+        from kd_teacher.losses.sampled import why_not_sampled
+        from kd_teacher.sampling import MAX_DRAWS
+
+        why = why_not_sampled(self.kind, self.tail)
+        if why is not None:
+            raise ConfigError(f"kd.extraction: sampled with kd.kind={self.kind}, kd.tail={self.tail}: {why}")
+        if self.k > MAX_DRAWS:
+            raise ConfigError(f"kd.k={self.k} draws per token is more than the sampled kind's maximum of {MAX_DRAWS}")
 
     def _check_on_policy(self) -> None:
         self.on_policy.check()

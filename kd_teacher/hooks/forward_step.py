@@ -150,6 +150,7 @@ class KDForwardStep:
         self._prepared: collections.deque = collections.deque()  # payloads from prefetch(), in order
         # What this run needs of the teacher (the student's recipe is added once the student model is known).
         self.expected = TeacherContract(k=cfg.k, temperature=cfg.temperature, vocab_size=self.vocab_size,
+                                        extraction=cfg.extraction,
                                         tokenizer_identity=tokenizer_identity(cfg.tokenizer) if cfg.tokenizer else None)
         self._student_known = False
         # Rows an offline dump lacks: an error in training under kd.offline.missing: error; in evaluation (the

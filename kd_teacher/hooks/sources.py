@@ -267,7 +267,7 @@ def _in_process(cfg: KDConfig) -> InProcessSource:
             "must use the student's pipeline layout"
         )
     # The KD block is authoritative for what the loss consumes: serve exactly its k and temperature.
-    tcfg.engine.k, tcfg.engine.temperature = cfg.k, cfg.temperature
+    tcfg.engine.k, tcfg.engine.temperature, tcfg.engine.extraction = cfg.k, cfg.temperature, cfg.extraction
     return InProcessSource(build_engine(tcfg))
 
 
@@ -279,7 +279,7 @@ def _offline(cfg: KDConfig) -> OfflineSource:
     ocfg = cfg.offline
     if not Path(ocfg.dir).is_dir():
         raise ConfigError(f"kd.offline.dir: {ocfg.dir} is not a directory (no teacher dump there)")
-    expect = {"k": cfg.k, "temperature": cfg.temperature}
+    expect = {"k": cfg.k, "temperature": cfg.temperature, "extraction": cfg.extraction}
     if cfg.vocab_size is not None:
         expect["vocab_size"] = cfg.vocab_size
     # Rows the dump lacks are always served as placeholders marked absent (`payload.present`): the hook decides

@@ -38,13 +38,16 @@ from typing import Any
 from kd_teacher.config import ConfigError, from_dict
 from kd_teacher.contract import TeacherContract
 from kd_teacher.dtypes import DTYPES
+from kd_teacher.payload import EXACT_COUNTS, EXTRACTIONS
 
 log = logging.getLogger(__name__)
 
 FORMAT = "kd-teacher-offline-dump"
-SCHEMA_VERSION = 2  # 2: the manifest and shard entries carry their own checksums
-READABLE_SCHEMA_VERSIONS = (1, 2)  # a version-1 manifest has no checksum: read, with a warning
+SCHEMA_VERSION = 3  # 2: the manifest and shard entries carry their own checksums; 3: `extraction` may be
+#                    "sampled" (values are draw counts), and shards repeat it
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)  # a version-1 manifest has no checksum: read, with a warning; 1 and 2: top-k
 SEALED_SINCE = 2
+SAMPLED_SINCE = 3
 MANIFEST_CHECKSUM = "manifest_blake2b"
 ENTRY_CHECKSUM = "entry_blake2b"
 MANIFEST = "manifest.json"
@@ -267,10 +270,13 @@ class Manifest(TeacherContract):
     def shard_meta(self, i: int) -> dict:
         """The dump-wide fields a shard repeats in its own metadata (so a lone shard explains itself)."""
         r = self.shard_range(i)
-        return dict(format=FORMAT, schema_version=self.schema_version, shard=i, first_sample=r.start, samples=len(r),
-                    k=self.k, temperature=self.temperature, vocab_size=self.vocab_size, index_bits=self.index_bits,
-                    values_dtype=self.values_dtype, teacher_fingerprint=self.teacher_fingerprint,
-                    recipe_fingerprint=self.recipe_fingerprint)
+        meta = dict(format=FORMAT, schema_version=self.schema_version, shard=i, first_sample=r.start,
+                    samples=len(r), k=self.k, temperature=self.temperature, vocab_size=self.vocab_size,
+                    index_bits=self.index_bits, values_dtype=self.values_dtype,
+                    teacher_fingerprint=self.teacher_fingerprint, recipe_fingerprint=self.recipe_fingerprint)
+        if self.schema_version >= SAMPLED_SINCE:  # a lone shard of a sampled dump must say that its values are counts
+            meta["extraction"] = self.extraction
+        return meta
 
     @classmethod
     def from_json(cls, raw: bytes | str, where: str) -> "Manifest":
@@ -287,6 +293,9 @@ class Manifest(TeacherContract):
         if not sealed:
             log.warning("%s: a version-%d manifest has no checksum of its own; damage to it is found only where "
                         "it makes the shards disagree", where, version)
+        if version < SAMPLED_SINCE and data.get("extraction", "topk") != "topk":
+            raise ManifestCorruptError(f"{where}: a version-{version} dump is top-k, but it says extraction "
+                                       f"{data['extraction']!r}")
         try:
             manifest = from_dict(cls, data, where)
             for i, entry in enumerate(manifest.shards):
@@ -309,6 +318,10 @@ class Manifest(TeacherContract):
             problems.append(f"index_bits {self.index_bits} is not the {self.vocab_size}-id vocabulary's")
         if self.values_dtype not in DTYPES or self.logits_dtype not in DTYPES:
             problems.append(f"dtypes {self.values_dtype!r}/{self.logits_dtype!r} are not of {sorted(DTYPES)}")
+        elif self.extraction not in EXTRACTIONS:
+            problems.append(f"extraction {self.extraction!r} is not one of {list(EXTRACTIONS)}")
+        elif self.extraction == "sampled" and self.k > EXACT_COUNTS[self.values_dtype]:
+            problems.append(f"{self.values_dtype} values cannot hold draw counts up to k={self.k}")
         if not (self.num_samples >= 0 and self.samples_per_shard >= 1
                 and self.num_shards == -(-self.num_samples // self.samples_per_shard)):
             problems.append(f"{self.num_shards} shards of {self.samples_per_shard} do not hold {self.num_samples} "

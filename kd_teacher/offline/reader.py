@@ -189,7 +189,8 @@ class OfflineTeacher:
         b, s = tokens.shape
         k = self.k
         hashes = token_hashes(tokens)
-        values = torch.zeros(b, s, k, dtype=self.values_dtype)
+        # Placeholder rows: a uniform distribution over ids 0..k-1 (equal logits; for a sampled dump one draw each)
+        values = (torch.ones if self.manifest.extraction == "sampled" else torch.zeros)(b, s, k, dtype=self.values_dtype)
         indices = torch.arange(k, dtype=INDEX_DTYPE).expand(b, s, k).clone()
         lse = torch.full((b, s), math.log(k), dtype=torch.float32)
         present = torch.zeros(b, dtype=torch.bool)

@@ -42,6 +42,7 @@ from kd_teacher.offline.data import DataConfig, check_token_range
 from kd_teacher.offline.packing import bits_for_vocab, pack_ids
 from kd_teacher.offline.shard import TABLES, SampleRecord, encode_shard, index_digest
 from kd_teacher.dtypes import DTYPE_NAMES, DTYPES, exact_cast
+from kd_teacher.payload import EXACT_COUNTS, counts_dtype
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,9 @@ class DumpWriter:
         e = self.engine
         logits_dtype = DTYPE_NAMES[e.tconfig.params_dtype]
         values_dtype = logits_dtype if self.cfg.output.values_dtype == "auto" else self.cfg.output.values_dtype
-        if not exact_cast(logits_dtype, values_dtype):
+        if e.config.extraction == "sampled":
+            values_dtype = self._counts_dtype(values_dtype, logits_dtype)
+        elif not exact_cast(logits_dtype, values_dtype):
             log.warning("values are stored as %s from %s logits: a lossy cast (output.values_dtype)",
                         values_dtype, logits_dtype)
         n = len(self.source)
@@ -133,8 +136,18 @@ class DumpWriter:
             index_bits=bits_for_vocab(e.vocab_size), values_dtype=values_dtype, logits_dtype=logits_dtype,
             num_samples=n, samples_per_shard=per, num_shards=(n + per - 1) // per, recipe=asdict(e.recipe),
             tokenizer=self.source.tokenizer_identity(), tokenizer_identity=e.tokenizer_identity, dataset=identity,
-            config=stored_config,
+            config=stored_config, extraction=e.config.extraction,
         )
+
+    def _counts_dtype(self, values_dtype: str, logits_dtype: str) -> str:
+        """A sampled dump's values are draw counts 0..k: stored exactly (auto: as the engine gives them)."""
+        k = self.engine.config.k
+        if self.cfg.output.values_dtype == "auto":
+            return DTYPE_NAMES[counts_dtype(DTYPES[logits_dtype], k)]
+        if k > EXACT_COUNTS[values_dtype]:
+            raise ConfigError(f"output.values_dtype {values_dtype} cannot hold a sampled dump's draw counts 0..{k} "
+                              f"exactly (it holds integers up to {EXACT_COUNTS[values_dtype]}): use float32 or auto")
+        return values_dtype
 
     def my_shards(self) -> list[int]:
         return list(range(self.dp_rank, self.manifest.num_shards, self.dp_size))
