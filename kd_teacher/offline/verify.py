@@ -163,7 +163,8 @@ def inspect(directory: str | Path) -> dict:
         directory=str(directory), complete=m.complete, shards=f"{len(entries)}/{m.num_shards}",
         samples=f"{samples}/{m.num_samples}", coverage=samples / max(1, m.num_samples), tokens=tokens, bytes=size,
         bytes_per_token=size / max(1, tokens), bytes_per_entry=size / max(1, tokens * m.k), k=m.k,
-        temperature=m.temperature, vocab_size=m.vocab_size, index_bits=m.index_bits, values_dtype=m.values_dtype,
+        extraction=m.extraction, temperature=m.temperature, vocab_size=m.vocab_size, index_bits=m.index_bits,
+        values_dtype=m.values_dtype,
         logits_dtype=m.logits_dtype, teacher_fingerprint=m.teacher_fingerprint,
         recipe_fingerprint=m.recipe_fingerprint, tokenizer=m.tokenizer, dataset=m.dataset, runs=runs,
     )
