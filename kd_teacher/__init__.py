@@ -1,7 +1,7 @@
 """kd-teacher: teacher serving for knowledge distillation on Megatron-Core.
 
-Public API, in data-flow order: `TeacherEngine` (teacher mode) and `vocab_parallel_topk` produce a
-`TopKPayload`, whose header carries the `TeacherContract` (what the teacher serves, checked with one
+Public API, in data-flow order: `TeacherEngine` (teacher mode) and `vocab_parallel_topk` (or, for the sampled
+kind, `vocab_parallel_sample`) produce a `TopKPayload`, whose header carries the `TeacherContract` (what the teacher serves, checked with one
 `check(expected)` wherever payloads are used); `OfflineTeacher` (dumps) and `RemoteTeacher` (streaming) serve
 payloads from elsewhere; `wrap_forward_step` + `KDConfig` add KD to a Megatron-Core training loop; `kd_loss` / `kd_loss_and_report`
 are the vocab-parallel losses.
@@ -11,6 +11,7 @@ import importlib
 
 from kd_teacher.contract import ContractMismatchError, TeacherContract
 from kd_teacher.payload import PayloadError, PayloadHeader, TokenMismatchError, TopKPayload, token_hash
+from kd_teacher.sampling import vocab_parallel_sample
 from kd_teacher.topk import vocab_parallel_topk
 
 __version__ = "0.1.0"
@@ -40,5 +41,5 @@ def __getattr__(name):
 __all__ = [
     "TopKPayload", "PayloadHeader", "PayloadError", "TokenMismatchError", "token_hash", "TeacherContract",
     "ContractMismatchError",
-    "vocab_parallel_topk", *_LAZY,
+    "vocab_parallel_topk", "vocab_parallel_sample", *_LAZY,
 ]

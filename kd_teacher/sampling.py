@@ -170,13 +170,12 @@ def _draw_chunk(x, seeds, n, temperature, start, valid, bits, tp, rank, group):
     bad = torch.isnan(top) | torch.isposinf(top)
     if tp > 1:
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
-    finite = torch.isfinite(top).unsqueeze(1)
-    e = torch.exp(z - torch.where(finite, top.unsqueeze(1), 0.0))  # <= 1 where the row is finite
-    e = torch.where(finite & ~torch.isnan(e), e, 0.0)  # non-finite rows: no mass, caught by the LSE check
-    weights = torch.floor(e * 2.0 ** bits).to(torch.int64)
-    cumulative = torch.cumsum(weights, dim=1)
-    mine = cumulative[:, -1] if valid else torch.zeros(rows, dtype=torch.int64, device=x.device)
+    # exp(z - top) <= 1. A row whose top is not finite, or that holds NaN, gets NaN or 0 here, and nan_to_num
+    # leaves it no mass (its LSE, below, makes the caller refuse the payload).
+    e = torch.sub(z, top.unsqueeze(1)).exp_().nan_to_num_(nan=0.0)
     part = torch.where(bad, math.nan, e.sum(dim=1, dtype=torch.float64))
+    cumulative = torch.cumsum(e.mul_(2.0 ** bits).floor_().to(torch.int64), dim=1)
+    mine = cumulative[:, -1] if valid else torch.zeros(rows, dtype=torch.int64, device=x.device)
     if tp > 1:
         totals = [torch.empty_like(mine) for _ in range(tp)]
         dist.all_gather(totals, mine, group=group)

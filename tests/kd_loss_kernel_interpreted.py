@@ -6,8 +6,9 @@ runs this file in a child process with TRITON_INTERPRET=1, because Triton reads 
 Triton already without it.
 
 Small shards: odd widths, padding, T != 1, a shard that owns some of the ids and not others, rows with -inf,
-NaN or +inf, k up to the whole vocabulary, several tiles per row (so the online max/sum rescales). On the GPU,
-tests/gpu/test_kd_loss_kernel.py checks the compiled kernels the same way at full size.
+NaN or +inf, k up to the whole vocabulary, several tiles per row (so the online max/sum rescales); and a
+sampled payload's loss, which runs through the same passes. On the GPU, tests/gpu/test_kd_loss_kernel.py checks
+the compiled kernels the same way at full size.
 """
 
 import os
