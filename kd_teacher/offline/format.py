@@ -43,9 +43,10 @@ from kd_teacher.payload import EXACT_COUNTS, EXTRACTIONS
 log = logging.getLogger(__name__)
 
 FORMAT = "kd-teacher-offline-dump"
-SCHEMA_VERSION = 3  # 2: the manifest and shard entries carry their own checksums; 3: `extraction` may be
-#                    "sampled" (values are draw counts), and shards repeat it
-READABLE_SCHEMA_VERSIONS = (1, 2, 3)  # a version-1 manifest has no checksum: read, with a warning; 1 and 2: top-k
+# 2: the manifest and shard entries carry their own checksums. 3: `extraction` may be "sampled" (values are draw
+# counts), and shards repeat it in their metadata.
+SCHEMA_VERSION = 3
+READABLE_SCHEMA_VERSIONS = (1, 2, 3)  # a version-1 manifest has no checksum: read, with a warning; 1, 2: top-k
 SEALED_SINCE = 2
 SAMPLED_SINCE = 3
 MANIFEST_CHECKSUM = "manifest_blake2b"

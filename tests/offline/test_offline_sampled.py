@@ -46,7 +46,7 @@ def sampled_reference(tmp_path_factory, data_prefix):
 def test_sampled_dump_resumes_byte_identical_verifies_and_serves(sampled_reference, tmp_path):
     cfg, out, ref_bytes = sampled_reference
     m = fmt.load_manifest(out)
-    assert (m.extraction, m.schema_version, m.values_dtype, m.k) == ("sampled", 2, "float32", 8)
+    assert (m.extraction, m.schema_version, m.values_dtype, m.k) == ("sampled", 3, "float32", 8)
     assert inspect(out)["extraction"] == "sampled"
     killed = tmp_path / "killed"
     rng = random.Random(5)
