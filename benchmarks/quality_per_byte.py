@@ -42,6 +42,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -57,13 +58,14 @@ from kd_teacher.payload import TopKPayload  # noqa: E402
 from kd_teacher.runtime import init_distributed  # noqa: E402
 
 PRESETS = {
-    # 2 shared CPU cores: < 20 minutes. 17 payloads x 3 seeds of 120 steps x 16 x 64 tokens, on one thread (on a
-    # loaded machine a second OpenMP thread spins more than it computes: 10x the CPU time per step, measured).
+    # 2 shared CPU cores: < 20 minutes. 17 payloads x 3 seeds of 120 steps x 16 x 64 tokens, in 2 processes of
+    # one thread (on a loaded machine a second OpenMP thread spins more than it computes: 10x the CPU time per
+    # step, measured), ~23 CPU-minutes in all.
     "cpu": dict(seq_len=64, train_sequences=512, heldout_sequences=64, steps=120, micro_batch_size=16, warmup=12,
-                seeds=3, ks=(4, 8, 16, 32, 64), threads=1),
+                seeds=3, ks=(4, 8, 16, 32, 64), threads=1, workers=2),
     # One H200: < 8 minutes. 17 payloads x 3 seeds of 600 steps x 32 x 128 tokens.
     "gpu": dict(seq_len=128, train_sequences=4096, heldout_sequences=192, steps=600, micro_batch_size=32,
-                warmup=30, seeds=3, ks=(4, 8, 16, 32, 64), threads=None),
+                warmup=30, seeds=3, ks=(4, 8, 16, 32, 64), threads=None, workers=1),
 }
 ECE_BINS = 15
 
@@ -289,9 +291,20 @@ def plot(path: Path, rows: list[dict], teacher: dict) -> bool:
     return True
 
 
-def run(preset: str, out: Path, seeds: int | None = None, steps: int | None = None) -> dict:
-    cfg = dict(PRESETS[preset])
-    cfg.update({k: v for k, v in dict(seeds=seeds, steps=steps).items() if v is not None})
+@dataclass
+class Setup:
+    """What every training run of the study shares: data, the teacher, its payloads, the held-out reference."""
+
+    demo: DemoConfig
+    data: object
+    teacher: torch.nn.Module
+    vocab: int
+    device: torch.device
+    heldout_logp: torch.Tensor
+    payloads: dict
+
+
+def prepare(cfg: dict) -> Setup:
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     init_distributed(1, 1, seed=0)
@@ -301,7 +314,6 @@ def run(preset: str, out: Path, seeds: int | None = None, steps: int | None = No
                       micro_batch_size=cfg["micro_batch_size"])
     from kd_teacher.assets.teacher import build_tiny_teacher
 
-    t0 = time.perf_counter()
     data = load_data(demo)
     teacher, teacher_cfg, _ = build_tiny_teacher()
     teacher.eval()
@@ -309,32 +321,65 @@ def run(preset: str, out: Path, seeds: int | None = None, steps: int | None = No
     payloads = make_payloads(teacher, data.train[:, :-1].to(device), vocab, cfg["ks"], cfg["seeds"])
     heldout_logp = torch.cat([F.log_softmax(logits_of(teacher, data.heldout[i:i + 32, :-1].to(device), vocab), -1)
                               for i in range(0, data.heldout.shape[0], 32)]).cpu()
-    teacher_eval = evaluate(teacher, data.heldout, heldout_logp, vocab, device)
-    prep_seconds = time.perf_counter() - t0
+    return Setup(demo, data, teacher, vocab, device, heldout_logp, payloads)
+
+
+def run_jobs(cfg: dict, jobs: list[tuple[str, int]], with_teacher: bool) -> tuple[list[dict], Optional[dict]]:
+    """Train and evaluate each (payload name, seed) of `jobs` (in a worker process, or in this one); with_teacher:
+    also the teacher's own held-out numbers."""
+    setup = prepare(cfg)
+    teacher = None
+    if with_teacher:
+        teacher = evaluate(setup.teacher, setup.data.heldout, setup.heldout_logp, setup.vocab, setup.device)
+        teacher.update(parameters=sum(p.numel() for p in setup.teacher.parameters()), vocab=setup.vocab,
+                       device=torch.cuda.get_device_name() if setup.device.type == "cuda"
+                       else f"cpu, {torch.get_num_threads()} thread(s) a process")
+    by_name = {arm.name: arm for arm in arms(cfg["ks"])}
+    out = []
+    for name, seed in jobs:
+        arm = by_name[name]
+        result = train(arm, seed, cfg, setup.demo, setup.data, setup.teacher, setup.payloads, setup.device)
+        metrics = evaluate(result["student"], setup.data.heldout, setup.heldout_logp, setup.vocab, setup.device)
+        metrics.update(arm=name, seed=seed, train_seconds=result["seconds"], final_train_loss=result["final_train_loss"],
+                       student_parameters=sum(p.numel() for p in result["student"].parameters()))
+        out.append(metrics)
+        print(f"seed {seed} {name:14s} KL {metrics['kl']:.3f} loss {metrics['loss']:.3f} ECE {metrics['ece']:.4f} "
+              f"({result['seconds']:.1f} s)", flush=True)
+    return out, teacher
+
+
+def run(preset: str, out: Path, seeds: int | None = None, steps: int | None = None,
+        workers: int | None = None) -> dict:
+    cfg = dict(PRESETS[preset])
+    cfg.update({k: v for k, v in dict(seeds=seeds, steps=steps, workers=workers).items() if v is not None})
+    t0 = time.perf_counter()
     arm_list = arms(cfg["ks"])
-    runs: dict = {arm.name: [] for arm in arm_list}
-    train_seconds = 0.0
-    for seed in range(cfg["seeds"]):
-        for arm in arm_list:
-            result = train(arm, seed, cfg, demo, data, teacher, payloads, device)
-            student_parameters = sum(p.numel() for p in result["student"].parameters())
-            metrics = evaluate(result["student"], data.heldout, heldout_logp, vocab, device)
-            metrics.update(seed=seed, train_seconds=result["seconds"], final_train_loss=result["final_train_loss"])
-            runs[arm.name].append(metrics)
-            train_seconds += result["seconds"]
-            print(f"seed {seed} {arm.name:14s} KL {metrics['kl']:.3f} loss {metrics['loss']:.3f} "
-                  f"ECE {metrics['ece']:.4f} ({result['seconds']:.1f} s)", flush=True)
+    jobs = [(arm.name, seed) for seed in range(cfg["seeds"]) for arm in arm_list]
+    if cfg["workers"] > 1:  # processes of their own (each prepares the same payloads: they are deterministic)
+        import multiprocessing
+
+        shares = [(cfg, jobs[i::cfg["workers"]], i == 0) for i in range(cfg["workers"])]
+        with multiprocessing.get_context("spawn").Pool(cfg["workers"]) as pool:
+            parts = pool.starmap(run_jobs, shares)
+    else:
+        parts = [run_jobs(cfg, jobs, True)]
+    results = [r for part, _ in parts for r in part]
+    teacher_eval = parts[0][1]
+    runs: dict = {arm.name: sorted((r for r in results if r["arm"] == arm.name), key=lambda r: r["seed"])
+                  for arm in arm_list}
+    train_seconds = sum(r["train_seconds"] for r in results)
+    student_parameters = results[0]["student_parameters"]
+    vocab = teacher_eval["vocab"]
     rows = summarise(runs, arm_list, vocab)
     png = out.with_suffix(".png")
     result = dict(
         benchmark="quality_per_byte", preset=preset, config={**cfg, "ks": list(cfg["ks"])},
-        machine=dict(platform=platform.platform(), device=torch.cuda.get_device_name() if device.type == "cuda"
-                     else f"cpu x{torch.get_num_threads()} threads", torch=torch.__version__),
-        teacher=dict(parameters=sum(p.numel() for p in teacher.parameters()), **teacher_eval),
+        machine=dict(platform=platform.platform(), device=teacher_eval["device"], torch=torch.__version__,
+                     workers=cfg["workers"]),
+        teacher=teacher_eval,
         student_parameters=student_parameters,
         rows=rows, runs=runs, advice=advice(rows, runs), table=table(rows),
-        seconds=dict(prepare=prep_seconds, train=train_seconds, total=time.perf_counter() - t0,
-                     process_cpu=time.process_time()),
+        seconds=dict(train=train_seconds, total=time.perf_counter() - t0),
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     result["png"] = str(png) if plot(png, rows, teacher_eval) else None
@@ -348,11 +393,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON path (the PNG goes beside it)")
     ap.add_argument("--seeds", type=int, default=None, help="override the preset's number of seeds (>= 2)")
     ap.add_argument("--steps", type=int, default=None, help="override the preset's training steps (a quick check)")
+    ap.add_argument("--workers", type=int, default=None, help="training processes (the cpu preset: 2, one a core)")
     args = ap.parse_args()
     if args.seeds is not None and args.seeds < 2:
         ap.error("--seeds must be >= 2: the table compares differences with the seed-to-seed spread")
     out = args.out or Path(__file__).resolve().parent / "results" / f"quality_per_byte_{args.preset}.json"
-    result = run(args.preset, out, args.seeds, args.steps)
+    result = run(args.preset, out, args.seeds, args.steps, args.workers)
     t = result["teacher"]
     print(f"\nteacher: held-out KL 0, loss {t['loss']:.3f}, ECE {t['ece']:.4f}; "
           f"{result['seconds']['total']:.0f} s in all; JSON {out}; PNG {result['png']}")

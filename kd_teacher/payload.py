@@ -6,9 +6,10 @@ T of a served id is `values / T - lse`, and the mass outside the top-k is exact:
 
 The header's `extraction` says how the ids were chosen. "topk" is the above. "sampled" (schema version 2,
 `kd_teacher.sampling`): the teacher drew k ids per token from its distribution at T, with replacement; `values`
-then hold how many of the k draws fell on each id (fp32 counts summing to k, an unbiased estimate k * p of the
-teacher's probabilities), the ids are the distinct drawn ids followed by count-0 fillers, and `lse` is the same
-log-sum-exp. Readers of this version read version-1 payloads (all top-k) unchanged.
+then hold how many of the k draws fell on each id (counts summing to k, an unbiased estimate k * p of the
+teacher's probabilities; in the logits' dtype where it holds 0..k exactly, else fp32), the ids are the distinct
+drawn ids followed by count-0 fillers, and `lse` is the same log-sum-exp. Readers of this version read version-1
+payloads (all top-k) unchanged.
 
 Wire form (`to_bytes`): magic, a JSON header, the three raw tensor buffers, and a 16-byte BLAKE2b digest of
 everything before it. No pickle: a reader parses JSON and copies raw bytes, and checks sizes against the
