@@ -35,7 +35,7 @@ import torch.distributed as dist
 # Draws per token: the payload stores n slots per token (n ids, n counts), like top-k with k = n.
 MAX_DRAWS = 1024
 _M32 = 0xFFFFFFFF
-# Tokens per chunk: bounds the float64 and int64 working copies to chunk x V_local x 16 bytes.
+# Tokens per chunk: bounds the fp32 and int64 working copies to chunk x V_local x 12 bytes.
 _CHUNK_TOKENS = 256
 
 
@@ -99,7 +99,7 @@ def check_draws(n, vocab_size: int) -> None:
         raise ValueError(f"draws per token must be a positive integer, got {n!r}")
     if n > MAX_DRAWS:
         raise ValueError(f"{n} draws per token is more than the maximum of {MAX_DRAWS} (a payload stores n slots a "
-                         "token); at that many draws a top-k payload of the same size is the better choice")
+                         "token, and the sampler works on tokens x n draws at a time)")
     if n > vocab_size:
         raise ValueError(f"{n} draws per token exceed the vocabulary of {vocab_size} ids: a payload stores n "
                          "distinct ids a token")
