@@ -93,8 +93,11 @@ def build_datasets(cfg: ExampleConfig, num_samples: list[int]):
     from megatron.core.tokenizers.text.libraries.null_tokenizer import NullTokenizer
 
     d = cfg.data
-    if d.synthetic_documents and not Path(d.prefix + ".idx").exists():
-        if dist.get_rank() == 0:
+    if d.synthetic_documents:
+        # Only rank 0 looks at the disk; every rank takes the barrier. Deciding per rank raced: a rank that
+        # looked after rank 0 had written the corpus skipped the barrier, and from then on its collectives
+        # paired with the wrong ones of rank 0 (seen as a hang at Megatron's dataset-builder barrier).
+        if dist.get_rank() == 0 and not Path(d.prefix + ".idx").exists():
             write_synthetic_corpus(d.prefix, d.synthetic_documents, cfg.model.vocab_size, d.seed)
         dist.barrier()
     config = GPTDatasetConfig(
