@@ -211,6 +211,27 @@ def _stale_reply_discarded() -> dict:
             "matched": [p.header.token_hashes == token_hashes(t) for p, t in zip(fresh, tokens[1:])]}
 
 
+def _heartbeat_store_reads(seconds: float) -> int:
+    """KD-store operations a waiting student makes in `seconds` (review 23.6: it was 50 a second each)."""
+    channel = _CLIENT["rt"].channel
+    store, reads = channel.store, []
+
+    class Counting:  # the real store, with its heartbeat reads counted
+        def add(self, key, value):
+            reads.append(key)
+            return store.add(key, value)
+
+    channel.store = Counting()
+    try:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            channel._check_teacher()
+            time.sleep(0.005)
+    finally:
+        channel.store = store
+    return len(reads)
+
+
 def _close() -> bool:
     rt = _CLIENT.pop("rt", None)
     if rt is not None:
@@ -251,6 +272,8 @@ def test_dist_teacher_tp2_students_tp1_bitwise_thousand_requests_bad_and_stale_t
         assert all("not sent" in r for r in run_distributed(_far_too_large_is_not_sent, 2, tp=1))
         for r in run_distributed(_stale_reply_discarded, 2, tp=1):
             assert r == {"timed_out": True, "discarded": 1, "matched": [True, True]}, r
+        # A tenth of HEARTBEAT_S between reads: about 7 in a second, not the 50 a fixed 20 ms made.
+        assert all(n <= 8 for n in run_distributed(_heartbeat_store_reads, 2, 1.0, tp=1))
         signal_later(teacher[:1], signal.SIGKILL, 1.0)
         assert_failed_in_time(run_distributed(_score_until_failure, 2, tp=1))
     finally:
