@@ -7,6 +7,7 @@ initialising them first would only cost time (for a large teacher, minutes of CP
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -15,6 +16,8 @@ import torch
 from kd_teacher.engine.model import ModelConfig, build_gpt_model, transformer_config
 from kd_teacher.hf.config import FAMILIES, family_of, model_config_from_hf, read_hf_config
 from kd_teacher.hf.weights import load_hf_weights
+
+log = logging.getLogger(__name__)
 
 
 def current_layout(moe: bool) -> dict:
@@ -34,6 +37,15 @@ def build_hf_model(path: str | Path, model_config: Optional[ModelConfig] = None,
                    overrides: Optional[dict] = None) -> tuple[torch.nn.Module, ModelConfig]:
     """(this rank's model with the checkpoint's weights, its ModelConfig). Without `model_config`, it is made
     from config.json, the parallel layout parallel_state is initialised with, and `overrides`."""
+    model, model_config, family = build_unfilled_hf_model(path, model_config, overrides)
+    read, total = load_hf_weights(model, path, model_config, family)
+    log.info("%s: this rank read %.1f MB of the checkpoint's %.1f MB", path, read / 2**20, total / 2**20)
+    return model, model_config
+
+
+def build_unfilled_hf_model(path: str | Path, model_config: Optional[ModelConfig] = None,
+                            overrides: Optional[dict] = None) -> tuple[torch.nn.Module, ModelConfig, str]:
+    """(this rank's model, uninitialised, its ModelConfig, the checkpoint's family)."""
     hf = read_hf_config(path)
     family = family_of(hf)
     if model_config is None:
@@ -42,5 +54,4 @@ def build_hf_model(path: str | Path, model_config: Optional[ModelConfig] = None,
     config = transformer_config(model_config)
     config.perform_initialization = False
     model, _ = build_gpt_model(model_config, config)
-    load_hf_weights(model, path, model_config, family)
-    return model, model_config
+    return model, model_config, family

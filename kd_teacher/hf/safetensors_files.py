@@ -57,6 +57,7 @@ class SafetensorsFiles:
         if absent:
             raise HFCheckpointError(f"{index} lists {len(absent)} tensor(s) its files do not hold, e.g. {absent[:3]}")
         self._handles: Optional[dict] = None
+        self.bytes_read = 0  # what `read` returned so far: at TP/EP > 1 a rank's share, not the checkpoint
 
     def _files(self, weight_map: Optional[dict]) -> list[str]:
         if weight_map is not None:
@@ -121,6 +122,12 @@ class SafetensorsFiles:
         if entry is None:
             raise HFCheckpointError(f"{self.directory} has no tensor {name}")
         sl = self._handle(entry.file).get_slice(name)
-        if cols is None:
-            return sl[rows if rows is not None else slice(None)]
-        return sl[rows if rows is not None else slice(None), cols]
+        rows = rows if rows is not None else slice(None)
+        block = sl[rows] if cols is None else sl[rows, cols]
+        self.bytes_read += block.numel() * block.element_size()
+        return block
+
+    @property
+    def total_bytes(self) -> int:
+        """The checkpoint files' bytes (what one rank would read without TP/EP slicing, plus small headers)."""
+        return sum((self.directory / f).stat().st_size for f in {e.file for e in self.entries.values()})

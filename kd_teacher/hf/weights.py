@@ -207,8 +207,9 @@ def _reader(key: str, cfg: ModelConfig, family: str, layer_number: dict, shards:
     return None
 
 
-def load_hf_weights(model: torch.nn.Module, directory: str | Path, cfg: ModelConfig, family: str) -> None:
-    """Fill every parameter of this rank's `model` (built from `cfg`) from the checkpoint in `directory`.
+def load_hf_weights(model: torch.nn.Module, directory: str | Path, cfg: ModelConfig, family: str) -> tuple[int, int]:
+    """Fill every parameter of this rank's `model` (built from `cfg`) from the checkpoint in `directory`; returns
+    (bytes this rank read, bytes of the whole checkpoint): under TP/EP a rank reads its slices, not the tensors.
 
     The checkpoint is checked against `cfg` first (`check_checkpoint`); a Megatron-Core parameter the mapping
     does not know is an error naming it, so no parameter keeps its initial values.
@@ -241,3 +242,4 @@ def load_hf_weights(model: torch.nn.Module, directory: str | Path, cfg: ModelCon
                     f"is {list(param.shape)} (TP/EP layout or config mismatch)"
                 )
             param.copy_(block.to(dtype=param.dtype))
+    return files.bytes_read, files.total_bytes

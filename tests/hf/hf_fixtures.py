@@ -94,6 +94,15 @@ def score_hf(directory: str, toks: torch.Tensor, k: int = K, overrides=None, con
     return out
 
 
+def bytes_read(directory: str) -> tuple[int, int]:
+    """(bytes this rank read, the checkpoint's bytes) when it loads `directory` in this job's layout."""
+    from kd_teacher.hf.load import build_unfilled_hf_model
+    from kd_teacher.hf.weights import load_hf_weights
+
+    model, cfg, family = build_unfilled_hf_model(directory)
+    return load_hf_weights(model, directory, cfg, family)
+
+
 def import_hf(directory: str, out: str, *extra: str) -> int:
     """`kd-teacher import-hf DIRECTORY --out OUT` on every rank of this job (the conversion is collective)."""
     from kd_teacher.cli import main

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kd_teacher.testing.distributed import run_distributed
-from tests.hf.hf_fixtures import FAMILIES, hf_reference, make_checkpoint, score_hf, tokens
+from tests.hf.hf_fixtures import FAMILIES, bytes_read, hf_reference, make_checkpoint, score_hf, tokens
 
 LOGPROB_TOL = 1e-4
 DENSE = ["llama", "mistral", "qwen2", "qwen3"]
@@ -54,6 +54,17 @@ def test_dense_family_matches_hugging_face(checkpoints, reference, family, tp):
     for out in outs:
         assert_matches_hf(out, refs[family])
     assert torch.equal(outs[0]["values"], outs[1]["values"])
+
+
+def test_each_tensor_parallel_rank_reads_only_its_shard(checkpoints):
+    """At TP=2 a rank reads about half the checkpoint (its slices), not every tensor; at TP=1 all of it."""
+    (whole_read, total), = {tuple(r) for r in run_distributed(bytes_read, 2, str(checkpoints["llama"]), tp=1)}
+    assert whole_read > 0.95 * total
+    shares = run_distributed(bytes_read, 2, str(checkpoints["llama"]), tp=2)
+    for read, _ in shares:
+        assert read < 0.55 * whole_read, f"a TP=2 rank read {read} of {whole_read} bytes"
+    # Only the norms are read by both ranks: the two shares together are the checkpoint and a little more.
+    assert whole_read <= sum(read for read, _ in shares) < 1.05 * whole_read
 
 
 def test_pipeline_parallel_tied_embeddings_match_hugging_face(checkpoints, reference):
