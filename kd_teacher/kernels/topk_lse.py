@@ -30,7 +30,7 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @dataclasses.dataclass(frozen=True)
 class TopKKernelConfig:
-    """Tuning of the fused kernel (benchmarks/topk_kernel.py sweeps these; see README for what was measured)."""
+    """Tuning of the fused kernel (benchmarks/topk_kernel.py sweeps these; docs/teacher_mode.md says what was measured)."""
 
     chunk: int = 8192  # columns per program of the streaming pass (power of two, >= 512)
     num_warps: int = 8  # warps per program of the streaming pass
