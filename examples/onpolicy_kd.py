@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from kd_teacher import demo
-from kd_teacher.config import apply_overrides, from_dict
+from kd_teacher.config import ConfigError, apply_overrides, from_dict
 
 log = logging.getLogger("onpolicy_kd")
 
@@ -191,7 +192,10 @@ def format_report(report: dict) -> str:
 
 def parse_config(argv: list[str]) -> ExampleConfig:
     # Overrides apply to the defaults, so `pretrain.steps=60` changes one field of the pre-training.
-    return from_dict(ExampleConfig, apply_overrides(asdict(ExampleConfig()), argv))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="fields and defaults: ExampleConfig in this file")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. steps=40 pretrain.steps=60")
+    return from_dict(ExampleConfig, apply_overrides(asdict(ExampleConfig()), parser.parse_args(argv).overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("megatron", "kd_teacher.offline"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"onpolicy_kd.py: {e}", file=sys.stderr)
+        return 2
     report = run(cfg)
     print(format_report(report))
     return 0 if report["on_policy_wins"] else 1
