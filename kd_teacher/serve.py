@@ -110,8 +110,10 @@ class ServeStats:
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
-def serve(cfg: ServeConfig, stop: Optional[threading.Event] = None, ready: Optional[threading.Event] = None) -> ServeStats:
-    """Build the teacher on this process's ranks and serve until `stop` (or all students left)."""
+def serve(cfg: ServeConfig, stop: Optional[threading.Event] = None, ready: Optional[threading.Event] = None,
+          stats: Optional[ServeStats] = None) -> ServeStats:
+    """Build the teacher on this process's ranks and serve until `stop` (or all students left). `stats`: counted
+    into while serving (a caller that watches the server, as benchmarks/serve_capacity.py does)."""
     from megatron.core import parallel_state as mpu
 
     from kd_teacher.engine.model import init_model_parallel
@@ -128,7 +130,7 @@ def serve(cfg: ServeConfig, stop: Optional[threading.Event] = None, ready: Optio
     endpoint = _endpoint(cfg.serve, info, mpu.get_data_parallel_rank()) if head else None
     if ready is not None:
         ready.set()
-    stats = ServeStats()
+    stats = stats if stats is not None else ServeStats()
     queues = StudentQueues(engine.config.max_tokens_per_batch, cfg.serve.max_in_flight_per_student,
                            cfg.serve.max_wait_ms / 1000.0, cfg.serve.max_requests_per_batch)
     status = StatusLine(cfg.serve.status_interval_s, engine.config.max_tokens_per_batch)

@@ -15,6 +15,7 @@ latency of every request in seconds.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import Optional
@@ -22,14 +23,15 @@ from typing import Optional
 import torch
 
 
-def micro_batches(seed: int, rank: int, n: int, lengths: list[int], max_batch: int) -> list[torch.Tensor]:
-    """Request i of student `rank`: [b, s] token ids with b in 1..max_batch and s one of `lengths`."""
+def micro_batches(seed: int, rank: int, n: int, lengths: list[int], max_batch: int, min_batch: int = 1,
+                  vocab_size: int = 1000) -> list[torch.Tensor]:
+    """Request i of student `rank`: [b, s] token ids with b in min_batch..max_batch and s one of `lengths`."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + rank)
     out = []
     for _ in range(n):
-        b = int(torch.randint(1, max_batch + 1, (1,), generator=g))
+        b = int(torch.randint(min_batch, max_batch + 1, (1,), generator=g))
         s = lengths[int(torch.randint(0, len(lengths), (1,), generator=g))]
-        out.append(torch.randint(1, 1000, (b, s), generator=g))
+        out.append(torch.randint(1, vocab_size, (b, s), generator=g))
     return out
 
 
@@ -45,8 +47,15 @@ def run(args) -> dict:
                               vocab_size=args.vocab_size, max_in_flight=args.max_in_flight, timeout_s=args.timeout_s,
                               heartbeat_timeout_s=args.heartbeat_timeout_s, connect_timeout_s=args.connect_timeout_s)
     lengths = [int(x) for x in args.lengths.split(",")]
-    batches = micro_batches(args.seed, args.rank, args.requests, lengths, args.max_batch)
+    batches = micro_batches(args.seed, args.rank, args.requests, lengths, args.max_batch, args.min_batch,
+                            args.vocab_size)
     rt = RemoteTeacher(cfg)
+    if args.go:  # connected: wait for the others, so that a measured phase starts with every student sending
+        with open(f"{args.out}.ready", "w"):
+            pass
+        while not os.path.exists(args.go):
+            time.sleep(0.005)
+    started = time.time()
     pin = args.pinned and torch.cuda.is_available()
     buffers: dict = {}  # where the loss would read the payload from: reused per shape, as the hook does
     results, latency, pending = {}, [], []
@@ -81,9 +90,11 @@ def run(args) -> dict:
     for item in pending:
         take(*item)
     seconds = time.perf_counter() - t0
+    ended = time.time()
     rt.close()
     tokens = sum(int(batches[i].numel()) for i in results)
-    return dict(rank=args.rank, results=results, latency_s=latency, seconds=seconds, tokens=tokens)
+    return dict(rank=args.rank, results=results, latency_s=latency, seconds=seconds, tokens=tokens,
+                started=started, ended=ended)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -98,6 +109,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--lengths", default="8,16", help="comma-separated sequence lengths to draw from")
     ap.add_argument("--max-batch", type=int, default=2)
+    ap.add_argument("--min-batch", type=int, default=1)
     ap.add_argument("--mode", choices=["flood", "single"], default="flood")
     ap.add_argument("--max-in-flight", type=int, default=4)
     ap.add_argument("--k", type=int, default=16)
@@ -107,6 +119,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--connect-timeout-s", type=float, default=120.0)
     ap.add_argument("--pinned", action="store_true", help="consume payloads into pinned buffers (with CUDA)")
     ap.add_argument("--keep", action="store_true", help="keep every payload's tensors in the result file")
+    ap.add_argument("--go", help="after connecting, touch OUT.ready and wait until this file exists")
     ap.add_argument("--progress", help="a file that holds the number of replies taken in so far")
     ap.add_argument("--out", required=True)
     return ap
