@@ -97,8 +97,9 @@ def _serve_students(transport: str, overrides: list, students: list, workdir: st
             time.sleep(0.01)
         victim.send_signal(signal.SIGKILL)
         victim.wait()
-        restarted = _student(transport, where, kill["rank"], num, workdir / f"s{kill['rank']}.pt",
-                             *students[kill["rank"]])
+        if kill.get("restart", True):
+            restarted = _student(transport, where, kill["rank"], num, workdir / f"s{kill['rank']}.pt",
+                                 *students[kill["rank"]])
     codes = _wait([p for r, p in procs.items() if kill is None or r != kill["rank"]], 240)
     if restarted is not None:
         codes += _wait([restarted], 240)
@@ -153,7 +154,7 @@ def table(tmp_path_factory) -> Path:
 
 def _assert_all_answered(summary: dict, students: int):
     assert summary["error"] is None and all(c == 0 for c in summary["codes"]), summary
-    for rank in range(students):
+    for rank in students:
         check = summary["checks"][rank]
         assert check["replies"] == check["requests"] == REQUESTS, (rank, check)  # none lost, none extra
         assert check["matched"] == REQUESTS and check["bitwise"] == REQUESTS, (rank, check)
@@ -166,21 +167,27 @@ def test_shm_students_share_forwards_in_proven_shapes_bitwise_and_a_killed_stude
                                [f"engine.invariance_table={table}", "engine.max_tokens_per_batch=64",
                                 "serve.max_wait_ms=5"], students, str(tmp_path),
                                kill=dict(rank=STUDENTS - 1, after=REQUESTS // 4), timeout=400)
-    _assert_all_answered(summary, STUDENTS)
+    _assert_all_answered(summary, range(STUDENTS))
     # The killed student's requests that were in flight never came back to it; its restart sent all again.
     assert summary["requests"] >= STUDENTS * REQUESTS
     # Rows of several requests shared forwards: fewer forwards than requests scored.
     assert summary["forwards"] < summary["requests"], summary
 
 
-def test_gloo_students_each_request_as_given_bitwise(tmp_path):
+def test_gloo_students_each_request_as_given_bitwise_and_a_killed_student_does_not_stop_the_others(tmp_path):
+    """torch.distributed: the KD group's membership is fixed when it forms, so a killed student cannot come back
+    (docs/streaming.md); the others go on. (Student rank 0 hosts the KD store: it is not the one killed.)"""
     students = [["--requests", str(REQUESTS), "--max-in-flight", "4"] for _ in range(STUDENTS)]
+    students[STUDENTS - 1] += ["--progress", str(tmp_path / "progress")]
     summary, = run_distributed(_serve_students, 1, "dist", ["serve.backend=gloo", "serve.connect_timeout_s=120",
                                                            "serve.max_wait_ms=5"], students, str(tmp_path),
-                               timeout=400)
-    _assert_all_answered(summary, STUDENTS)
+                               kill=dict(rank=STUDENTS - 1, after=REQUESTS // 4, restart=False), timeout=400)
+    _assert_all_answered(summary, range(STUDENTS - 1))
+    assert summary["checks"][STUDENTS - 1] == dict(missing="no result file")  # killed before it wrote one
     # repacking off (the default): one forward per request, rounds still gather several students' requests
-    assert summary["forwards"] == summary["requests"] == STUDENTS * REQUESTS
+    # (requests of the killed student still queued when it was found gone are dropped, not scored)
+    assert summary["forwards"] == summary["requests"] - summary["dropped"] < STUDENTS * REQUESTS
+    assert summary["requests"] >= (STUDENTS - 1) * REQUESTS + REQUESTS // 4
     assert summary["rounds"] < summary["requests"]
 
 
@@ -197,5 +204,6 @@ def test_a_flooding_student_does_not_starve_one_that_sends_one_at_a_time(tmp_pat
     assert len(single_rounds) == 25
     # The stated bound: scored in the first round formed after it arrived, or at worst the one after.
     assert percentile(single_rounds, 99) <= 1, single_rounds
-    # ... while the flooder's requests did queue behind each other (the test would prove nothing otherwise)
-    assert percentile(flood_rounds, 50) >= 1, flood_rounds
+    # ... while the flooder's requests did queue behind each other (the test would prove nothing otherwise; how
+    # often depends on how fast its process refills them on a loaded machine, that it happens does not)
+    assert max(flood_rounds) >= 1, flood_rounds
