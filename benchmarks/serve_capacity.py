@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -85,7 +86,7 @@ def serve_config(p: dict, name: str, repacking: str) -> ServeConfig:
         model=p["model"],
         engine=dict(k=p["k"], max_tokens_per_batch=p["max_tokens_per_batch"], repacking=repacking),
         serve=dict(transport="shm", name=name, max_tokens_per_request=p["batch"] * p["seq"],
-                   max_in_flight_per_student=max(p["max_in_flight"], 1), max_wait_ms=2.0, status_interval_s=10.0),
+                   max_in_flight_per_student=max(p["max_in_flight"], 1), max_wait_ms=2.0, status_interval_s=5.0),
     ), "serve_capacity")
 
 
@@ -185,6 +186,16 @@ def per_gpu(t_teacher: float, t_student: float, capacity: dict, up_to: int = 8) 
     return rows
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -196,6 +207,9 @@ def main() -> int:
                     help="engine.repacking of the server (off: the default policy)")
     ap.add_argument("--out", help="write the result JSON here")
     args = ap.parse_args()
+    # The server's own status lines (students, queue depth, tokens/s, batch fill) go to stderr with the results.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("kd_teacher.serve").setLevel(logging.INFO)
     p = dict(PRESETS[args.preset])
     if args.micro_batches:
         p["micro_batches_per_phase"] = args.micro_batches
@@ -274,7 +288,7 @@ def main() -> int:
     result = dict(
         benchmark="serve_capacity", preset=args.preset, date=time.strftime("%Y-%m-%d"),
         command=" ".join([Path(sys.executable).name, *sys.argv]),
-        device=torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
         cpu_count=os.cpu_count(), torch=torch.__version__, repacking=args.repacking,
         micro_batch=[p["batch"], p["seq"]], k=p["k"], micro_batches_per_phase=p["micro_batches_per_phase"],
         max_in_flight=p["max_in_flight"], max_tokens_per_batch=p["max_tokens_per_batch"], model=p["model"],
