@@ -73,9 +73,10 @@ def run(args) -> dict:
                                   hashes=list(p.header.token_hashes), sample_ids=list(p.header.sample_ids or []))
         else:
             results[index] = dict(hashes=list(p.header.token_hashes), sample_ids=list(p.header.sample_ids or []))
-        if args.progress:
-            with open(args.progress, "w") as f:
+        if args.progress:  # replaced whole: a reader never sees it half written
+            with open(f"{args.progress}.tmp", "w") as f:
                 f.write(str(len(results)))
+            os.replace(f"{args.progress}.tmp", args.progress)
 
     for index in range(args.start, args.requests):
         tokens = batches[index]

@@ -92,7 +92,7 @@ def _serve_students(transport: str, overrides: list, students: list, workdir: st
         victim = procs[kill["rank"]]  # its arguments name the progress file
         end = time.monotonic() + 120
         while time.monotonic() < end and victim.poll() is None:
-            if progress.exists() and progress.read_text().strip() and int(progress.read_text()) >= kill["after"]:
+            if progress.exists() and int(progress.read_text() or 0) >= kill["after"]:
                 break
             time.sleep(0.01)
         victim.send_signal(signal.SIGKILL)
@@ -174,20 +174,16 @@ def test_shm_students_share_forwards_in_proven_shapes_bitwise_and_a_killed_stude
     assert summary["forwards"] < summary["requests"], summary
 
 
-def test_gloo_students_each_request_as_given_bitwise_and_a_killed_student_does_not_stop_the_others(tmp_path):
-    """torch.distributed: the KD group's membership is fixed when it forms, so a killed student cannot come back
-    (docs/streaming.md); the others go on. (Student rank 0 hosts the KD store: it is not the one killed.)"""
+def test_gloo_students_each_request_as_given_bitwise(tmp_path):
+    """torch.distributed: the KD groups' membership is fixed when they form, so students cannot come and go
+    there, and one killed student may fail the others' transfers (docs/streaming.md): not tested as a feature."""
     students = [["--requests", str(REQUESTS), "--max-in-flight", "4"] for _ in range(STUDENTS)]
-    students[STUDENTS - 1] += ["--progress", str(tmp_path / "progress")]
     summary, = run_distributed(_serve_students, 1, "dist", ["serve.backend=gloo", "serve.connect_timeout_s=120",
                                                            "serve.max_wait_ms=5"], students, str(tmp_path),
-                               kill=dict(rank=STUDENTS - 1, after=REQUESTS // 4, restart=False), timeout=400)
-    _assert_all_answered(summary, range(STUDENTS - 1))
-    assert summary["checks"][STUDENTS - 1] == dict(missing="no result file")  # killed before it wrote one
+                               timeout=400)
+    _assert_all_answered(summary, range(STUDENTS))
     # repacking off (the default): one forward per request, rounds still gather several students' requests
-    # (requests of the killed student still queued when it was found gone are dropped, not scored)
-    assert summary["forwards"] == summary["requests"] - summary["dropped"] < STUDENTS * REQUESTS
-    assert summary["requests"] >= (STUDENTS - 1) * REQUESTS + REQUESTS // 4
+    assert summary["forwards"] == summary["requests"] == STUDENTS * REQUESTS
     assert summary["rounds"] < summary["requests"]
 
 
