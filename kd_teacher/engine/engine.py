@@ -20,14 +20,14 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from kd_teacher.config import ConfigError
+from kd_teacher.config import PATH, ConfigError
 from kd_teacher.engine.checkpoint import CheckpointMismatchError, load_checkpoint
 from kd_teacher.engine.fp8_state import preserved_fp8_state, reset_fp8_weight_caches
 from kd_teacher.engine.invariance import load_proven_shapes
@@ -65,7 +65,7 @@ class EngineConfig:
     # or a MoE model (an error).
     repacking: Optional[Literal["off", "proven", "any"]] = None
     # A benchmarks/batch_invariance.py JSON measured on this machine for this model shape (engine.invariance).
-    invariance_table: Optional[str] = None
+    invariance_table: Optional[str] = field(default=None, metadata=PATH)
     # FP8 delayed scaling: serve a checkpoint that carries no FP8 scales with the initial ones (1.0).
     # Off by default: teacher passes never update scales, so such a teacher is not the one that trained.
     accept_initial_fp8_scales: bool = False
