@@ -5,7 +5,7 @@
   every reply matched to its request by sample id and hash, none lost or duplicated, every payload bit for bit
   the one `TeacherEngine.score` gives the request alone; rows of different students shared forwards. One
   student is killed mid-stream: the others finish all their requests, and the same student restarted goes on
-  to finish all of its own.
+  to finish all of its own. Another is stopped (SIGSTOP) mid-stream: the others finish while it is stopped.
 - torch.distributed (gloo), 4 students, repacking off: the same checks against the as-given runs.
 - fairness: one student floods, one sends a request at a time; the second's p99 wait is at most one round (one
   `engine.score_many`) beyond the first round formed after its request arrived, a bound in rounds (forwards),
@@ -61,11 +61,26 @@ def _wait(procs: list, timeout_s: float) -> list:
     return codes
 
 
-def _serve_students(transport: str, overrides: list, students: list, workdir: str, kill: dict | None = None):
+def _progress(args: list) -> int:
+    path = Path(args[args.index("--progress") + 1])
+    return int(path.read_text() or 0) if path.exists() else 0
+
+
+def _when(procs: dict, students: list, rank: int, after: int) -> None:
+    """Until student `rank` took `after` replies in (its --progress file says) or ended."""
+    end = time.monotonic() + 120
+    while time.monotonic() < end and procs[rank].poll() is None and _progress(students[rank]) < after:
+        time.sleep(0.01)
+
+
+def _serve_students(transport: str, overrides: list, students: list, workdir: str, kill: dict | None = None,
+                    freeze: dict | None = None):
     """The server in a thread of this worker, the students as processes; then the reference payloads of every
     request with this teacher alone (`TeacherEngine.score`, as given). `students`: per rank, extra arguments of
-    its replay_student. `kill`: {"rank", "after"}: that student is killed once it took `after` replies in, and
-    started again (same rank) with its requests from the first."""
+    its replay_student. `kill`: {"rank", "after"[, "restart"]}: that student is SIGKILLed once it took `after`
+    replies in, and started again (same rank) with its requests from the first. `freeze`: {"rank", "after"}:
+    that student is SIGSTOPped once it took `after` replies in, and let go on (SIGCONT) only once all the others
+    have finished."""
     from kd_teacher.engine.loading import build_engine
     from kd_teacher.serve import load_serve_config, serve
 
@@ -86,29 +101,33 @@ def _serve_students(transport: str, overrides: list, students: list, workdir: st
     procs = {r: _student(transport, where, r, num, workdir / f"s{r}.pt", *args) for r, args in enumerate(students)}
     server = threading.Thread(target=run, daemon=True)
     server.start()
-    restarted = None
+    frozen = None
+    if freeze is not None:
+        _when(procs, students, freeze["rank"], freeze["after"])
+        frozen = procs.pop(freeze["rank"])
+        frozen.send_signal(signal.SIGSTOP)
     if kill is not None:
-        progress = Path(students[kill["rank"]][students[kill["rank"]].index("--progress") + 1])
-        victim = procs[kill["rank"]]  # its arguments name the progress file
-        end = time.monotonic() + 120
-        while time.monotonic() < end and victim.poll() is None:
-            if progress.exists() and int(progress.read_text() or 0) >= kill["after"]:
-                break
-            time.sleep(0.01)
+        _when(procs, students, kill["rank"], kill["after"])
+        victim = procs.pop(kill["rank"])
         victim.send_signal(signal.SIGKILL)
         victim.wait()
         if kill.get("restart", True):
-            restarted = _student(transport, where, kill["rank"], num, workdir / f"s{kill['rank']}.pt",
-                                 *students[kill["rank"]])
-    codes = _wait([p for r, p in procs.items() if kill is None or r != kill["rank"]], 240)
-    if restarted is not None:
-        codes += _wait([restarted], 240)
+            procs[kill["rank"]] = _student(transport, where, kill["rank"], num, workdir / f"s{kill['rank']}.pt",
+                                           *students[kill["rank"]])
+    codes = _wait(list(procs.values()), 240)
+    if frozen is not None:
+        # the others are done while it was stopped; let it go on and finish
+        summary_frozen = dict(progress_while_frozen=_progress(students[freeze["rank"]]))
+        frozen.send_signal(signal.SIGCONT)
+        codes += _wait([frozen], 240)
     if transport == "shm":
         stop.set()
     server.join(timeout=60)
     stop.set()
     stats = box.get("stats")
     summary = dict(codes=codes, error=box.get("error"))
+    if frozen is not None:
+        summary.update(summary_frozen)
     if stats is not None:
         summary.update(requests=stats.requests, rounds=stats.batches, forwards=stats.forwards, dropped=stats.dropped,
                        latency={r: (list(v.rounds), list(v.seconds)) for r, v in stats.latency.items()})
@@ -162,12 +181,17 @@ def _assert_all_answered(summary: dict, students: int):
 
 def test_shm_students_share_forwards_in_proven_shapes_bitwise_and_a_killed_student_restarts(tmp_path, table):
     students = [["--requests", str(REQUESTS), "--max-in-flight", "4"] for _ in range(STUDENTS)]
-    students[STUDENTS - 1] += ["--progress", str(tmp_path / "progress")]
+    for rank in (1, STUDENTS - 1):
+        students[rank] += ["--progress", str(tmp_path / f"progress{rank}")]
     summary, = run_distributed(_serve_students, 1, "shm",
                                [f"engine.invariance_table={table}", "engine.max_tokens_per_batch=64",
                                 "serve.max_wait_ms=5"], students, str(tmp_path),
-                               kill=dict(rank=STUDENTS - 1, after=REQUESTS // 4), timeout=400)
+                               kill=dict(rank=STUDENTS - 1, after=REQUESTS // 4),
+                               freeze=dict(rank=1, after=REQUESTS // 6), timeout=400)
     _assert_all_answered(summary, range(STUDENTS))
+    # Student 1 was stopped (SIGSTOP) a sixth of the way through until the others had finished all theirs: a
+    # student that takes no replies in stalls nobody, and once let go on it finished all of its own.
+    assert summary["progress_while_frozen"] < REQUESTS, summary
     # The killed student's requests that were in flight never came back to it; its restart sent all again.
     assert summary["requests"] >= STUDENTS * REQUESTS
     # Rows of several requests shared forwards: fewer forwards than requests scored.
