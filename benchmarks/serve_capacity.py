@@ -218,6 +218,7 @@ def main() -> int:
     if args.student_step_ms is None and p["student"] is None:
         ap.error("--student-step-ms is needed with the gpu preset (the student's own step time, measured elsewhere)")
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2) if args.preset == "cpu" else torch.get_num_threads())
+    load_start = list(os.getloadavg())  # the machine may be shared: recorded with the result
     name = f"cap-{uuid.uuid4().hex[:8]}"
     cfg = serve_config(p, name, args.repacking)
     from kd_teacher.engine.model import init_model_parallel
@@ -289,7 +290,8 @@ def main() -> int:
         benchmark="serve_capacity", preset=args.preset, date=time.strftime("%Y-%m-%d"),
         command=" ".join([Path(sys.executable).name, *sys.argv]),
         device=torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name(),
-        cpu_count=os.cpu_count(), torch=torch.__version__, repacking=args.repacking,
+        cpu_count=os.cpu_count(), load_avg_start_end=[load_start, list(os.getloadavg())], torch=torch.__version__,
+        repacking=args.repacking,
         micro_batch=[p["batch"], p["seq"]], k=p["k"], micro_batches_per_phase=p["micro_batches_per_phase"],
         max_in_flight=p["max_in_flight"], max_tokens_per_batch=p["max_tokens_per_batch"], model=p["model"],
         teacher_alone=alone, student_step_s=t_student, student_step_source=student_source, phases=phases,
