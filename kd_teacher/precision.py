@@ -17,24 +17,14 @@ The policy per recipe, from the measurements in docs/measured_facts.md section 1
 | FP8 delayed scaling | measured: yes (batch of 1 vs row 0 of batch of 2 differ) | `off`; scales frozen from the checkpoint | off only |
 | any recipe, MoE model | yes (routing, capacity: `engine.moe_policy`) | `off` | off only |
 
-Repacking (sequences of several requests in one forward) is an optimisation; "exactly as given" is always
-safe: the consistency contract is per student micro-batch, and that is what the training forward of that
-micro-batch sees. No recipe is batch-invariant by construction: cuBLAS (and oneDNN on the CPU) choose GEMM
-kernels by shape, and two kernels may reduce in different orders. An H200 measurement (2026-12-04) found rows of
-128-token sequences that differ when repacked while sequences of >= 512 tokens came out bitwise equal; on this
-project's 2-core CPU (fp32, tiny model) rows of equal length are equal and right-padded rows differ
-(benchmarks/batch_invariance.py). So `engine.repacking` is:
-
-  off     each request runs as its own forward, exactly as the student gave it (the default)
-  proven  pack only into forward shapes that a measured table (`engine.invariance_table`, written by
-          benchmarks/batch_invariance.py on the serving machine, `engine.invariance`) proves bitwise equal to
-          scoring alone, for this model shape and environment; the default when a table is given
-  any     pack freely up to the token budget (an explicit opt-in, logged as a warning: payloads may differ
-          from the student's own forward in the last bits)
-
-The CPU is no exception (fp32 included): its default is `off` too, and tests that exercise repacking opt in
-explicitly (`any`, or `proven` with a table they measure). Sequence parallelism's padding of every forward to
-a multiple of TP holds in every mode (`TokenBudgetScheduler.seq_multiple`).
+Repacking (several requests' sequences in one forward) is an optimisation; "exactly as given" is always safe.
+No recipe is batch-invariant by construction: cuBLAS (oneDNN on the CPU) choose GEMM kernels by shape, and
+kernels reduce in different orders (H200, 2026-12-04: rows of 128-token sequences differed when repacked, >= 512
+tokens bitwise equal; this 2-core CPU, fp32: equal-length rows equal, right-padded rows differ). So
+`engine.repacking` is `off` (each request as given; the default, on the CPU too, where tests opt in), `proven`
+(only into forward shapes that `engine.invariance_table`, a benchmarks/batch_invariance.py table of this
+machine, proves bitwise equal to scoring alone: `engine.invariance`; the default when a table is given) or
+`any` (an opt-in, logged as a warning). Sequence parallelism's padding to a multiple of TP holds in every mode.
 """
 
 from __future__ import annotations
@@ -377,14 +367,11 @@ def serving_policy(recipe: PrecisionRecipe, repacking: Optional[str] = None, *,
     micro-batch, e.g. a MoE layer (`kd_teacher.engine.moe_policy`); such a model never repacks either."""
     if repacking is not None and repacking not in REPACKING_MODES:
         raise ValueError(f"engine.repacking={repacking!r} is not one of {', '.join(REPACKING_MODES)}")
-    if model_batch_dependence:
-        never = f"{recipe.name}, {model_batch_dependence}"
-    elif recipe.fp8_recipe == "tensorwise" and recipe.fp8:
-        never = f"{recipe.name}: one amax over the whole activation tensor (a batch-wide scale)"
-    elif not recipe.batch_invariant:
-        never = f"{recipe.name}: outputs measured to depend on the micro-batch composition"
-    else:
-        never = None
+    never = (f"{recipe.name}, {model_batch_dependence}" if model_batch_dependence
+             else f"{recipe.name}: one amax over the whole activation tensor (a batch-wide scale)"
+             if recipe.fp8 and recipe.fp8_recipe == "tensorwise"
+             else f"{recipe.name}: outputs measured to depend on the micro-batch composition"
+             if not recipe.batch_invariant else None)
     asked = repacking if repacking is not None else ("proven" if invariance_table else None)
     if never is not None:
         if asked in ("proven", "any"):
@@ -397,13 +384,11 @@ def serving_policy(recipe: PrecisionRecipe, repacking: Optional[str] = None, *,
     if mode == "proven" and not invariance_table:
         raise ValueError("engine.repacking=proven needs engine.invariance_table: PATH (a table that "
                          "benchmarks/batch_invariance.py --config TEACHER.yaml --out PATH measures on this machine)")
-    if mode == "off":
-        reason = (f"{recipe.name}: kernels are chosen by shape, so a repacked sequence may differ from its own "
-                  "micro-batch; set engine.invariance_table to pack into measured shapes")
-    elif mode == "proven":
-        reason = f"{recipe.name}: packed only into forward shapes {invariance_table} proves bitwise equal"
-    else:
-        reason = f"{recipe.name}: engine.repacking=any, payloads may differ in the last bits from the student's own"
+    reason = {"off": f"{recipe.name}: kernels are chosen by shape, so a repacked sequence may differ from its own "
+                     "micro-batch; set engine.invariance_table to pack into measured shapes",
+              "proven": f"{recipe.name}: packed only into forward shapes {invariance_table} proves bitwise equal",
+              "any": f"{recipe.name}: engine.repacking=any, payloads may differ in the last bits"}[mode]
+    if mode == "any":
         log.warning("engine.repacking=any: requests are packed into forwards of any shape; under %s a sequence's "
                     "served top-k may then differ in the last bits from its own micro-batch's (kernels are chosen "
                     "by shape). Use engine.invariance_table for packing that is proven equal.", recipe.name)
