@@ -3,7 +3,7 @@
     python benchmarks/batch_invariance.py --preset cpu --out /tmp/bi_cpu.json   # tiny models, local spec, ~1 min
     python benchmarks/batch_invariance.py --preset gpu --out $OUT/batch_invariance.json   # TE spec, bf16, H200
 
-A teacher server that repacks requests (`engine.allow_repacking`) runs a student's sequence inside a forward of
+A teacher server that repacks requests (`engine.repacking`) runs a student's sequence inside a forward of
 another shape than the student's own micro-batch: more rows (other requests of the same length), or padded to
 a longer row (requests of mixed lengths, right-padded by the scheduler). cuBLAS and the fused attention pick
 kernels by shape, and kernels reduce in different orders, so "bf16 is batch-invariant" is a claim to measure,
@@ -18,7 +18,7 @@ and compares the served top-k values, ids and LSE bit for bit. The alone run is 
 own repeated forward differs would make every comparison meaningless (recorded as `repeat_equal`).
 
 The JSON is the measured table that the serving policy reads (`kd_teacher/engine/invariance.py`,
-`engine.batch_invariance_table`): per model, the GEMM-relevant shape (hidden, ffn, heads, query groups, padded
+`engine.invariance_table`): per model, the GEMM-relevant shape (hidden, ffn, heads, query groups, padded
 vocabulary, TP, layer spec, dtype) with the device and library versions, and per sequence length the forward
 shapes proven equal to scoring alone. `--config TEACHER.yaml` measures your own teacher's shape instead of the
 presets (random weights: kernels are chosen by shape, not values).

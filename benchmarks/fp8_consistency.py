@@ -273,7 +273,10 @@ def run_recipe(args, recipe: str, tp: int, data, ckpt_root: Path) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(mc.seed)
     model, _ = build_gpt_model(mc)
-    engine = TeacherEngine(model, mc.vocab_size, EngineConfig(k=args.k, accept_initial_fp8_scales=True),
+    # Repacking opted in where the recipe permits it at all: this measures whether it holds (engine_policy_holds).
+    repacking = "any" if precision.batch_invariant else "off"
+    engine = TeacherEngine(model, mc.vocab_size, EngineConfig(k=args.k, accept_initial_fp8_scales=True,
+                                                              repacking=repacking),
                            model_config=mc, fingerprint=f"fp8-consistency-{recipe}")
     out["build_s"] = round(time.perf_counter() - t0, 1)
     out["params"] = sum(p.numel() for p in model.parameters()) * tp

@@ -48,6 +48,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(errors[0])
         raise ConfigError(f"{where}: {value!r} fits none of the allowed forms: " + "; ".join(errors))
     if origin is typing.Literal:
+        # YAML 1.1 reads off/no/false as False and on/yes/true as True: a Literal that has the word takes it
+        # (`engine.repacking: off`).
+        if isinstance(value, bool) and value not in args and ("on" if value else "off") in args:
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value

@@ -7,17 +7,24 @@ header and dump manifest) -> `serving_policy(recipe)` (what the engine may do wi
 `check_recipe(payload_fingerprint, own_recipe)` (refuses a payload made under another recipe).
 
 The policy per recipe, from the measurements in docs/measured_facts.md section 1 (H100, TE 2.20.2, megatron-core
-0.19.2):
+0.19.2) and docs/streaming.md (repacking):
 
-| recipe | a sequence's output depends on its micro-batch? | engine policy |
-| --- | --- | --- |
-| bf16 / fp16 / fp32 | no | repacking allowed |
-| FP8 blockwise, MXFP8 | no (one scale per block of a row) | repacking allowed |
-| FP8 tensorwise (current scaling) | yes (one amax over the whole activation tensor) | each micro-batch exactly as given |
-| FP8 delayed scaling | measured: yes (batch of 1 vs row 0 of batch of 2 differ) | each micro-batch exactly as given; scales come from the checkpoint's FP8 extra state and are never updated by teacher passes |
+| recipe | a sequence's output depends on its micro-batch? | `engine.repacking` default | allowed |
+| --- | --- | --- | --- |
+| bf16 / fp16 / fp32 | no batch-wide term, but kernels are chosen by shape (below) | `off`; `proven` with a table | off, proven, any |
+| FP8 blockwise, MXFP8 | no batch-wide scale (one per block of a row); kernels by shape | `off`; `proven` with a table | off, proven, any |
+| FP8 tensorwise (current scaling) | yes (one amax over the whole activation tensor) | `off` | off only |
+| FP8 delayed scaling | measured: yes (batch of 1 vs row 0 of batch of 2 differ) | `off`; scales frozen from the checkpoint | off only |
+| any recipe, MoE model | yes (routing, capacity: `engine.moe_policy`) | `off` | off only |
 
-"Exactly as given" is always safe: the consistency contract is per student micro-batch, and that is what
-the training forward of that micro-batch sees. Repacking is only an optimisation.
+Repacking (several requests' sequences in one forward) is an optimisation; "exactly as given" is always safe.
+No recipe is batch-invariant by construction: cuBLAS (oneDNN on the CPU) choose GEMM kernels by shape, and
+kernels reduce in different orders (H200, 2026-12-04: rows of 128-token sequences differed when repacked, >= 512
+tokens bitwise equal; this 2-core CPU, fp32: equal-length rows equal, right-padded rows differ). So
+`engine.repacking` is `off` (each request as given; the default, on the CPU too, where tests opt in), `proven`
+(only into forward shapes that `engine.invariance_table`, a benchmarks/batch_invariance.py table of this
+machine, proves bitwise equal to scoring alone: `engine.invariance`; the default when a table is given) or
+`any` (an opt-in, logged as a warning). Sequence parallelism's padding to a multiple of TP holds in every mode.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from kd_teacher.dtypes import name_of
 log = logging.getLogger(__name__)
 
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
-# Recipes whose per-sequence outputs do not depend on the rest of the micro-batch (see the table above).
+# FP8 recipes with no batch-wide term (a scale per block of a row): repacking may be proven, never assumed.
 _BATCH_INVARIANT_FP8 = ("blockwise", "mxfp8")
 
 
@@ -116,7 +123,8 @@ class PrecisionRecipe:
 
     @property
     def batch_invariant(self) -> bool:
-        """Does a sequence's output not depend on what else is in its micro-batch? (table in the module doc)"""
+        """No batch-wide term (scale, amax) in the recipe: a sequence's outputs depend on the rest of its
+        micro-batch only through kernel choice by shape, which a measured table can rule out (module doc)."""
         return not self.fp8 or self.fp8_recipe in _BATCH_INVARIANT_FP8
 
     @property
@@ -328,40 +336,63 @@ def _words(recipe: Optional[PrecisionRecipe], fingerprint: str) -> str:
 
 
 # ---- the engine side: serving policy and FP8 availability ------------------------------------------------------
+REPACKING_MODES = ("off", "proven", "any")
+
+
 @dataclass(frozen=True)
 class ServingPolicy:
     """What the engine may do with requests under a recipe."""
 
-    allow_repacking: bool  # sequences of different requests may share a forward
+    repacking: str  # one of REPACKING_MODES (the module doc)
     frozen_scales: bool  # delayed scaling: scales come from the checkpoint and teacher passes never change them
     reason: str
 
+    @property
+    def allow_repacking(self) -> bool:
+        """Sequences of different requests may share a forward (in proven shapes only, under `proven`)."""
+        return self.repacking != "off"
 
-def serving_policy(recipe: PrecisionRecipe, allow_repacking: Optional[bool] = None, *,
-                   model_batch_dependence: Optional[str] = None) -> ServingPolicy:
-    """The policy for `recipe`; `allow_repacking` (from the engine config) may only narrow it.
+    def describe(self) -> str:
+        what = {"off": "micro-batches exactly as given", "proven": "repacking into proven shapes only",
+                "any": "repacking into any shape (opt-in)"}[self.repacking]
+        return f"{what}{', scales frozen from the checkpoint' if self.frozen_scales else ''} ({self.reason})"
+
+
+def serving_policy(recipe: PrecisionRecipe, repacking: Optional[str] = None, *,
+                   model_batch_dependence: Optional[str] = None, invariance_table: Optional[str] = None) -> ServingPolicy:
+    """The policy for `recipe` (the module doc's table). `repacking`: the engine config's `engine.repacking`
+    (None: `proven` when `invariance_table` is given, else `off`).
 
     `model_batch_dependence`: why the model itself (not the recipe) makes a sequence's outputs depend on its
     micro-batch, e.g. a MoE layer (`kd_teacher.engine.moe_policy`); such a model never repacks either."""
-    if model_batch_dependence:
-        reason = f"{recipe.name}, {model_batch_dependence}; each student micro-batch runs exactly as given"
-    elif recipe.batch_invariant:
-        reason = f"{recipe.name}: a sequence's outputs do not depend on the rest of its micro-batch"
-    elif recipe.fp8_recipe == "tensorwise":
-        reason = (f"{recipe.name}: one amax over the whole activation tensor, so a sequence's outputs depend on "
-                  "its micro-batch; each student micro-batch runs exactly as given")
-    else:
-        reason = (f"{recipe.name}: outputs measured to depend on the micro-batch composition; each student "
-                  "micro-batch runs exactly as given")
-    invariant = recipe.batch_invariant and not model_batch_dependence
-    if allow_repacking and not invariant:
-        what = model_batch_dependence or f"precision recipe {recipe.name}"
-        raise ValueError(
-            f"allow_repacking=true with {what}: its outputs depend on the whole micro-batch, so "
-            "requests must run exactly as given"
-        )
-    allow = invariant if allow_repacking is None else bool(allow_repacking)
-    return ServingPolicy(allow_repacking=allow, frozen_scales=recipe.delayed_scaling, reason=reason)
+    if repacking is not None and repacking not in REPACKING_MODES:
+        raise ValueError(f"engine.repacking={repacking!r} is not one of {', '.join(REPACKING_MODES)}")
+    never = (f"{recipe.name}, {model_batch_dependence}" if model_batch_dependence
+             else f"{recipe.name}: one amax over the whole activation tensor (a batch-wide scale)"
+             if recipe.fp8 and recipe.fp8_recipe == "tensorwise"
+             else f"{recipe.name}: outputs measured to depend on the micro-batch composition"
+             if not recipe.batch_invariant else None)
+    asked = repacking if repacking is not None else ("proven" if invariance_table else None)
+    if never is not None:
+        if asked in ("proven", "any"):
+            how = (f"engine.repacking={asked}" if repacking is not None
+                   else f"engine.invariance_table={invariance_table}")
+            raise ValueError(f"{how} with {never}: a sequence's outputs depend on the whole micro-batch, so "
+                             "requests must run exactly as given (engine.repacking: off)")
+        return ServingPolicy("off", recipe.delayed_scaling, f"{never}; each student micro-batch runs exactly as given")
+    mode = asked or "off"
+    if mode == "proven" and not invariance_table:
+        raise ValueError("engine.repacking=proven needs engine.invariance_table: PATH (a table that "
+                         "benchmarks/batch_invariance.py --config TEACHER.yaml --out PATH measures on this machine)")
+    reason = {"off": f"{recipe.name}: kernels are chosen by shape, so a repacked sequence may differ from its own "
+                     "micro-batch; set engine.invariance_table to pack into measured shapes",
+              "proven": f"{recipe.name}: packed only into forward shapes {invariance_table} proves bitwise equal",
+              "any": f"{recipe.name}: engine.repacking=any, payloads may differ in the last bits"}[mode]
+    if mode == "any":
+        log.warning("engine.repacking=any: requests are packed into forwards of any shape; under %s a sequence's "
+                    "served top-k may then differ in the last bits from its own micro-batch's (kernels are chosen "
+                    "by shape). Use engine.invariance_table for packing that is proven equal.", recipe.name)
+    return ServingPolicy(mode, recipe.delayed_scaling, reason)
 
 
 # Minimum device capability, CUDA version and Transformer Engine version per recipe, after TE 2.20's own

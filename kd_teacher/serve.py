@@ -4,10 +4,14 @@ Launch it like any Megatron-Core job of its own layout (`torchrun --nproc-per-no
 CONFIG`, or one plain process): TP x PP from the config's `model:`, the rest of the ranks are data-parallel
 replicas. The head of each replica (its model-parallel rank 0) talks to the students, over shared memory or
 the torch.distributed KD group (`serve.transport`); replica r serves students i with i % replicas == r, so
-replicas share the load. A head collects the requests that are waiting (up to `max_requests_per_batch`),
-hands them to the other ranks of its model-parallel group, and all of them run one `engine.score_many`, whose
-scheduler packs the requests into micro-batches; the head then answers each request. A bad request gets an
-error reply and the server goes on.
+replicas share the load. A head puts the requests of all its students into one queue (`serve_batching`: a lane
+per student, at most `max_in_flight_per_student` each) and takes them out in fair rounds of at most
+`engine.max_tokens_per_batch` tokens, once a round's worth is queued or the oldest request has waited
+`max_wait_ms`; it hands a round to the other ranks of its model-parallel group, and all of them run one
+`engine.score_many`, whose scheduler packs the round into forwards when the serving policy allows repacking
+(`engine.repacking`) and runs each request as given otherwise; the head then answers each request. A bad
+request gets an error reply and the server goes on; a student that leaves loses its queued requests, and one
+that stops taking replies in has them dropped after `student_timeout_s` (shm) without stalling the others.
 
 The config is a teacher config (`model:`, `engine:`, `checkpoint:`) plus a `serve:` block (ServeOptions).
 The server runs until SIGTERM/SIGINT or, over torch.distributed, until all its students said goodbye.
@@ -18,17 +22,19 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
 import torch.distributed as dist
 
-from kd_teacher.config import load_config
+from kd_teacher.config import ConfigError, load_config
 from kd_teacher.engine.engine import EngineConfig
 from kd_teacher.engine.loading import TeacherConfig, build_engine
 from kd_teacher.engine.model import ModelConfig
 from kd_teacher.engine.scheduler import ScoreRequest
+from kd_teacher.serve_batching import StatusLine, StudentQueues
 from kd_teacher.transport import protocol as P
 from kd_teacher.transport.channel import Endpoint
 
@@ -44,7 +50,29 @@ class ServeOptions:
     address: str = "127.0.0.1:29600"
     backend: Optional[Literal["gloo", "nccl"]] = None
     max_tokens_per_request: int = 16384
+    # Requests in one round (one engine.score_many), whatever their tokens; rounds also stop at
+    # engine.max_tokens_per_batch tokens.
     max_requests_per_batch: int = 64
+    # Requests of one student queued or being scored; the rest wait in its transport (backpressure on it alone).
+    max_in_flight_per_student: int = 8
+    # The batching window: a round is formed when a full round's tokens are queued or the oldest request has
+    # waited this long, whichever comes first (the latency batching may add).
+    max_wait_ms: float = 2.0
+    # shm: a student that takes no reply in for this long has its queued replies dropped (and logged).
+    student_timeout_s: float = 60.0
+    # A status line (students, queue depth, tokens/s, batch fill) this often; 0: none.
+    status_interval_s: float = 30.0
+
+    def __post_init__(self):
+        # Here, not when the first request comes: a server must not start with options it cannot serve by.
+        for name in ("max_tokens_per_request", "max_requests_per_batch", "max_in_flight_per_student"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"serve.{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("max_wait_ms", "status_interval_s"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"serve.{name} must be >= 0, got {getattr(self, name)!r}")
+        if not self.student_timeout_s > 0:
+            raise ConfigError(f"serve.student_timeout_s must be > 0, got {self.student_timeout_s!r}")
     # How long a head waits for requests before it checks for stop (and keeps its model-parallel peers alive).
     poll_interval_s: float = 0.5
     heartbeat_interval_s: float = 0.05
@@ -73,12 +101,19 @@ def load_serve_config(path: str, overrides: Optional[list] = None) -> ServeConfi
 class ServeStats:
     requests: int = 0
     rejected: int = 0
-    batches: int = 0
+    batches: int = 0  # rounds: one engine.score_many each
+    forwards: int = 0
+    tokens: int = 0  # token positions scored (padding not counted)
+    dropped: int = 0  # queued requests of students that left
+    # student rank -> serve_batching.StudentLatency (rounds and seconds from taken in to replied); heads only
+    latency: dict = field(default_factory=dict)
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
-def serve(cfg: ServeConfig, stop: Optional[threading.Event] = None, ready: Optional[threading.Event] = None) -> ServeStats:
-    """Build the teacher on this process's ranks and serve until `stop` (or all students left)."""
+def serve(cfg: ServeConfig, stop: Optional[threading.Event] = None, ready: Optional[threading.Event] = None,
+          stats: Optional[ServeStats] = None) -> ServeStats:
+    """Build the teacher on this process's ranks and serve until `stop` (or all students left). `stats`: counted
+    into while serving (a caller that watches the server, as benchmarks/serve_capacity.py does)."""
     from megatron.core import parallel_state as mpu
 
     from kd_teacher.engine.model import init_model_parallel
@@ -95,7 +130,16 @@ def serve(cfg: ServeConfig, stop: Optional[threading.Event] = None, ready: Optio
     endpoint = _endpoint(cfg.serve, info, mpu.get_data_parallel_rank()) if head else None
     if ready is not None:
         ready.set()
-    stats = ServeStats()
+    stats = stats if stats is not None else ServeStats()
+    queues = StudentQueues(engine.config.max_tokens_per_batch, cfg.serve.max_in_flight_per_student,
+                           cfg.serve.max_wait_ms / 1000.0, cfg.serve.max_requests_per_batch)
+    status = StatusLine(cfg.serve.status_interval_s, engine.config.max_tokens_per_batch)
+    stats.latency = queues.latency
+    if head:
+        log.info("teacher replica %d: engine.repacking=%s (%s); rounds of <= %d tokens, <= %d in flight per "
+                 "student, window %.1f ms", mpu.get_data_parallel_rank(), engine.policy.repacking,
+                 engine.policy.reason, engine.config.max_tokens_per_batch, cfg.serve.max_in_flight_per_student,
+                 cfg.serve.max_wait_ms)
     # The head's own work (taking requests in, replying) can fail while its model-parallel peers wait for its
     # next command: a failure is shared with them as the command "fail", so that every rank stops.
     failed: Optional[BaseException] = None
@@ -104,7 +148,7 @@ def serve(cfg: ServeConfig, stop: Optional[threading.Event] = None, ready: Optio
             command, requests = "idle", []
             if head:
                 try:
-                    command, requests = _collect(endpoint, cfg.serve, stop, stats)
+                    command, requests = _collect(endpoint, cfg.serve, stop, stats, queues)
                 except Exception as e:  # noqa: BLE001 - re-raised below, once the peers know
                     failed = e
                 command = "fail" if failed is not None else command
@@ -118,17 +162,20 @@ def serve(cfg: ServeConfig, stop: Optional[threading.Event] = None, ready: Optio
                 break
             if command == "score":
                 results = _score(engine, requests, endpoint, group if mp_size > 1 else None)
-                stats.batches += 1
+                _count(engine, requests, stats, status)
                 if head:
                     try:
                         _reply(endpoint, requests, results)
+                        queues.done(requests)
+                        if status.due():
+                            log.info("%s", status.line(len(endpoint.connected()), queues))
                     except Exception as e:  # noqa: BLE001 - shared with the peers as the next command
                         failed = e
     finally:
         if endpoint is not None:
             endpoint.close()
-    log.info("teacher server done: %d requests, %d rejected, %d batches", stats.requests, stats.rejected,
-             stats.batches)
+    log.info("teacher server done: %d requests, %d rejected, %d rounds, %d forwards, %d tokens, %d dropped (students "
+             "that left)", stats.requests, stats.rejected, stats.batches, stats.forwards, stats.tokens, stats.dropped)
     return stats
 
 
@@ -147,27 +194,52 @@ def _endpoint(opts: ServeOptions, info: P.ServerInfo, replica: int) -> Endpoint:
     if opts.transport == "shm":
         from kd_teacher.transport.shm_server import ShmServer
 
-        return ShmServer(opts.name, info, replica, heartbeat_interval_s=opts.heartbeat_interval_s)
+        return ShmServer(opts.name, info, replica, heartbeat_interval_s=opts.heartbeat_interval_s,
+                         student_timeout_s=opts.student_timeout_s)
     from kd_teacher.transport.dist_server import DistServer
 
     return DistServer(opts.address, info, replica, backend=opts.backend, connect_timeout_s=opts.connect_timeout_s,
                       heartbeat_interval_s=opts.heartbeat_interval_s)
 
 
-def _collect(endpoint, opts: ServeOptions, stop: threading.Event, stats: ServeStats):
-    """On a head: the next command and the valid requests; bad ones are answered with their error here."""
-    if stop.is_set() or endpoint.finished():
+def _count(engine, requests: list, stats: ServeStats, status: StatusLine) -> None:
+    plan = engine.scheduler.plan([ScoreRequest(r.tokens) for r in requests])
+    tokens = sum(int(r.tokens.numel()) for r in requests)
+    stats.batches += 1
+    stats.forwards += len(plan)
+    stats.tokens += tokens
+    status.count(tokens, len(plan), len(requests))
+
+
+def _collect(endpoint, opts: ServeOptions, stop: threading.Event, stats: ServeStats, queues: StudentQueues):
+    """On a head: the next command and the next round of requests (`serve_batching`). Waits for requests up to
+    `poll_interval_s` while the queue is empty, and for more of them up to the batching window once it is not;
+    bad requests are answered with their error here."""
+    if stop.is_set() or (endpoint.finished() and not queues.depth):
         return "stop", []
-    requests = []
-    for item in endpoint.poll(opts.poll_interval_s, opts.max_requests_per_batch):
-        if isinstance(item, P.Request):
-            requests.append(item)
-        else:
-            student, seq, error = item
-            stats.rejected += 1
-            log.info("rejected request %d of student %s: %s", seq, student, error)
-            endpoint.reply(student, seq, error=error)
-    stats.requests += len(requests)
+    give_up = time.monotonic() + opts.poll_interval_s
+    while True:
+        for req in queues.sync(endpoint.connected()):
+            stats.dropped += 1
+            endpoint.reply(req.student, req.seq, error="the student left before this request was scored")
+        if queues.ready():
+            break
+        timeout = min(queues.wait_s(), give_up - time.monotonic())
+        if timeout <= 0 and not queues.depth:
+            break
+        for item in endpoint.poll(max(timeout, 0.0), opts.max_requests_per_batch, queues.allowance):
+            if isinstance(item, P.Request):
+                queues.add(item)
+                stats.requests += 1
+            else:
+                student, seq, error = item
+                stats.rejected += 1
+                log.info("rejected request %d of student %s: %s", seq, student, error)
+                endpoint.reply(student, seq, error=error)
+        if queues.ready() or (not queues.depth and time.monotonic() >= give_up) or stop.is_set():
+            break
+    queues.names.update(endpoint.connected())  # students attached by this poll: their ranks, for the stats
+    requests = queues.take() if queues.ready() else []
     if not requests:
         endpoint.flush()
     return ("score" if requests else "idle"), requests

@@ -71,3 +71,14 @@ def test_a_kd_source_that_is_not_one_of_the_three_is_named():
 
     with pytest.raises(ConfigError, match="kd.source 'bogus' is not one of \\['in_process', 'offline', 'remote'\\]"):
         KDConfig(source="bogus", k=4).check()
+
+
+def test_a_literal_word_that_yaml_reads_as_a_bool_is_taken_as_the_word(tmp_path):
+    from kd_teacher.engine.engine import EngineConfig
+
+    cfg = tmp_path / "e.yaml"
+    cfg.write_text("repacking: off\n")
+    assert load_config(EngineConfig, cfg).repacking == "off"
+    assert load_config(EngineConfig, cfg, ["repacking=any"]).repacking == "any"
+    with pytest.raises(ConfigError, match="True is not one of"):
+        load_config(EngineConfig, cfg, ["repacking=on"])

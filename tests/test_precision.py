@@ -142,25 +142,69 @@ def test_recipe_mismatch_is_refused_with_both_recipes_in_words(caplog):
 
 
 # ---- the engine's policy ----------------------------------------------------------------------------------------
-def test_serving_policy_per_recipe_drives_the_scheduler():
+def test_serving_policy_per_recipe_drives_the_scheduler(caplog, tmp_path):
+    """Repacking is off unless asked for: kernels are chosen by shape, so no recipe is batch-invariant by
+    construction. `any` is an opt-in with a warning; a batch-wide scale or a MoE model refuses it, naming why."""
     g = torch.Generator().manual_seed(0)
     requests = [ScoreRequest(torch.randint(0, VOCAB, (b, s), generator=g)) for b, s in ((2, 9), (1, 30), (3, 17))]
     exact = [[(i, r, req.tokens.shape[1]) for r in range(req.tokens.shape[0])] for i, req in enumerate(requests)]
-    expected = {None: True, "blockwise": True, "mxfp8": True, "tensorwise": False, "delayed": False}
-    for name, repack in expected.items():
+    no_batch_wide_term = {None: True, "blockwise": True, "mxfp8": True, "tensorwise": False, "delayed": False}
+    for name, may in no_batch_wide_term.items():
         recipe = _recipe(name)
         policy = serving_policy(recipe)
-        assert policy.allow_repacking is repack and recipe.batch_invariant is repack
+        assert policy.repacking == "off" and not policy.allow_repacking and recipe.batch_invariant is may
         assert policy.frozen_scales is (name == "delayed")
-        plan = TokenBudgetScheduler(4096, allow_repacking=policy.allow_repacking).plan(requests)
-        if repack:
+        plan = TokenBudgetScheduler(4096, repacking=policy.repacking).plan(requests)
+        assert [b.rows for b in plan] == exact  # every student micro-batch exactly as given
+        if may:
+            caplog.clear()
+            opted = serving_policy(recipe, "any")
+            assert opted.repacking == "any" and "engine.repacking=any" in caplog.text
+            plan = TokenBudgetScheduler(4096, repacking=opted.repacking).plan(requests)
             assert len(plan) == 1 and len(plan[0].rows) == 6  # one shared forward
-        else:
-            assert [b.rows for b in plan] == exact  # every student micro-batch exactly as given
-    for name in ("tensorwise", "delayed"):
-        with pytest.raises(ValueError, match=f"allow_repacking=true with precision recipe fp8-{name}"):
-            serving_policy(_recipe(name), allow_repacking=True)
-    assert serving_policy(_recipe("blockwise"), allow_repacking=False).allow_repacking is False
+            assert serving_policy(recipe, invariance_table="t.json").repacking == "proven"
+            assert serving_policy(recipe, "off", invariance_table="t.json").repacking == "off"
+            with pytest.raises(ValueError, match="engine.repacking=proven needs engine.invariance_table"):
+                serving_policy(recipe, "proven")
+    for name, why in (("tensorwise", "a batch-wide scale"), ("delayed", "measured to depend on the micro-batch")):
+        for asked in ("any", "proven"):
+            with pytest.raises(ValueError, match=f"engine.repacking={asked} with fp8-{name}.*{why}"):
+                serving_policy(_recipe(name), asked, invariance_table="t.json")
+        with pytest.raises(ValueError, match=f"engine.invariance_table=t.json with fp8-{name}"):
+            serving_policy(_recipe(name), invariance_table="t.json")
+    with pytest.raises(ValueError, match="engine.repacking=any with bfloat16, MoE"):
+        serving_policy(_recipe(None), "any", model_batch_dependence="MoE (dropless)")
+    with pytest.raises(ValueError, match="is not one of off, proven, any"):
+        serving_policy(_recipe(None), "yes")
+
+
+class _Table:
+    """Proven shapes as engine.invariance.ProvenShapes answers them: rows of length 8 in [2, 8] and [4, 8]."""
+
+    def allows(self, seq_len, rows, padded_len):
+        return (rows, padded_len) in {(1, seq_len)} | ({(2, 8), (4, 8)} if seq_len == 8 else set())
+
+
+def test_proven_repacking_packs_into_proven_shapes_only_and_keeps_sequence_parallel_padding():
+    g = torch.Generator().manual_seed(0)
+    shapes = ((1, 8), (2, 8), (1, 8), (1, 8), (1, 8), (1, 5), (3, 8))
+    requests = [ScoreRequest(torch.randint(0, VOCAB, shape, generator=g)) for shape in shapes]
+    plan = TokenBudgetScheduler(64, repacking="proven", proven=_Table()).plan(requests)
+    as_given = [b for b in plan if b.rows and b.rows[0][0] in (5, 6)]
+    for batch in plan:
+        if batch not in as_given:
+            assert all(_Table().allows(length, len(batch.rows), batch.seq_len) for _, _, length in batch.rows)
+    # length 5 is in no proven shape, [3, 8] is not proven as given: both run exactly as the student gave them
+    assert sorted(b.rows[0][0] for b in as_given) == [5, 6] and all(len({i for i, _, _ in b.rows}) == 1
+                                                                   for b in as_given)
+    packed = [b for b in plan if b not in as_given]
+    assert sorted(len(b.rows) for b in packed) == [2, 4]  # the six rows of length 8: [4, 8] + [2, 8]
+    assert sorted(r for b in plan for r in ((i, j) for i, j, _ in b.rows)) == sorted(
+        (i, j) for i, (b, _) in enumerate(shapes) for j in range(b))
+    # Sequence parallelism: every forward a multiple of TP=4 long, in every mode
+    for mode, proven in (("off", None), ("any", None), ("proven", _Table())):
+        plan = TokenBudgetScheduler(64, repacking=mode, seq_multiple=4, proven=proven).plan(requests)
+        assert all(b.seq_len % 4 == 0 for b in plan)
 
 
 def test_fp8_support_problems_name_what_is_missing():
@@ -311,7 +355,7 @@ def test_fp8_distill_config_loads_with_one_fp8_recipe():
     assert cfg.model.layer_spec == "transformer_engine" and cfg.model.precision.fp8 is not None
     recipe = PrecisionRecipe.from_transformer_config(transformer_config(cfg.model))
     assert recipe.fp8_recipe in FP8_RECIPES
-    assert serving_policy(recipe, cfg.engine.allow_repacking).allow_repacking == recipe.batch_invariant
+    assert serving_policy(recipe, cfg.engine.repacking, invariance_table=cfg.engine.invariance_table).repacking == "off"
 
 
 def test_recipe_command_prints_the_recipe_and_refuses_another(capsys, caplog):
@@ -320,7 +364,7 @@ def test_recipe_command_prints_the_recipe_and_refuses_another(capsys, caplog):
     config = str(Path(__file__).resolve().parents[1] / "configs" / "fp8_distill.yaml")
     assert main(["recipe", config]) == 0
     printed = capsys.readouterr().out
-    assert "recipe:      FP8 blockwise scaling" in printed and "repacking allowed" in printed
+    assert "recipe:      FP8 blockwise scaling" in printed and "engine.repacking=off" in printed
     fingerprint = next(line.split(": ", 1)[1] for line in printed.splitlines() if line.startswith("fingerprint:"))
     assert main(["recipe", config, "--against", fingerprint]) == 0
     assert main(["recipe", config, "model.precision.fp8_recipe=tensorwise", "--against", fingerprint]) == 2

@@ -1,7 +1,7 @@
 """`TeacherEngine`: a Megatron-Core model in teacher mode, scoring token batches into `TopKPayload`s.
 
 The data path, top to bottom (`score_many`):
-  schedule  - pack requests into micro-batches up to a token budget (only when the recipe allows repacking)
+  schedule  - pack requests into micro-batches up to a token budget (`engine.repacking`: off, proven, any)
   execute   - the model's own forward through Megatron-Core's pipeline schedule, forward-only, in teacher
               mode (eval, no grad; the FP8 context is the one `TransformerBlock` applies from the config)
   top-k     - on the last pipeline stage, vocab-parallel top-k + LSE over the TP group, run on the output
@@ -20,16 +20,17 @@ import hashlib
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Literal, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-from kd_teacher.config import ConfigError
+from kd_teacher.config import PATH, ConfigError
 from kd_teacher.engine.checkpoint import CheckpointMismatchError, load_checkpoint
 from kd_teacher.engine.fp8_state import preserved_fp8_state, reset_fp8_weight_caches
+from kd_teacher.engine.invariance import load_proven_shapes
 from kd_teacher.engine.model import ModelConfig, build_gpt_model
 from kd_teacher.engine.moe_policy import moe_serving
 from kd_teacher.engine.output_tap import OutputLayerTap
@@ -58,9 +59,13 @@ class EngineConfig:
     # Sampled payloads: draws are a function of (sequence hash, position, sample_seed) only.
     sample_seed: int = 0
     max_tokens_per_batch: int = 16384
-    # Repack requests of different lengths into shared forwards. None: decided by the precision recipe
-    # (allowed unless the recipe is batch-dependent, see PrecisionRecipe.batch_invariant).
-    allow_repacking: Optional[bool] = None
+    # Requests of several students (or lengths) in shared forwards (`kd_teacher.precision`, its table):
+    # off: each request as given; proven: only into forward shapes `invariance_table` proves bitwise equal;
+    # any: any shape (opt-in, warned). None: proven with a table, else off. Never with a batch-wide FP8 scale
+    # or a MoE model (an error).
+    repacking: Optional[Literal["off", "proven", "any"]] = None
+    # A benchmarks/batch_invariance.py JSON measured on this machine for this model shape (engine.invariance).
+    invariance_table: Optional[str] = field(default=None, metadata=PATH)
     # FP8 delayed scaling: serve a checkpoint that carries no FP8 scales with the initial ones (1.0).
     # Off by default: teacher passes never update scales, so such a teacher is not the one that trained.
     accept_initial_fp8_scales: bool = False
@@ -243,12 +248,18 @@ class TeacherEngine:
         self.recipe = PrecisionRecipe.from_transformer_config(self.tconfig)
         require_fp8_support(self.recipe, model)
         self.moe = moe_serving(self.tconfig, config.accept_moe_token_dropping)
-        self.policy = serving_policy(self.recipe, config.allow_repacking,
+        self.policy = serving_policy(self.recipe, config.repacking, invariance_table=config.invariance_table,
                                      model_batch_dependence=self.moe.batch_dependence if self.moe else None)
+        proven = None
+        if self.policy.repacking == "proven":
+            if model_config is None:
+                raise ConfigError("engine.repacking=proven needs the teacher's model config to find its shape in "
+                                  f"{config.invariance_table} (build the engine with model_config=)")
+            proven = load_proven_shapes(config.invariance_table, model_config)
         # Sequence parallelism splits the sequence over the TP ranks: forwards are padded to a multiple of TP.
         tp = _mpu().get_tensor_model_parallel_world_size() if self.tconfig.sequence_parallel else 1
-        self.scheduler = TokenBudgetScheduler(config.max_tokens_per_batch, allow_repacking=self.policy.allow_repacking,
-                                              seq_multiple=tp)
+        self.scheduler = TokenBudgetScheduler(config.max_tokens_per_batch, repacking=self.policy.repacking,
+                                              seq_multiple=tp, proven=proven)
         self._check_vocab()
         if config.k > self.vocab_size:
             raise ValueError(f"k={config.k} is larger than the true vocabulary size {self.vocab_size}")

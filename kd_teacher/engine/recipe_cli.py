@@ -21,11 +21,10 @@ def _run(args) -> int:
 
     cfg = load_teacher_config(args.config, args.overrides)
     recipe = PrecisionRecipe.from_transformer_config(transformer_config(cfg.model))
-    policy = serving_policy(recipe, cfg.engine.allow_repacking)
+    policy = serving_policy(recipe, cfg.engine.repacking, invariance_table=cfg.engine.invariance_table)
     print(f"recipe:      {recipe.describe()}")
     print(f"fingerprint: {recipe.fingerprint()}")
-    print(f"policy:      {'repacking allowed' if policy.allow_repacking else 'micro-batches exactly as given'}"
-          f"{', scales frozen from the checkpoint' if policy.frozen_scales else ''} ({policy.reason})")
+    print(f"policy:      engine.repacking={policy.repacking}: {policy.describe()}")
     if args.against:
         check_recipe(args.against, recipe)  # raises RecipeMismatchError (a ValueError: exit code 2) in words
         print("same recipe as --against")

@@ -52,6 +52,10 @@ class Endpoint(Protocol):
     def flush(self) -> None:
         """Move replies along while no request is waiting."""
 
+    def connected(self) -> dict:
+        """Student id (as this endpoint's Requests carry it in `student`) -> the student's rank, for the students
+        connected now; a student that is gone no longer appears."""
+
     def finished(self) -> bool:
         """True once no student can send any more requests."""
 

@@ -297,6 +297,12 @@ class DistServer:
     def flush(self) -> None:
         self._reap()
 
+    def connected(self) -> dict:
+        """Student rank -> student rank, of the students whose requests are still taken in and answered (one that
+        said goodbye stays until its queued requests are answered: it may say it before its last replies)."""
+        gone = self._dropped | self._unreachable
+        return {s: s for s in self.students if s not in gone}
+
     def finished(self) -> bool:
         if self._beat.lost is not None:
             log.info("the KD store is gone (%s): the students have left", self._beat.lost)

@@ -23,14 +23,15 @@ def _model_config(tp=1, pp=1, dtype="float32", layers=2, sp=False):
     )
 
 
-def _engine(tp=1, pp=1, dtype="float32", k=16, temperature=1.0, sp=False):
+def _engine(tp=1, pp=1, dtype="float32", k=16, temperature=1.0, sp=False, repacking=None):
     from kd_teacher.engine.engine import EngineConfig, TeacherEngine
     from kd_teacher.engine.model import build_gpt_model
 
     cfg = _model_config(tp, pp, dtype, sp=sp)
     torch.manual_seed(cfg.seed)
     model, _ = build_gpt_model(cfg)
-    return TeacherEngine(model, VOCAB, EngineConfig(k=k, temperature=temperature), model_config=cfg)
+    return TeacherEngine(model, VOCAB, EngineConfig(k=k, temperature=temperature, repacking=repacking),
+                         model_config=cfg)
 
 
 def _batches(second_len=17):
@@ -209,7 +210,7 @@ def test_bad_input_is_named():
 def _score_many_vs_score():
     from kd_teacher.engine.scheduler import ScoreRequest
 
-    engine = _engine(k=8)
+    engine = _engine(k=8, repacking="any")  # opted in: merged forwards are what this test is about
     engine.scheduler.max_tokens = 64
     g = torch.Generator().manual_seed(3)
     requests = [ScoreRequest(torch.randint(0, VOCAB, (b, s), generator=g), request_id=str(i))

@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kd_teacher.engine.invariance import InvarianceTableError, environment, load_proven_shapes
 from kd_teacher.engine.model import ModelConfig, PrecisionConfig
+from kd_teacher.testing.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
@@ -65,3 +67,37 @@ def test_table_of_another_model_or_machine_is_refused(measured, tmp_path):
     bad.write_text("{not json")
     with pytest.raises(InvarianceTableError, match="cannot read it"):
         load_proven_shapes(bad, tiny())
+
+
+def _serve_with_table(table: str):
+    """An engine whose policy reads the measured table: score_many packs rows only into proven shapes, and each
+    payload is bit for bit the one TeacherEngine.score gives its request alone."""
+    from kd_teacher.engine.engine import EngineConfig, TeacherEngine
+    from kd_teacher.engine.model import build_gpt_model
+    from kd_teacher.engine.scheduler import ScoreRequest
+
+    cfg = tiny()
+    torch.manual_seed(cfg.seed)
+    model, _ = build_gpt_model(cfg)
+    engine = TeacherEngine(model, cfg.vocab_size, EngineConfig(k=8, max_tokens_per_batch=64,
+                                                               invariance_table=table), model_config=cfg)
+    g = torch.Generator().manual_seed(5)
+    shapes = [(1, 8)] * 6 + [(1, 16), (2, 16), (1, 12), (2, 8)]
+    requests = [ScoreRequest(torch.randint(1, 1000, shape, generator=g)) for shape in shapes]
+    plan = engine.scheduler.plan(requests)
+    many = engine.score_many(requests)
+    alone = [engine.score(r.tokens) for r in requests]
+    equal = [torch.equal(a.values, b.values) and torch.equal(a.indices, b.indices) and torch.equal(a.lse, b.lse)
+             for a, b in zip(many, alone)]
+    return engine.policy.repacking, [(len(b.rows), b.seq_len) for b in plan], equal
+
+
+def test_engine_with_a_table_packs_into_proven_shapes_only_bitwise_as_alone(measured):
+    mode, forwards, equal = run_distributed(_serve_with_table, 1, str(measured))[0]
+    proven = load_proven_shapes(measured, tiny())
+    assert mode == "proven" and all(equal)
+    assert len(forwards) < 10  # some rows shared a forward
+    # every forward has a proven shape or is one request as given: [1, 12] (length 12 was never measured) and
+    # [2, 16] (not proven equal to alone, so its rows may not leave it)
+    assert all(proven.allows(8, r, n) or proven.allows(16, r, n) or (r, n) in ((1, 12), (2, 16)) for r, n in forwards)
+    assert (1, 12) in forwards and (2, 16) in forwards

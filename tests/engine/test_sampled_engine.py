@@ -23,7 +23,8 @@ def _sampled_engine(tp, sample_seed=0):
     cfg.make_vocab_size_divisible_by = 512 // tp
     torch.manual_seed(cfg.seed)
     model, _ = build_gpt_model(cfg)
-    config = EngineConfig(k=K, temperature=1.5, extraction="sampled", sample_seed=sample_seed)
+    # repacking opted in: the packed forward below must draw the same ids as the lone one
+    config = EngineConfig(k=K, temperature=1.5, extraction="sampled", sample_seed=sample_seed, repacking="any")
     return TeacherEngine(model, VOCAB, config, model_config=cfg)
 
 

@@ -36,7 +36,7 @@ def _engines() -> dict:
     accepted.score(torch.randint(0, 64, (2, 8)))
     dropless = TeacherEngine(model(None), 64, EngineConfig(k=4))
     try:
-        TeacherEngine(model(None), 64, EngineConfig(k=4, allow_repacking=True))
+        TeacherEngine(model(None), 64, EngineConfig(k=4, repacking="any"))
     except ValueError as e:
         out["repacking_refused"] = str(e)
     out.update(fingerprints=(accepted.fingerprint, dropless.fingerprint),
@@ -53,7 +53,7 @@ def test_token_dropping_refused_unless_accepted_and_recorded():
     assert accepted != dropless  # same weights: the fingerprints differ by the dropping choice alone
     assert out["repacking"] == (False, False)
     assert "token dropping" in out["reasons"][0] and "MoE (dropless)" in out["reasons"][1]
-    assert "allow_repacking=true with MoE (dropless)" in out["repacking_refused"]
+    assert "engine.repacking=any with float32, MoE (dropless)" in out["repacking_refused"]
 
 
 def test_moe_model_config_is_checked():

@@ -49,7 +49,7 @@ def start_teacher(transport: str, nprocs: int, overrides: list[str], log: Path) 
         env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nprocs),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         cmd = [sys.executable, "-m", "kd_teacher.cli", "serve", str(ROOT / f"configs/serve_{transport}.yaml"),
-               "engine.allow_repacking=false",
+               "engine.repacking=off",
                "serve.heartbeat_interval_s=0.05", "serve.poll_interval_s=0.2", *overrides]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(f"{log}.{rank}", "w"),
                                       stderr=subprocess.STDOUT))
