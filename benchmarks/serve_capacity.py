@@ -83,7 +83,7 @@ PRESETS = {
 
 def serve_config(p: dict, name: str, repacking: str) -> ServeConfig:
     return from_dict(ServeConfig, dict(
-        model=p["model"],
+        model=p["model"], allow_random_weights=True,  # a random teacher serves as fast as a trained one
         engine=dict(k=p["k"], max_tokens_per_batch=p["max_tokens_per_batch"], repacking=repacking),
         serve=dict(transport="shm", name=name, max_tokens_per_request=p["batch"] * p["seq"],
                    max_in_flight_per_student=max(p["max_in_flight"], 1), max_wait_ms=2.0, status_interval_s=5.0),

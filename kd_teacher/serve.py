@@ -86,6 +86,9 @@ class ServeConfig:
     checkpoint: Optional[str] = None
     hf_checkpoint: Optional[str] = None
     tokenizer: Optional[str] = None
+    # A teacher with no checkpoint has random weights: refused, as `kd-teacher dump` and the in-process source
+    # refuse it, unless this says it is meant (trying the server out, tests, benchmarks).
+    allow_random_weights: bool = False
     serve: ServeOptions = field(default_factory=ServeOptions)
 
     def teacher(self) -> TeacherConfig:
@@ -119,6 +122,11 @@ def serve(cfg: ServeConfig, stop: Optional[threading.Event] = None, ready: Optio
     from kd_teacher.engine.model import init_model_parallel
     from kd_teacher.engine.moe_policy import require_independent_replicas
 
+    if not cfg.teacher().has_weights and not cfg.allow_random_weights:
+        raise ConfigError(
+            "kd-teacher serve: checkpoint is not set, so the teacher would have random weights: set checkpoint "
+            "(a Megatron-Core distributed checkpoint, or a Megatron-LM --save directory) or hf_checkpoint, or "
+            "allow_random_weights: true if a random teacher is meant (trying it out, tests, benchmarks)")
     stop = stop or threading.Event()
     init_model_parallel(cfg.model)
     engine = build_engine(cfg.teacher())

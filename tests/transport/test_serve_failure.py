@@ -5,6 +5,9 @@ import threading
 import uuid
 from pathlib import Path
 
+import pytest
+
+from kd_teacher.config import ConfigError
 from kd_teacher.testing.distributed import run_distributed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,3 +36,12 @@ def test_a_failing_head_stops_its_model_parallel_peers_too():
     head, peer = run_distributed(_serve_until_the_head_fails, 2, f"fail-{uuid.uuid4().hex[:8]}", tp=2)
     assert head == "the head's own work failed"
     assert "the head of this teacher replica failed" in peer
+
+
+def test_a_teacher_without_a_checkpoint_is_refused_unless_random_weights_are_meant():
+    """As `kd-teacher dump` and the in-process source: no silent random teacher (issue 24 item 2)."""
+    from kd_teacher.serve import load_serve_config, serve
+
+    cfg = load_serve_config(ROOT / "configs/serve_shm.yaml", ["allow_random_weights=false"])
+    with pytest.raises(ConfigError, match="random weights: set checkpoint"):
+        serve(cfg)
