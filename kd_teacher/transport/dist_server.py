@@ -98,7 +98,11 @@ class DistServer:
         self._keys = itertools.count()
         self._lock = threading.Lock()
         self._forming = 0  # pairs being formed (under _lock)
-        self._ever_joined = False
+        # Ranks this replica expects (from the students' advisory num_students, and every rank that said hello),
+        # and how each one's newest process left: rank -> (said goodbye, monotonic time). The server ends once
+        # every expected rank left for good (`finished`).
+        self._ranks: set = set()
+        self._left: dict = {}
         self._in_place_logged = False
         self.dropped_requests = 0  # requests of students that left or were replaced, not answered
         self._closing = threading.Event()
@@ -131,6 +135,12 @@ class DistServer:
     def _judge(self, store, rank: int, generation: int) -> None:
         hello = json.loads(store.get(f"kd/hello/{rank}/{generation}"))
         problems = P.incompatibilities(self.info, P.student_expectation(hello))
+        if not problems:
+            size = hello.get("num_students")
+            R = self.info.replicas
+            with self._lock:
+                self._ranks.update([rank] + ([i for i in range(size) if i % R == self.replica]
+                                             if isinstance(size, int) else []))
         store.set(f"kd/verdict/{rank}/{generation}", json.dumps({"ok": not problems, "reason": "; ".join(problems)}))
         if problems:
             log.warning("refused student %d (generation %d): %s", rank, generation, "; ".join(problems))
@@ -181,7 +191,7 @@ class DistServer:
                 self._drop(old, f"restarted: generation {pair.generation} took its place")
             self._pairs[pair.key] = pair
             self._current[pair.rank] = pair.key
-            self._ever_joined = True
+            self._left.pop(pair.rank, None)
             pair.receiver = threading.Thread(target=self._receive_requests, args=(pair,),
                                              name=f"kd-requests-{pair.rank}", daemon=True)
             pair.receiver.start()
@@ -198,6 +208,8 @@ class DistServer:
         log.log(level, "KD replica %d: %r dropped (%s); %d of its requests unanswered", self.replica, pair, why,
                 unanswered)
         pair.failed = pair.failed or why
+        if self._current.get(pair.rank) is None and pair.rank not in self._left:
+            self._left[pair.rank] = (pair.bye, time.monotonic())
         for kept in (pair.expected, pair.held, pair.staged, pair.order, pair.waiting):
             kept.clear()
         if self.backend == "nccl" and any(not job.done() for _, job in pair.sends):
@@ -411,16 +423,21 @@ class DistServer:
         return {key: pair.rank for key, pair in self._pairs.items() if pair.failed is None}
 
     def finished(self) -> bool:
-        """Once students have joined and every one of them has left (said goodbye, or gone) with its requests
-        answered, and no other is joining; a student that joins later finds no server then."""
+        """Once every student this replica expects (the ranks below the students' num_students that it serves,
+        and any other rank that joined) has left for good: said goodbye with its requests answered, or died and
+        did not come back (a restart, same rank) within student_timeout_s; and no other is joining."""
         if self._beat.lost is not None:
             log.info("the KD store is gone (%s): the students have left", self._beat.lost)
             return True
         self._install()
         self._look_after()
         with self._lock:
-            forming = self._forming
-        return self._ever_joined and not self._pairs and not forming and self._joined.empty()
+            forming, ranks = self._forming, list(self._ranks)
+        if not ranks or self._pairs or forming or not self._joined.empty():
+            return False
+        now = time.monotonic()
+        return all(r in self._left and (self._left[r][0] or now - self._left[r][1] >= self.student_timeout_s)
+                   for r in ranks)
 
     def close(self) -> None:
         self._closing.set()
