@@ -114,27 +114,36 @@ class DistServer:
 
     # ---- admitting students (own thread; one more per pair being formed) ---------------------------------------
     def _admit_loop(self) -> None:
-        store = _store(self.address, False, self.connect_timeout_s)
+        """Reads the store's join log (`DistClient._handshake`): one store operation per round while nobody joins."""
         seen = 0
-        while not self._closing.wait(_JOIN_POLL_S):
-            try:
+        try:
+            store = _store(self.address, False, self.connect_timeout_s)
+            while not self._closing.wait(_JOIN_POLL_S):
                 joins = int(store.add("kd/joins", 0))
                 while seen < joins:
                     key = f"kd/join/{seen + 1}"
                     if not store.check([key]):
                         break  # counted, not written yet: read it on the next round
-                    rank, generation = (int(x) for x in store.get(key).decode().split("/"))
+                    entry = store.get(key).decode()
                     seen += 1
+                    try:
+                        rank, generation = (int(x) for x in entry.split("/"))
+                    except ValueError:
+                        log.warning("KD replica %d: join log entry %r is not rank/generation; ignored", self.replica,
+                                    entry)
+                        continue
                     if rank % self.info.replicas == self.replica:
                         self._judge(store, rank, generation)
-            except Exception as e:  # noqa: BLE001 - the store is gone (replica 0 ended): nobody can join
-                if not self._closing.is_set():
-                    log.warning("KD replica %d stops admitting students: %s", self.replica, e)
-                return
+        except Exception as e:  # noqa: BLE001 - the store is gone (replica 0 ended): nobody can join
+            if not self._closing.is_set():
+                log.warning("KD replica %d stops admitting students: %s", self.replica, e)
 
     def _judge(self, store, rank: int, generation: int) -> None:
-        hello = json.loads(store.get(f"kd/hello/{rank}/{generation}"))
-        problems = P.incompatibilities(self.info, P.student_expectation(hello))
+        try:
+            hello = json.loads(store.get(f"kd/hello/{rank}/{generation}"))
+            problems = P.incompatibilities(self.info, P.student_expectation(hello))
+        except (ValueError, KeyError, TypeError, AttributeError, P.ProtocolError) as e:  # refuses that student only
+            hello, problems = {}, [f"unreadable hello: {type(e).__name__}: {e}"]
         if not problems:
             size = hello.get("num_students")
             R = self.info.replicas

@@ -1,29 +1,46 @@
-"""torch.distributed transport: student ranks and teacher ranks of separate launches, two KD process groups.
+"""torch.distributed transport: student ranks and teacher ranks of separate launches, a pair of KD process groups
+per student process.
 
-Rank layout of both KD groups (size S + R): student rank i is KD rank i (i = its rank in the student's own
-training world, 0..S-1); the head of teacher data-parallel replica r (its tensor- and pipeline-parallel rank
-0) is KD rank S + r. Student i talks only to replica i % R; students never talk to each other, and teacher
-ranks other than the heads are not in the groups (their head hands them the work over the teacher's own
-model-parallel group). Each process already has a default world (its own torchrun job), so the groups are
-built directly on a TCPStore at the KD rendezvous address, hosted by student rank 0.
+The KD store is a TCPStore at the KD rendezvous address, hosted by the teacher (the head of replica 0; the other
+heads connect to it), so that no student's death or restart takes it with it. Student i talks only to the head
+of teacher data-parallel replica i % R (its tensor- and pipeline-parallel rank 0); students never talk to each
+other, and teacher ranks other than the heads are not in the groups (their head hands them the work over the
+teacher's own model-parallel group). Each process already has a default world (its own torchrun job), so the
+groups are built directly on the store, outside it.
 
-  store     handshake (server info, hellos, verdicts), one heartbeat counter per replica; nothing per message
+Joining (`DistClient._handshake`, `DistServer._admit_loop`): a student reads the server's info, takes the next
+generation of its rank (a store counter: a restarted process of the same rank gets a new one), writes its hello
+(its contract; `num_students`, advisory) under that generation and appends (rank, generation) to a join log
+whose counter the heads poll (one store operation every 20 ms). Its head writes a verdict (ok, or the reason it
+is refused), and both ends then form the student's own pair of groups, two members each (student PAIR_STUDENT,
+head PAIR_TEACHER), under the store prefix `kd/s<rank>/g<generation>/`. A newer generation of a rank replaces
+the older one's pair: its unanswered requests are dropped (and logged). Students join and restart at any time.
+
+  store     handshake (server info, generations, hellos, join log, verdicts), one heartbeat counter per replica;
+            nothing per message
   requests  gloo, student -> teacher: one message per request, a fixed-size header and the body (token ids,
-            sample ids, request id) (`dist_wire`), into receives the teacher keeps posted. Gloo on the GPU
-            too: a request is host data,
-            and on its own group it cannot queue in front of replies (NCCL orders a pair's sends and receives
-            on one stream per group, so a teacher's receive posted for a student's next request would hold
-            back the replies to that student)
+            sample ids, request id) (`dist_wire`), into receives the teacher keeps posted for that student.
+            Gloo on the GPU too: a request is host data, and on its own group it cannot queue in front of
+            replies (NCCL orders a pair's sends and receives on one stream per group, so a teacher's receive
+            posted for a student's next request would hold back the replies to that student)
   data      NCCL on GPU (payloads stay on the GPU), gloo on CPU, teacher -> student: one reply per request,
             of a size both ends know from the request's shape and the handshake (`dist_wire.reply_layout`)
+
+One student's failure is its own: its pair's connections are its own (with one group of all students, one
+member's death reached the others' gloo transfers), the teacher takes each student's requests in on a thread
+of that student's and sends its replies from another (a frozen student's full socket blocks only its own
+replies), and a failed or timed-out (`student_timeout_s`) send marks only that student gone.
+Not done: the NCCL data path is written as the gloo one but was not run here (no GPU); each pair's NCCL
+communicator costs device memory, not measured for many students; a frozen student's threads on the teacher
+stay blocked until it ends (gloo cannot abort a posted operation).
 
 Per message, a student posts the receive of the reply when it sends the request (at most `max_outstanding`
 posted; the request goes out from a sending thread), so transfers run back to back as the teacher sends; the
 reply's first block (`reply_block`, fixed binary) says whether it is a payload or an error, and for which
 request. The teacher answers each student's requests in the order they arrived, always with exactly one
 reply, so a student's receives stay in step.
-The teacher (`dist_server.DistServer`) takes requests in on one thread (gloo receives from any student); the
-serving thread builds the replies and a sending thread posts them, in order. (Token hashes are the teacher's
+The teacher (`dist_server.DistServer`) takes each student's requests in on a thread of that student's; the
+serving thread builds the replies and the student's sending thread posts them, in order. (Token hashes are the teacher's
 work, not the transport's: the engine computes them with the forward.) This module has the student's end
 (`DistClient`) and what both ends share.
 

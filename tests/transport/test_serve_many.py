@@ -208,16 +208,20 @@ def test_shm_students_share_forwards_in_proven_shapes_bitwise_and_a_killed_stude
 
 def test_gloo_students_join_a_running_server_and_a_killed_student_restarts_bitwise(tmp_path):
     """torch.distributed: student 2 joins once the server has served others, student 3 is SIGKILLed a quarter of
-    the way through and started again with the same rank; every student finishes all its requests, each reply
-    matched by sample id and hash, none lost or duplicated, every payload bit for bit the as-given run."""
+    the way through and started again with the same rank, student 1 is stopped (SIGSTOP) a sixth of the way
+    through until the others have finished; every student finishes all its requests, each reply matched by
+    sample id and hash, none lost or duplicated, every payload bit for bit the as-given run."""
     students = [["--requests", str(REQUESTS), "--max-in-flight", "4"] for _ in range(STUDENTS)]
-    for rank in (0, STUDENTS - 1):
+    for rank in (0, 1, STUDENTS - 1):
         students[rank] += ["--progress", str(tmp_path / f"progress{rank}")]
     summary, = run_distributed(_serve_students, 1, "dist", ["serve.backend=gloo", "serve.connect_timeout_s=120",
                                                            "serve.max_wait_ms=5"], students, str(tmp_path),
                                kill=dict(rank=STUDENTS - 1, after=REQUESTS // 4),
+                               freeze=dict(rank=1, after=REQUESTS // 6),
                                join=dict(rank=2, after_rank=0, after=REQUESTS // 5), timeout=400)
     _assert_all_answered(summary, range(STUDENTS))
+    # the others (the killed one's restart too) finished while student 1 was stopped, which then finished its own
+    assert summary["progress_while_frozen"] < REQUESTS, summary
     # student 2 joined a server that had already answered others' requests
     assert summary["served_before_join"] >= REQUESTS // 5, summary
     # The killed student's requests that were in flight never came back to it; its restart sent all again.
