@@ -421,6 +421,11 @@ class DistServer:
                 return
             time.sleep(0.0005)
 
+    def data_group(self, student: int):
+        """(data group, the student's rank in it) of a connected student (benchmarks/stream.py sends its raw
+        baseline there)."""
+        return self._pairs[student].pg, PAIR_STUDENT
+
     def flush(self) -> None:
         self._install()
         self._look_after()
