@@ -14,7 +14,9 @@ request gets an error reply and the server goes on; a student that leaves loses 
 that stops taking replies in has them dropped after `student_timeout_s` (shm) without stalling the others.
 
 The config is a teacher config (`model:`, `engine:`, `checkpoint:`) plus a `serve:` block (ServeOptions).
-The server runs until SIGTERM/SIGINT or, over torch.distributed, until all its students said goodbye.
+The server runs until SIGTERM/SIGINT or, over torch.distributed, until every student it expects (the ranks
+below the students' advisory num_students, and any other rank that joined) has left for good, on every replica
+(`DistServer.finished`); students may join and restart until then.
 """
 
 from __future__ import annotations

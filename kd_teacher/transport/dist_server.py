@@ -103,6 +103,8 @@ class DistServer:
         # every expected rank left for good (`finished`).
         self._ranks: set = set()
         self._left: dict = {}
+        self._said_done = False
+        self._hello_seen = False  # any student's, of any replica: until then the server waits for students
         self._in_place_logged = False
         self.dropped_requests = 0  # requests of students that left or were replaced, not answered
         self._closing = threading.Event()
@@ -134,6 +136,8 @@ class DistServer:
                         continue
                     if rank % self.info.replicas == self.replica:
                         self._judge(store, rank, generation)
+                    else:  # another replica's student: its num_students may name ranks this replica serves
+                        self._note_expected(store, rank, generation)
         except Exception as e:  # noqa: BLE001 - the store is gone (replica 0 ended): nobody can join
             if not self._closing.is_set():
                 log.warning("KD replica %d stops admitting students: %s", self.replica, e)
@@ -145,11 +149,7 @@ class DistServer:
         except (ValueError, KeyError, TypeError, AttributeError, P.ProtocolError) as e:  # refuses that student only
             hello, problems = {}, [f"unreadable hello: {type(e).__name__}: {e}"]
         if not problems:
-            size = hello.get("num_students")
-            R = self.info.replicas
-            with self._lock:
-                self._ranks.update([rank] + ([i for i in range(size) if i % R == self.replica]
-                                             if isinstance(size, int) else []))
+            self._expect(rank, hello.get("num_students"), own=True)
         store.set(f"kd/verdict/{rank}/{generation}", json.dumps({"ok": not problems, "reason": "; ".join(problems)}))
         if problems:
             log.warning("refused student %d (generation %d): %s", rank, generation, "; ".join(problems))
@@ -160,6 +160,20 @@ class DistServer:
         # must not hold up the next one.
         threading.Thread(target=self._form, args=(rank, generation, hello.get("num_students")),
                          name=f"kd-form-{rank}", daemon=True).start()
+
+    def _note_expected(self, store, rank: int, generation: int) -> None:
+        try:
+            hello = json.loads(store.get(f"kd/hello/{rank}/{generation}"))
+            self._expect(rank, hello.get("num_students"), own=False)
+        except (ValueError, AttributeError) as e:  # that student's replica refuses it
+            log.debug("hello of student %d (generation %d) unreadable: %s", rank, generation, e)
+
+    def _expect(self, rank: int, num_students, own: bool) -> None:
+        R = self.info.replicas
+        ranks = [i for i in range(num_students) if i % R == self.replica] if isinstance(num_students, int) else []
+        with self._lock:
+            self._ranks.update(ranks + ([rank] if own else []))
+            self._hello_seen = True
 
     def _form(self, rank: int, generation: int, num_students) -> None:
         try:
@@ -439,15 +453,24 @@ class DistServer:
     def finished(self) -> bool:
         """Once every student this replica expects (the ranks below the students' num_students that it serves,
         and any other rank that joined) has left for good: said goodbye with its requests answered, or died and
-        did not come back (a restart, same rank) within student_timeout_s; and no other is joining."""
+        did not come back (a restart, same rank) within student_timeout_s; and no other is joining. Replica 0,
+        which hosts the store, also waits for every other replica to be finished."""
         if self._beat.lost is not None:
             log.info("the KD store is gone (%s): the students have left", self._beat.lost)
             return True
+        if not self._served_all():
+            return False
+        if not self._said_done:  # once: a replica's count in the store, for replica 0
+            self.store.add("kd/replicas_done", 1)
+            self._said_done = True
+        return self.replica != 0 or int(self.store.add("kd/replicas_done", 0)) >= self.info.replicas
+
+    def _served_all(self) -> bool:
         self._install()
         self._look_after()
         with self._lock:
-            forming, ranks = self._forming, list(self._ranks)
-        if not ranks or self._pairs or forming or not self._joined.empty():
+            forming, ranks, seen = self._forming, list(self._ranks), self._hello_seen
+        if not seen or self._pairs or forming or not self._joined.empty():
             return False
         now = time.monotonic()
         return all(r in self._left and (self._left[r][0] or now - self._left[r][1] >= self.student_timeout_s)
