@@ -377,8 +377,12 @@ class DistClient:
         self.info, self.generation = self._handshake(address, expect, connect_timeout_s)
         self.replica = student % self.info.replicas
         self.teacher_rank = PAIR_TEACHER
-        self.requests_pg, self.pg = pair_groups(self.store, student, self.generation, PAIR_STUDENT, self.backend,
-                                                max(deadline - time.monotonic(), 1.0))
+        try:
+            self.requests_pg, self.pg = pair_groups(self.store, student, self.generation, PAIR_STUDENT, self.backend,
+                                                    max(deadline - time.monotonic(), 1.0))
+        except Exception as e:  # noqa: BLE001 - gloo's and NCCL's own errors name no teacher
+            raise P.TeacherUnavailableError(f"the KD groups with teacher replica {self.replica} at {address} did "
+                                            f"not form: {e}") from e
         self._waiter = _GlooWaiter("kd-recv-waiter") if self.backend == "gloo" else None
         self._sender = _Sender(self.requests_pg, wait_sends=True, name="kd-request-sender")
         self._hb_key = f"kd/hb/{self.replica}"

@@ -1,11 +1,14 @@
-"""torch.distributed (gloo): a frozen student stalls nobody. A `DistServer` answers two replay students (each a
-process of its own) with 8 MB payloads; student 0 is stopped (SIGSTOP) once it took a reply in, so the
-replies to its requests still in flight fill its socket and block its sending thread. Student 1, started only
-then, joins and finishes all its requests while student 0 is stopped (with one sending thread for all students, its replies queued behind the
-blocked send until the 60 s reap); let go on, student 0 finishes all of its own.
+"""torch.distributed (gloo) students of a `DistServer`, each a process of its own (`replay_student`).
 
-The server is the transport alone (no engine): it answers each request with a payload of the request's shape
-that carries the request's token hashes, which the student checks.
+- A frozen student stalls nobody: the server answers with 8 MB payloads; student 0 is stopped (SIGSTOP) once
+  it took a reply in, so the replies to its requests still in flight fill its socket and block its sending
+  thread. Student 1, started only then, joins and finishes all its requests while student 0 is stopped (with
+  one sending thread for all students, its replies queued behind the blocked send until the student timeout);
+  let go on, student 0 finishes all of its own. The server there is the transport alone (no engine): it
+  answers each request with a payload of the request's shape that carries the request's token hashes, which
+  the student checks.
+- Two teacher replicas (`kd-teacher serve`, two processes): each serves its students, and both end by
+  themselves once all have left; replica 0, which hosts the KD store, last.
 """
 
 from __future__ import annotations
@@ -111,3 +114,38 @@ def test_gloo_a_frozen_student_blocks_only_its_own_replies(tmp_path):
     assert report["progress_while_stopped"] < FROZEN, report
     # ... and once let go on, it took them in and finished; the server ended by itself
     assert report["frozen_code"] == 0 and report["replies"] == [FROZEN, RUNNING] and report["finished"], report
+
+
+def test_gloo_two_teacher_replicas_each_serve_their_students_and_end_when_all_left(tmp_path):
+    """`kd-teacher serve` with two data-parallel replicas (two processes, replica 0 hosting the KD store) and three
+    students: replica 0 serves students 0 and 2, replica 1 student 1. Every student finishes; then both replicas
+    end by themselves (replica 0, the store's host, only once replica 1 is done too)."""
+    port, master = free_port(), free_port()
+    address = f"127.0.0.1:{port}"
+    teachers = []
+    for rank in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master), PYTHONPATH=str(ROOT))
+        cmd = [sys.executable, "-m", "kd_teacher.cli", "serve", str(ROOT / "configs/serve_dist.yaml"),
+               f"serve.address={address}", "serve.backend=gloo", "serve.poll_interval_s=0.1"]
+        teachers.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=open(tmp_path / f"teacher{rank}.log", "w"),
+                                         stderr=subprocess.STDOUT))
+    students = []
+    try:
+        for rank in range(3):
+            cmd = [sys.executable, "-m", "kd_teacher.testing.replay_student", "--transport", "dist", "--address",
+                   address, "--rank", str(rank), "--num-students", "3", "--requests", "30", "--seed", "2",
+                   "--out", str(tmp_path / f"s{rank}.pt")]
+            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+            students.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                             stderr=open(tmp_path / f"s{rank}.log", "w")))
+        assert [p.wait(timeout=180) for p in students] == [0, 0, 0]
+        assert [len(torch.load(tmp_path / f"s{r}.pt")["results"]) for r in range(3)] == [30, 30, 30]
+        assert [p.wait(timeout=60) for p in teachers] == [0, 0]  # ended by themselves
+    finally:
+        for p in students + teachers:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    logs = [(tmp_path / f"teacher{r}.log").read_text() for r in range(2)]
+    assert "student 0 joined" in logs[0] and "student 2 joined" in logs[0] and "student 1 joined" in logs[1]
