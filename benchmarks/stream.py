@@ -147,7 +147,8 @@ def echo_server(transport: str, preset: str, where: str, stats_path: str = "") -
                 server.reply(item.student, item.seq, error="raw baseline follows")
                 if hasattr(server, "wait_sent"):  # the raw sends go out from here, after every reply
                     server.wait_sent()
-                works = [server.pg.send([raw], item.student, TAG_REPLY) for _ in range(int(item.request_id[4:]))]
+                pg, peer = server.data_group(item.student)
+                works = [pg.send([raw], peer, TAG_REPLY) for _ in range(int(item.request_id[4:]))]
                 for w in works:
                     w.wait()
                 sync()

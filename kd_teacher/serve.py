@@ -14,7 +14,9 @@ request gets an error reply and the server goes on; a student that leaves loses 
 that stops taking replies in has them dropped after `student_timeout_s` (shm) without stalling the others.
 
 The config is a teacher config (`model:`, `engine:`, `checkpoint:`) plus a `serve:` block (ServeOptions).
-The server runs until SIGTERM/SIGINT or, over torch.distributed, until all its students said goodbye.
+The server runs until SIGTERM/SIGINT or, over torch.distributed, until every student it expects (the ranks
+below the students' advisory num_students, and any other rank that joined) has left for good, on every replica
+(`DistServer.finished`); students may join and restart until then.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class ServeOptions:
     transport: Literal["shm", "dist"] = "shm"
     # shm: the name students connect to (files /dev/shm/kdt-<name>.*)
     name: str = "kd-teacher"
-    # dist: the KD rendezvous host:port (the store that student rank 0 hosts)
+    # dist: the KD rendezvous host:port (the store that replica 0's head hosts; students connect to it)
     address: str = "127.0.0.1:29600"
     backend: Optional[Literal["gloo", "nccl"]] = None
     max_tokens_per_request: int = 16384
@@ -58,7 +60,8 @@ class ServeOptions:
     # The batching window: a round is formed when a full round's tokens are queued or the oldest request has
     # waited this long, whichever comes first (the latency batching may add).
     max_wait_ms: float = 2.0
-    # shm: a student that takes no reply in for this long has its queued replies dropped (and logged).
+    # A student that takes no reply in for this long has its queued replies dropped (and logged); over
+    # torch.distributed it is dropped as gone (a restart of it joins afresh).
     student_timeout_s: float = 60.0
     # A status line (students, queue depth, tokens/s, batch fill) this often; 0: none.
     status_interval_s: float = 30.0
@@ -207,7 +210,7 @@ def _endpoint(opts: ServeOptions, info: P.ServerInfo, replica: int) -> Endpoint:
     from kd_teacher.transport.dist_server import DistServer
 
     return DistServer(opts.address, info, replica, backend=opts.backend, connect_timeout_s=opts.connect_timeout_s,
-                      heartbeat_interval_s=opts.heartbeat_interval_s)
+                      heartbeat_interval_s=opts.heartbeat_interval_s, student_timeout_s=opts.student_timeout_s)
 
 
 def _count(engine, requests: list, stats: ServeStats, status: StatusLine) -> None:

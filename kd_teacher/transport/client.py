@@ -56,10 +56,11 @@ class RemoteTeacherConfig(TeacherContract):
     transport: Literal["shm", "dist"] = "shm"
     # shm: the server's name (`serve.name` of the teacher)
     name: str = "kd-teacher"
-    # dist: the KD rendezvous host:port; student rank 0 hosts the store there, the teacher connects to it
+    # dist: the KD rendezvous host:port; the teacher (replica 0's head) hosts the store there, students connect
     address: str = "127.0.0.1:29600"
     backend: Optional[Literal["gloo", "nccl"]] = None  # None: nccl with CUDA, else gloo
-    # This student's rank and the number of student ranks; None: the default world's rank and size.
+    # This student's rank and the number of student ranks; None: the default world's rank and size. Over dist
+    # num_students is advisory: students join one by one; the server ends once that many ranks have left.
     student_rank: Optional[int] = None
     num_students: Optional[int] = None
     # Seconds a result may take; a dead or frozen teacher is declared after heartbeat_timeout_s.

@@ -1,29 +1,46 @@
-"""torch.distributed transport: student ranks and teacher ranks of separate launches, two KD process groups.
+"""torch.distributed transport: student ranks and teacher ranks of separate launches, a pair of KD process groups
+per student process.
 
-Rank layout of both KD groups (size S + R): student rank i is KD rank i (i = its rank in the student's own
-training world, 0..S-1); the head of teacher data-parallel replica r (its tensor- and pipeline-parallel rank
-0) is KD rank S + r. Student i talks only to replica i % R; students never talk to each other, and teacher
-ranks other than the heads are not in the groups (their head hands them the work over the teacher's own
-model-parallel group). Each process already has a default world (its own torchrun job), so the groups are
-built directly on a TCPStore at the KD rendezvous address, hosted by student rank 0.
+The KD store is a TCPStore at the KD rendezvous address, hosted by the teacher (the head of replica 0; the other
+heads connect to it), so that no student's death or restart takes it with it. Student i talks only to the head
+of teacher data-parallel replica i % R (its tensor- and pipeline-parallel rank 0); students never talk to each
+other, and teacher ranks other than the heads are not in the groups (their head hands them the work over the
+teacher's own model-parallel group). Each process already has a default world (its own torchrun job), so the
+groups are built directly on the store, outside it.
 
-  store     handshake (server info, hellos, verdicts), one heartbeat counter per replica; nothing per message
+Joining (`DistClient._handshake`, `DistServer._admit_loop`): a student reads the server's info, takes the next
+generation of its rank (a store counter: a restarted process of the same rank gets a new one), writes its hello
+(its contract; `num_students`, advisory) under that generation and appends (rank, generation) to a join log
+whose counter the heads poll (one store operation every 20 ms). Its head writes a verdict (ok, or the reason it
+is refused), and both ends then form the student's own pair of groups, two members each (student PAIR_STUDENT,
+head PAIR_TEACHER), under the store prefix `kd/s<rank>/g<generation>/`. A newer generation of a rank replaces
+the older one's pair: its unanswered requests are dropped (and logged). Students join and restart at any time.
+
+  store     handshake (server info, generations, hellos, join log, verdicts), one heartbeat counter per replica;
+            nothing per message
   requests  gloo, student -> teacher: one message per request, a fixed-size header and the body (token ids,
-            sample ids, request id) (`dist_wire`), into receives the teacher keeps posted. Gloo on the GPU
-            too: a request is host data,
-            and on its own group it cannot queue in front of replies (NCCL orders a pair's sends and receives
-            on one stream per group, so a teacher's receive posted for a student's next request would hold
-            back the replies to that student)
+            sample ids, request id) (`dist_wire`), into receives the teacher keeps posted for that student.
+            Gloo on the GPU too: a request is host data, and on its own group it cannot queue in front of
+            replies (NCCL orders a pair's sends and receives on one stream per group, so a teacher's receive
+            posted for a student's next request would hold back the replies to that student)
   data      NCCL on GPU (payloads stay on the GPU), gloo on CPU, teacher -> student: one reply per request,
             of a size both ends know from the request's shape and the handshake (`dist_wire.reply_layout`)
+
+One student's failure is its own: its pair's connections are its own (with one group of all students, one
+member's death reached the others' gloo transfers), the teacher takes each student's requests in on a thread
+of that student's and sends its replies from another (a frozen student's full socket blocks only its own
+replies), and a failed or timed-out (`student_timeout_s`) send marks only that student gone.
+Not done: the NCCL data path is written as the gloo one but was not run here (no GPU); each pair's NCCL
+communicator costs device memory, not measured for many students; a frozen student's threads on the teacher
+stay blocked until it ends (gloo cannot abort a posted operation).
 
 Per message, a student posts the receive of the reply when it sends the request (at most `max_outstanding`
 posted; the request goes out from a sending thread), so transfers run back to back as the teacher sends; the
 reply's first block (`reply_block`, fixed binary) says whether it is a payload or an error, and for which
 request. The teacher answers each student's requests in the order they arrived, always with exactly one
 reply, so a student's receives stay in step.
-The teacher (`dist_server.DistServer`) takes requests in on one thread (gloo receives from any student); the
-serving thread builds the replies and a sending thread posts them, in order. (Token hashes are the teacher's
+The teacher (`dist_server.DistServer`) takes each student's requests in on a thread of that student's; the
+serving thread builds the replies and the student's sending thread posts them, in order. (Token hashes are the teacher's
 work, not the transport's: the engine computes them with the forward.) This module has the student's end
 (`DistClient`) and what both ends share.
 
@@ -93,7 +110,7 @@ _HEARTBEAT_CHECK_S = 0.02  # a waiting student's receive wakes this often (a loc
 
 def heartbeat_read_interval(heartbeat_timeout_s: float) -> float:
     """How often a waiting student reads the teacher's heartbeat from the KD store: a tenth of the timeout,
-    between 20 ms and 1 s. The store lives on student rank 0 and serves every student, so a fixed 20 ms cost
+    between 20 ms and 1 s. The store lives on the teacher (replica 0's head) and serves every student, so a fixed 20 ms cost
     it 50 operations a second per waiting student (3,200/s for 64 students); a tenth of the timeout still
     declares a dead teacher within 1.1 x heartbeat_timeout_s."""
     return min(1.0, max(0.02, heartbeat_timeout_s / 10.0))
@@ -121,18 +138,30 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def kd_groups(store, rank: int, size: int, backend: str, timeout_s: float):
-    """(requests group, data group), outside the default world: all S + R members call this at connect."""
-    requests = dist.ProcessGroupGloo(dist.PrefixStore("kd/req", store), rank, size, _td(timeout_s))
-    prefix = dist.PrefixStore("kd/pg", store)
+PAIR_STUDENT, PAIR_TEACHER = 0, 1  # ranks in a (student, replica head) pair's groups
+
+
+def pair_prefix(student: int, generation: int) -> str:
+    """The store prefix of one student process's groups: a restarted student (a new generation) gets new ones."""
+    return f"kd/s{student}/g{generation}/"
+
+
+def pair_groups(store, student: int, generation: int, rank: int, backend: str, timeout_s: float):
+    """(requests group, data group) of student `student`'s process `generation` and the head of its replica:
+    two members each (PAIR_STUDENT, PAIR_TEACHER), outside the default world. Both ends call this after the
+    teacher accepted the student's hello. One pair per student, not a group of all students: a member that dies
+    takes only its own pair's connections with it."""
+    prefix = pair_prefix(student, generation)
+    requests = dist.ProcessGroupGloo(dist.PrefixStore(prefix + "req", store), rank, 2, _td(timeout_s))
+    data_store = dist.PrefixStore(prefix + "pg", store)
     if backend == "gloo":
-        return requests, dist.ProcessGroupGloo(prefix, rank, size, _td(timeout_s))
+        return requests, dist.ProcessGroupGloo(data_store, rank, 2, _td(timeout_s))
     if backend == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         # Our own polling bounds every wait; NCCL's watchdog would otherwise take the process down when a
         # receive stays posted longer than this (a slow teacher's late reply).
         opts._timeout = _td(max(timeout_s, 86400.0))
-        return requests, dist.ProcessGroupNCCL(prefix, rank, size, opts)
+        return requests, dist.ProcessGroupNCCL(data_store, rank, 2, opts)
     raise ValueError(f"KD backend {backend!r} is not gloo or nccl")
 
 
@@ -327,9 +356,10 @@ class _Posted:
 
 
 class DistClient:
-    """A student rank's end: hosts the KD store on rank 0, handshakes, joins the KD groups, moves messages."""
+    """A student rank's end: handshakes on the teacher's KD store, forms its pair of groups with the head of its
+    replica, moves messages. `num_students` is advisory (logged by the teacher): students join one by one."""
 
-    def __init__(self, address: str, student: int, num_students: int, expect: TeacherContract, *,
+    def __init__(self, address: str, student: int, num_students: Optional[int], expect: TeacherContract, *,
                  backend: Optional[str] = None, connect_timeout_s: float = 600.0, heartbeat_timeout_s: float = 30.0,
                  device=None, max_outstanding: int = 8):
         self.student, self.num_students = student, num_students
@@ -339,13 +369,20 @@ class DistClient:
         self.max_outstanding = max(1, max_outstanding)
         self.broken: Optional[str] = None
         deadline = time.monotonic() + connect_timeout_s
-        self.store = _store(address, student == 0, connect_timeout_s)
+        try:
+            self.store = _store(address, False, connect_timeout_s)
+        except Exception as e:  # noqa: BLE001 - TCPStore retries until its timeout, then raises its own error
+            raise P.TeacherUnavailableError(f"no teacher's KD store at {address} in {connect_timeout_s} s: {e}") from e
         self.store.set_timeout(_td(connect_timeout_s))
-        self.info = self._handshake(address, expect, connect_timeout_s)
+        self.info, self.generation = self._handshake(address, expect, connect_timeout_s)
         self.replica = student % self.info.replicas
-        self.teacher_rank = num_students + self.replica
-        self.requests_pg, self.pg = kd_groups(self.store, student, num_students + self.info.replicas, self.backend,
-                                              max(deadline - time.monotonic(), 1.0))
+        self.teacher_rank = PAIR_TEACHER
+        try:
+            self.requests_pg, self.pg = pair_groups(self.store, student, self.generation, PAIR_STUDENT, self.backend,
+                                                    max(deadline - time.monotonic(), 1.0))
+        except Exception as e:  # noqa: BLE001 - gloo's and NCCL's own errors name no teacher
+            raise P.TeacherUnavailableError(f"the KD groups with teacher replica {self.replica} at {address} did "
+                                            f"not form: {e}") from e
         self._waiter = _GlooWaiter("kd-recv-waiter") if self.backend == "gloo" else None
         self._sender = _Sender(self.requests_pg, wait_sends=True, name="kd-request-sender")
         self._hb_key = f"kd/hb/{self.replica}"
@@ -359,22 +396,34 @@ class DistClient:
         self._buffers = HostBuffers(self.device)
         self._warm_up(deadline)
 
-    def _handshake(self, address: str, expect: TeacherContract, timeout_s: float) -> P.ServerInfo:
+    def _handshake(self, address: str, expect: TeacherContract, timeout_s: float) -> tuple[P.ServerInfo, int]:
+        """(the server's info, this process's generation). The hello goes under a generation of its own (one
+        more than the last process of this rank had), and its (rank, generation) is appended to the store's
+        join log, which the teacher's heads poll: a restarted student is a new generation, whose groups replace
+        the old process's."""
         try:
             self.store.wait(["kd/server"])
         except Exception as e:  # noqa: BLE001
             raise P.TeacherUnavailableError(f"no teacher announced itself at {address} in {timeout_s} s") from e
         info = P.ServerInfo.from_json(self.store.get("kd/server"))
         problems = P.incompatibilities(info, expect)
-        hello = {"num_students": self.num_students, "expect": json.loads(expect.to_json())}
-        self.store.set(f"kd/hello/{self.student}", json.dumps(hello))
-        if problems:
+        generation = int(self.store.add(f"kd/gen/{self.student}", 1))
+        hello = {"num_students": self.num_students, "generation": generation, "expect": json.loads(expect.to_json())}
+        self.store.set(f"kd/hello/{self.student}/{generation}", json.dumps(hello))
+        joined = int(self.store.add("kd/joins", 1))
+        self.store.set(f"kd/join/{joined}", f"{self.student}/{generation}")
+        if problems:  # announced all the same: the teacher logs the refusal too
             raise P.IncompatibleTeacherError(f"teacher at {address} refused: " + "; ".join(problems))
-        self.store.wait([f"kd/verdict/{self.student}"])
-        verdict = json.loads(self.store.get(f"kd/verdict/{self.student}"))
+        verdict_key = f"kd/verdict/{self.student}/{generation}"
+        try:
+            self.store.wait([verdict_key])
+        except Exception as e:  # noqa: BLE001
+            raise P.TeacherUnavailableError(f"teacher replica {self.student % info.replicas} at {address} did not "
+                                            f"answer this student's hello in {timeout_s} s") from e
+        verdict = json.loads(self.store.get(verdict_key))
         if not verdict["ok"]:
             raise P.IncompatibleTeacherError(f"teacher at {address} refused this student: {verdict['reason']}")
-        return info
+        return info, generation
 
     def _warm_up(self, deadline: float) -> None:
         ping = torch.empty(4, dtype=torch.uint8, device=self.device)
@@ -408,7 +457,7 @@ class DistClient:
         if current != beat:
             self._beat = (current, now)
         elif now - seen > self.heartbeat_timeout_s:
-            self._fail(f"teacher replica {self.replica} (KD rank {self.teacher_rank}) died or hangs: "
+            self._fail(f"teacher replica {self.replica} died or hangs: "
                        f"no heartbeat for {now - seen:.1f} s")
 
     # ---- sending --------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@
   the one `TeacherEngine.score` gives the request alone; rows of different students shared forwards. One
   student is killed mid-stream: the others finish all their requests, and the same student restarted goes on
   to finish all of its own. Another is stopped (SIGSTOP) mid-stream: the others finish while it is stopped.
-- torch.distributed (gloo), 4 students, repacking off: the same checks against the as-given runs.
+- torch.distributed (gloo), 4 students, repacking off: the same checks against the as-given runs; one student
+  joins the running server after it has served others, one is killed mid-stream and restarted (same rank).
 - fairness: one student floods, one sends a request at a time; the second's p99 wait is at most one round (one
   `engine.score_many`) beyond the first round formed after its request arrived, a bound in rounds (forwards),
   not seconds, so a loaded machine cannot make it flake.
@@ -74,13 +75,14 @@ def _when(procs: dict, students: list, rank: int, after: int) -> None:
 
 
 def _serve_students(transport: str, overrides: list, students: list, workdir: str, kill: dict | None = None,
-                    freeze: dict | None = None):
+                    freeze: dict | None = None, join: dict | None = None):
     """The server in a thread of this worker, the students as processes; then the reference payloads of every
     request with this teacher alone (`TeacherEngine.score`, as given). `students`: per rank, extra arguments of
     its replay_student. `kill`: {"rank", "after"[, "restart"]}: that student is SIGKILLed once it took `after`
     replies in, and started again (same rank) with its requests from the first. `freeze`: {"rank", "after"}:
     that student is SIGSTOPped once it took `after` replies in, and let go on (SIGCONT) only once all the others
-    have finished."""
+    have finished. `join`: {"rank", "after_rank", "after"}: that student is started only once student
+    `after_rank` took `after` replies in (it joins a server that is already serving the others)."""
     from kd_teacher.engine.loading import build_engine
     from kd_teacher.serve import load_serve_config, serve
 
@@ -98,10 +100,16 @@ def _serve_students(transport: str, overrides: list, students: list, workdir: st
             box["error"] = f"{type(e).__name__}: {e}"
 
     num = len(students)
-    procs = {r: _student(transport, where, r, num, workdir / f"s{r}.pt", *args) for r, args in enumerate(students)}
+    late = join["rank"] if join is not None else None
+    procs = {r: _student(transport, where, r, num, workdir / f"s{r}.pt", *args) for r, args in enumerate(students)
+             if r != late}
     server = threading.Thread(target=run, daemon=True)
     server.start()
-    frozen = None
+    frozen, joined = None, {}
+    if join is not None:
+        _when(procs, students, join["after_rank"], join["after"])
+        joined["served_before_join"] = _progress(students[join["after_rank"]])
+        procs[late] = _student(transport, where, late, num, workdir / f"s{late}.pt", *students[late])
     if freeze is not None:
         _when(procs, students, freeze["rank"], freeze["after"])
         frozen = procs.pop(freeze["rank"])
@@ -125,7 +133,7 @@ def _serve_students(transport: str, overrides: list, students: list, workdir: st
     server.join(timeout=60)
     stop.set()
     stats = box.get("stats")
-    summary = dict(codes=codes, error=box.get("error"))
+    summary = dict(codes=codes, error=box.get("error"), **joined)
     if frozen is not None:
         summary.update(summary_frozen)
     if stats is not None:
@@ -198,17 +206,29 @@ def test_shm_students_share_forwards_in_proven_shapes_bitwise_and_a_killed_stude
     assert summary["forwards"] < summary["requests"], summary
 
 
-def test_gloo_students_each_request_as_given_bitwise(tmp_path):
-    """torch.distributed: the KD groups' membership is fixed when they form, so students cannot come and go
-    there, and one killed student may fail the others' transfers (docs/streaming.md): not tested as a feature."""
+def test_gloo_students_join_a_running_server_and_a_killed_student_restarts_bitwise(tmp_path):
+    """torch.distributed: student 2 joins once the server has served others, student 3 is SIGKILLed a quarter of
+    the way through and started again with the same rank, student 1 is stopped (SIGSTOP) a sixth of the way
+    through until the others have finished; every student finishes all its requests, each reply matched by
+    sample id and hash, none lost or duplicated, every payload bit for bit the as-given run."""
     students = [["--requests", str(REQUESTS), "--max-in-flight", "4"] for _ in range(STUDENTS)]
+    for rank in (0, 1, STUDENTS - 1):
+        students[rank] += ["--progress", str(tmp_path / f"progress{rank}")]
     summary, = run_distributed(_serve_students, 1, "dist", ["serve.backend=gloo", "serve.connect_timeout_s=120",
                                                            "serve.max_wait_ms=5"], students, str(tmp_path),
-                               timeout=400)
+                               kill=dict(rank=STUDENTS - 1, after=REQUESTS // 4),
+                               freeze=dict(rank=1, after=REQUESTS // 6),
+                               join=dict(rank=2, after_rank=0, after=REQUESTS // 5), timeout=400)
     _assert_all_answered(summary, range(STUDENTS))
+    # the others (the killed one's restart too) finished while student 1 was stopped, which then finished its own
+    assert summary["progress_while_frozen"] < REQUESTS, summary
+    # student 2 joined a server that had already answered others' requests
+    assert summary["served_before_join"] >= REQUESTS // 5, summary
+    # The killed student's requests that were in flight never came back to it; its restart sent all again.
+    assert summary["requests"] >= STUDENTS * REQUESTS, summary
     # repacking off (the default): one forward per request, rounds still gather several students' requests
-    assert summary["forwards"] == summary["requests"] == STUDENTS * REQUESTS
-    assert summary["rounds"] < summary["requests"]
+    assert summary["forwards"] == summary["requests"], summary
+    assert summary["rounds"] < summary["requests"], summary
 
 
 def test_a_flooding_student_does_not_starve_one_that_sends_one_at_a_time(tmp_path):
