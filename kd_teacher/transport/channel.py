@@ -1,5 +1,5 @@
 """The two ends of a streaming transport, as the rest of the package uses them: `Channel` (a student's end:
-`shm.ShmClient`, `dist_transport.DistClient`; used by `RemoteTeacher`) and `Endpoint` (a teacher replica head's
+`shm.ShmClient`, `dist_client.DistClient`; used by `RemoteTeacher`) and `Endpoint` (a teacher replica head's
 end: `shm_server.ShmServer`, `dist_server.DistServer`; used by `kd-teacher serve`)."""
 
 from __future__ import annotations

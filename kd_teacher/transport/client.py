@@ -127,7 +127,7 @@ class RemoteTeacher:
             return ShmClient(cfg.name, rank, cfg.contract(), slots=cfg.max_in_flight,
                              connect_timeout_s=cfg.connect_timeout_s, heartbeat_timeout_s=cfg.heartbeat_timeout_s,
                              device=cfg.device, verify_data=cfg.shm_verify_data)
-        from kd_teacher.transport.dist_transport import DistClient
+        from kd_teacher.transport.dist_client import DistClient
 
         # Timed-out requests keep their reply receives posted until the late replies come: room for as many.
         return DistClient(cfg.address, rank, size, cfg.contract(), backend=cfg.backend,

@@ -115,7 +115,7 @@ def _members(protocol) -> dict:
 
 
 @pytest.mark.parametrize("protocol, classes", [
-    ("Channel", ["kd_teacher.transport.shm.ShmClient", "kd_teacher.transport.dist_transport.DistClient"]),
+    ("Channel", ["kd_teacher.transport.shm.ShmClient", "kd_teacher.transport.dist_client.DistClient"]),
     ("Endpoint", ["kd_teacher.transport.shm_server.ShmServer", "kd_teacher.transport.dist_server.DistServer"]),
 ])
 def test_transport_ends_implement_their_protocol(protocol, classes):
