@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from kd_teacher.precision import REPACKING_MODES
+
 
 @dataclass
 class ScoreRequest:
@@ -48,8 +50,8 @@ class TokenBudgetScheduler:
         `allows(seq_len, rows, padded_len)`)."""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if repacking not in ("off", "proven", "any"):
-            raise ValueError(f"repacking must be off, proven or any, got {repacking!r}")
+        if repacking not in REPACKING_MODES:
+            raise ValueError(f"repacking must be one of {', '.join(REPACKING_MODES)}, got {repacking!r}")
         if repacking == "proven" and proven is None:
             raise ValueError("repacking=proven needs the proven shapes (engine.invariance_table)")
         self.max_tokens = max_tokens
@@ -60,10 +62,6 @@ class TokenBudgetScheduler:
 
     def _padded(self, length: int) -> int:
         return -(-length // self.seq_multiple) * self.seq_multiple
-
-    @property
-    def allow_repacking(self) -> bool:
-        return self.repacking != "off"
 
     def plan(self, requests: list[ScoreRequest]) -> list[PlannedBatch]:
         if self.repacking == "off":

@@ -479,11 +479,7 @@ class DistServer:
     def close(self) -> None:
         self._closing.set()
         self._beat.close()
-        deadline = time.monotonic() + 30.0
-        while time.monotonic() < deadline and any(p.sends and p.failed is None for p in self._pairs.values()):
-            for pair in list(self._pairs.values()):
-                self._reap(pair)
-            time.sleep(0.001)
+        self.wait_sent(30.0)
         for pair in list(self._pairs.values()):
             if pair.sends and self.backend == "nccl":
                 _abort(pair.pg)  # replies nobody takes in any more: let the process end
